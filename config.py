@@ -1,0 +1,74 @@
+"""Every default of the pipeline in one dataclass; main.py flags override fields."""
+from dataclasses import dataclass, field, asdict, fields
+
+MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
+
+
+@dataclass
+class Config:
+    data_root: str = "data"
+    output_dir: str = "output"
+    demo: bool = False
+    synthetic: bool = False
+    seed: int = 42
+    device: str = "auto"
+
+    magnifications: tuple = MAGNIFICATIONS
+    image_size: int = 224
+    cache_dir: str = ""
+    subtype_min_images: int = 500
+
+    n_folds: int = 5
+    val_fraction: float = 0.15
+    fixed_split: tuple = (0.70, 0.15, 0.15)
+    folds: tuple = ()
+
+    model: str = "mmnet"
+    backbone: str = "efficientnet_b0"
+    pretrained: bool = True
+    pretrained_path: str = ""
+    shared_backbone: bool = True
+    drop_rate: float = 0.3
+
+    epochs: int = 30
+    batch_size: int = 32
+    accum_steps: int = 1
+    lr: float = 3e-4
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 0.05
+    warmup_epochs: int = 2
+    grad_clip: float = 1.0
+    patience: int = 8
+    tuples_per_patient: int = 32
+    focal_gamma: float = 2.0
+    subtype_loss_weight: float = 0.5
+    amp: bool = True
+    workers: int = 8
+    stain_norm: bool = False
+    tta: bool = False
+    smote: bool = True
+    max_bad_steps: int = 10
+
+    resume: bool = False
+    force: bool = False
+    stages: tuple = ()
+
+    bootstrap: int = 1000
+    explain_samples: int = 2
+
+
+def demo_overrides():
+    """CPU-sized settings for the synthetic demo."""
+    return dict(
+        synthetic=True, pretrained=False, backbone="mobilenetv3_small_050", image_size=64,
+        subtype_min_images=30, epochs=3, batch_size=16, tuples_per_patient=8, warmup_epochs=1,
+        patience=3, workers=0, bootstrap=200, lr=1e-3,
+    )
+
+
+def config_fields():
+    return {f.name: f for f in fields(Config)}
+
+
+def to_dict(cfg):
+    return asdict(cfg)

@@ -1,0 +1,35 @@
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from config import Config  # noqa: E402
+
+SAMPLES = ROOT.parent / "shared" / "data" / "breakhis_samples"
+TEST_SETTINGS = dict(
+    synthetic=True, pretrained=False, backbone="test_efficientnet", image_size=32, subtype_min_images=10,
+    epochs=2, batch_size=8, tuples_per_patient=4, warmup_epochs=1, patience=5, workers=0, bootstrap=50,
+    amp=False, lr=2e-3,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """A tiny synthetic BreakHis tree in the original tarball layout, built once per session."""
+    from preprocess.synthetic import make_synthetic
+    root = tmp_path_factory.mktemp("breakhis")
+    make_synthetic(root, preset="tiny", seed=0)
+    return root
+
+
+@pytest.fixture
+def make_cfg(tmp_path, tiny_root):
+    """Config for tests: the tiny tree, a fresh output folder, a tiny backbone and small images."""
+    def make(**overrides):
+        settings = dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(tmp_path / "output"))
+        return replace(Config(), **dict(settings, **overrides))
+    return make

@@ -55,6 +55,7 @@ class Config:
 
     bootstrap: int = 1000
     explain_samples: int = 2
+    resnet_backbone: str = "resnet50"
 
 
 def demo_overrides():

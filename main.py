@@ -52,7 +52,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    parser = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=__doc__, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in config_fields().values():
         add_flag(parser, f)
     return parser

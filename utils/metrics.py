@@ -95,12 +95,12 @@ def expected_calibration_error(y, p, n_bins=10):
 def bootstrap_ci(frame, metric, group="patient_id", n=1000, seed=0, alpha=0.05):
     """Percentile CI of metric(frame) when whole groups (patients) are resampled with replacement."""
     keys = frame[group].unique()
-    parts = {k: g for k, g in frame.groupby(group)}
+    rows = frame.groupby(group).indices
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n):
-        sample = pd.concat([parts[k] for k in rng.choice(keys, size=len(keys), replace=True)])
-        values.append(metric(sample))
+        picked = rng.choice(keys, size=len(keys), replace=True)
+        values.append(metric(frame.iloc[np.concatenate([rows[k] for k in picked])]))
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     if len(values) == 0:

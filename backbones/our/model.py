@@ -1,0 +1,277 @@
+"""MMNet: multi-magnification network with branch attention, MSAP, HMA and CMF on a timm backbone."""
+import math
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import SEModule
+
+from utils.helpers import PipelineError
+
+MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
+
+
+def create_backbone(name, pretrained=True, pretrained_path="", **kwargs):
+    """timm model with ImageNet weights from the hub, a local file, or random init; clear errors otherwise."""
+    if not timm.is_model(name):
+        raise PipelineError(f"unknown timm backbone '{name}'. Pick a name from timm.list_models(), e.g. efficientnet_b0.")
+    if pretrained_path:
+        path = Path(pretrained_path)
+        if not path.is_file():
+            raise PipelineError(f"--pretrained-path {path} does not exist (weights file for backbone '{name}').")
+        try:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        except (RuntimeError, KeyError, ValueError, OSError) as e:
+            raise PipelineError(f"--pretrained-path {path} is not a weights file for backbone '{name}' "
+                                f"({type(e).__name__}: {str(e)[:200]}).") from None
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as e:
+        raise PipelineError(
+            f"could not load ImageNet weights for backbone '{name}' ({type(e).__name__}: {str(e)[:200]}). "
+            f"Either train from random init with --no-pretrained, or download the timm weights for '{name}' "
+            f"on a machine with network and pass --pretrained-path FILE (config field pretrained_path)."
+        ) from None
+
+
+def mag_order(mag):
+    return int(str(mag).upper().rstrip("X"))
+
+
+def resolve_used(magnifications, use_mags=None):
+    """Indices of the used magnifications in the input tuple, lowest magnification first."""
+    use_mags = tuple(magnifications) if use_mags is None else tuple(use_mags)
+    unknown = [m for m in use_mags if m not in magnifications]
+    if unknown or not use_mags:
+        raise PipelineError(f"use_mags {use_mags} must be a non-empty subset of {tuple(magnifications)}")
+    return sorted((magnifications.index(m) for m in set(use_mags)), key=lambda i: mag_order(magnifications[i]))
+
+
+def present_mask(x, mask):
+    if mask is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return mask.to(device=x.device, dtype=torch.bool)
+
+
+def masked_softmax(scores, mask, dim=-1):
+    """Softmax over the present entries only; absent entries get 0 and an all-absent row stays all 0."""
+    scores = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
+    weights = scores.softmax(dim) * mask
+    return weights / weights.sum(dim, keepdim=True).clamp_min(1e-12)
+
+
+def scatter_mags(values, used, n_mags):
+    """(B, m, ...) values of the used magnifications -> (B, M, ...) with zeros elsewhere."""
+    full = values.new_zeros((values.shape[0], n_mags) + tuple(values.shape[2:]))
+    full[:, used] = values
+    return full
+
+
+def empty_features(net, images):
+    """Zero last-stage features for a batch with no present image, without running (or updating) the backbone."""
+    reduction, channels = net.feature_info.reduction()[-1], net.feature_info.channels()[-1]
+    h, w = (math.ceil(size / reduction) for size in images.shape[-2:])
+    return images.new_zeros(images.shape[0], channels, h, w)
+
+
+def run_present(net, images, present):
+    """Backbone on the present images only; absent slots get zero features (and no gradient)."""
+    if bool(present.all()):
+        return net(images)[-1]
+    if not bool(present.any()):
+        return empty_features(net, images)
+    feats = net(images[present])[-1]
+    full = feats.new_zeros((images.shape[0],) + tuple(feats.shape[1:]))
+    full[present] = feats
+    return full
+
+
+class SpatialAttention(nn.Module):
+    """Depthwise-conv spatial attention: a sigmoid map (N, 1, h, w) that reweights every location."""
+
+    def __init__(self, dim, kernel_size=7):
+        super().__init__()
+        self.dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.act = nn.GELU()
+        self.pw = nn.Conv2d(dim, 1, 1)
+
+    def forward(self, x):
+        attn = self.pw(self.act(self.dw(x))).sigmoid()
+        return x * attn, attn
+
+
+class BranchAttention(nn.Module):
+    """One magnification branch: SE channel attention, then depthwise spatial attention."""
+
+    def __init__(self, dim, use_channel=True, use_spatial=True):
+        super().__init__()
+        self.channel = SEModule(dim, rd_ratio=1 / 16) if use_channel else None
+        self.spatial = SpatialAttention(dim) if use_spatial else None
+
+    def forward(self, x):
+        if self.channel is not None:
+            x = self.channel(x)
+        if self.spatial is None:
+            return x, None
+        return self.spatial(x)
+
+
+class MultiScaleAttentionPool(nn.Module):
+    """MSAP: attention pooling over the cells of 1x1, 2x2 and 4x4 grids, then attention over the scales."""
+
+    def __init__(self, dim, scales=(1, 2, 4)):
+        super().__init__()
+        self.scales = scales
+        self.cell_score = nn.Linear(dim, 1)
+        self.scale_score = nn.Linear(dim, 1)
+        self.scale_bias = nn.Parameter(torch.zeros(len(scales)))
+
+    def pool_scale(self, x, size):
+        cells = F.adaptive_avg_pool2d(x, size).flatten(2).transpose(1, 2)
+        weights = self.cell_score(cells).softmax(1)
+        return (weights * cells).sum(1)
+
+    def forward(self, x):
+        pooled = torch.stack([self.pool_scale(x, s) for s in self.scales], 1)
+        weights = (self.scale_score(pooled).squeeze(-1) + self.scale_bias).softmax(1)
+        return (weights.unsqueeze(-1) * pooled).sum(1)
+
+
+class HierarchicalMagnificationAttention(nn.Module):
+    """HMA: a GRU context runs 40x -> 400x over the present levels; attention picks a weight per level."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.cell = nn.GRUCell(dim, dim)
+        self.score = nn.Sequential(nn.Linear(dim, dim // 4), nn.Tanh(), nn.Linear(dim // 4, 1, bias=False))
+
+    def forward(self, z, present):
+        context = z.new_zeros(z.shape[0], z.shape[2])
+        levels = []
+        for t in range(z.shape[1]):
+            keep = present[:, t:t + 1]
+            context = torch.where(keep, self.cell(z[:, t], context), context)
+            levels.append(context * keep)
+        levels = torch.stack(levels, 1)
+        weights = masked_softmax(self.score(levels).squeeze(-1), present)
+        summary = (weights.unsqueeze(-1).to(levels.dtype) * levels).sum(1)
+        return levels, summary, weights
+
+
+class CrossMagnificationFusion(nn.Module):
+    """CMF: learned global importance plus an input-dependent term per magnification -> weighted concatenation."""
+
+    def __init__(self, dim, n_mags):
+        super().__init__()
+        self.importance = nn.Parameter(torch.zeros(n_mags))
+        self.quality = nn.Linear(dim, 1, bias=False)
+        self.proj = nn.Linear(n_mags * dim, dim)
+
+    def forward(self, z, levels, present):
+        weights = masked_softmax(self.importance + self.quality(z).squeeze(-1), present)
+        weighted = levels * weights.unsqueeze(-1).to(levels.dtype) * levels.shape[1]
+        return self.proj(weighted.flatten(1)), weights
+
+
+class MMNet(nn.Module):
+    """Multi-magnification network: per-magnification attention branches, MSAP, HMA, CMF and two heads.
+
+    HMA and CMF fuse magnifications, so a model that reads a single magnification (use_mags=('40X',)) has neither.
+    """
+
+    def __init__(
+        self, magnifications=MAGNIFICATIONS, num_subtypes=8, backbone="efficientnet_b0", pretrained=True,
+        pretrained_path="", drop_rate=0.3, shared_backbone=True, use_spatial=True, use_channel=True,
+        use_hma=True, use_cmf=True, use_mags=None, embed_dim=256,
+    ):
+        super().__init__()
+        self.magnifications = tuple(magnifications)
+        self.used_mags = resolve_used(self.magnifications, use_mags)
+        self.shared_backbone = shared_backbone
+        n_used = len(self.used_mags)
+        n_backbones = 1 if shared_backbone else n_used
+        self.backbones = nn.ModuleList([
+            create_backbone(backbone, pretrained, pretrained_path, features_only=True, out_indices=(-1,))
+            for _ in range(n_backbones)
+        ])
+        self.num_features = self.backbones[0].feature_info.channels()[-1]
+        self.feature_tap = nn.Identity()
+        self.branches = nn.ModuleList([BranchAttention(self.num_features, use_channel, use_spatial) for _ in range(n_used)])
+        self.pool = MultiScaleAttentionPool(self.num_features)
+        self.proj = nn.Sequential(nn.Linear(self.num_features, embed_dim), nn.LayerNorm(embed_dim), nn.GELU())
+        fusing = n_used > 1
+        self.hma = HierarchicalMagnificationAttention(embed_dim) if use_hma and fusing else None
+        self.cmf = CrossMagnificationFusion(embed_dim, n_used) if use_cmf and fusing else None
+        self.embed_dim = embed_dim * (2 if self.hma is not None else 1)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.binary_head = nn.Linear(self.embed_dim, 1)
+        self.subtype_head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.embed_dim, num_subtypes))
+
+    def cam_layers(self):
+        """Grad-CAM target: backbone feature maps (B*m, C, h, w), batch-major over the used magnifications."""
+        return [self.feature_tap]
+
+    def param_groups(self):
+        """(backbone parameters, everything else) for a lower backbone learning rate."""
+        backbone = list(self.backbones.parameters())
+        ids = {id(p) for p in backbone}
+        return backbone, [p for p in self.parameters() if id(p) not in ids]
+
+    def backbone_features(self, images, present):
+        """Last-stage feature maps (B, m, C, h, w) of the used magnifications."""
+        if self.shared_backbone:
+            b, m = images.shape[:2]
+            feats = run_present(self.backbones[0], images.flatten(0, 1), present.flatten())
+            return feats.unflatten(0, (b, m))
+        feats = [run_present(net, images[:, j], present[:, j]) for j, net in enumerate(self.backbones)]
+        return torch.stack(feats, 1)
+
+    def forward_features(self, x, mask=None):
+        """Per-magnification branch vectors (B, m, D), present mask (B, m) and spatial maps (B, m, h, w)."""
+        present = present_mask(x, mask)[:, self.used_mags]
+        feats = self.backbone_features(x[:, self.used_mags], present)
+        b, m = feats.shape[:2]
+        feats = self.feature_tap(feats.flatten(0, 1)).unflatten(0, (b, m))
+        vectors, maps = [], []
+        for j, branch in enumerate(self.branches):
+            attended, attn = branch(feats[:, j])
+            vectors.append(self.pool(attended))
+            maps.append(attn)
+        keep = present.unsqueeze(-1)
+        z = self.proj(torch.stack(vectors, 1)) * keep
+        spatial = None if maps[0] is None else torch.cat(maps, 1) * keep.unsqueeze(-1)
+        return z, present, spatial
+
+    def fuse(self, z, present):
+        """HMA context and CMF weighting -> embedding, magnification weights and level weights."""
+        levels, summary, hma_weights = z, None, None
+        if self.hma is not None:
+            levels, summary, hma_weights = self.hma(z, present)
+        if self.cmf is not None:
+            fused, mag_weights = self.cmf(z, levels, present)
+        else:
+            mag_weights = present.float() / present.sum(1, keepdim=True).clamp_min(1)
+            fused = (mag_weights.unsqueeze(-1).to(levels.dtype) * levels).sum(1)
+        embedding = fused if summary is None else torch.cat([fused, summary], 1)
+        return embedding, mag_weights, hma_weights
+
+    def forward_head(self, embedding):
+        return self.binary_head(self.head_drop(embedding)).squeeze(-1), self.subtype_head(embedding)
+
+    def forward(self, x, mask=None):
+        z, present, spatial = self.forward_features(x, mask)
+        embedding, mag_weights, hma_weights = self.fuse(z, present)
+        binary, subtype = self.forward_head(embedding)
+        n = len(self.magnifications)
+        return dict(
+            binary_logits=binary,
+            subtype_logits=subtype,
+            embedding=embedding,
+            mag_weights=scatter_mags(mag_weights, self.used_mags, n),
+            hma_weights=None if hma_weights is None else scatter_mags(hma_weights, self.used_mags, n),
+            spatial_maps=None if spatial is None else scatter_mags(spatial, self.used_mags, n),
+        )

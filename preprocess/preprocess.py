@@ -1,0 +1,161 @@
+"""Patient-wise splits: stratified group k-fold with a validation subset per fold, and a fixed 70/15/15 split."""
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from preprocess.analyze import load_index, stem_of
+from utils.helpers import PipelineError, log, require, split_path, splits_dir, tables_dir
+
+ROLES = ("train", "val", "test")
+SPLIT_COLUMNS = ["patient_id", "label", "role", "n_images", "n_slides", "subtypes"]
+
+
+def patient_table(index):
+    """One row per patient stem: label, image and slide counts, subtypes."""
+    table = index.groupby("patient_id").agg(
+        label=("label", "first"), n_images=("path", "size"), n_slides=("slide_id", "nunique"),
+        subtypes=("subtype", lambda s: "|".join(sorted(set(s))))).reset_index()
+    return table.sort_values("patient_id").reset_index(drop=True)
+
+
+def pick_stratified(patients, fraction, rng):
+    """Patient ids holding `fraction` of each class, at least one per class, never the whole class."""
+    picked = []
+    for label, group in patients.groupby("label"):
+        ids = group["patient_id"].to_numpy()
+        if len(ids) < 2:
+            raise PipelineError(f"only {len(ids)} {'malignant' if label else 'benign'} patient(s) left to split "
+                                f"off a validation/test part; the dataset is too small for this split.")
+        n = int(np.clip(round(fraction * len(ids)), 1, len(ids) - 1))
+        picked += list(rng.permutation(ids)[:n])
+    return set(picked)
+
+
+def with_roles(patients, val, test):
+    split = patients.copy()
+    split["role"] = "train"
+    split.loc[split["patient_id"].isin(val), "role"] = "val"
+    split.loc[split["patient_id"].isin(test), "role"] = "test"
+    return split[SPLIT_COLUMNS]
+
+
+def check_class_counts(patients, n_folds):
+    counts = patients["label"].value_counts()
+    fewest = min(counts.get(0, 0), counts.get(1, 0))
+    if fewest < n_folds:
+        raise PipelineError(f"{n_folds}-fold CV needs at least {n_folds} patients per class; the data has "
+                            f"{counts.get(0, 0)} benign and {counts.get(1, 0)} malignant patients. "
+                            f"Use fewer folds (--n-folds).")
+
+
+def cv_splits(patients, n_folds, val_fraction, seed):
+    """fold_k: test = fold k (StratifiedGroupKFold on patients), val = stratified part of the rest."""
+    check_class_counts(patients, n_folds)
+    kfold = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    folds = kfold.split(patients, patients["label"], groups=patients["patient_id"])
+    splits = {}
+    for k, (train_idx, test_idx) in enumerate(folds):
+        rng = np.random.default_rng([seed, k])
+        test = set(patients["patient_id"].iloc[test_idx])
+        val = pick_stratified(patients.iloc[train_idx], val_fraction, rng)
+        splits[f"fold_{k}"] = with_roles(patients, val, test)
+    return splits
+
+
+def fixed_split(patients, fractions, seed):
+    """Stratified patient-wise train/val/test with the given fractions."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6:
+        raise PipelineError(f"--fixed-split needs three fractions summing to 1 (train,val,test), got {fractions}")
+    rng = np.random.default_rng([seed, 1000])
+    _, f_val, f_test = fractions
+    test = pick_stratified(patients, f_test, rng)
+    rest = patients[~patients["patient_id"].isin(test)]
+    val = pick_stratified(rest, f_val / (1 - f_test), rng)
+    return with_roles(patients, val, test)
+
+
+def make_splits(patients, n_folds=5, val_fraction=0.15, fractions=(0.70, 0.15, 0.15), seed=42):
+    """{'fold_0': df, ..., 'fixed': df}, one row per patient with its role."""
+    splits = cv_splits(patients, n_folds, val_fraction, seed)
+    splits["fixed"] = fixed_split(patients, fractions, seed)
+    return splits
+
+
+def check_split(name, split, index):
+    """Every patient once, both classes in every role, and no stem (re-derived from slide ids) in two roles."""
+    twice = sorted(split.loc[split["patient_id"].duplicated(), "patient_id"])
+    if twice:
+        raise PipelineError(f"{name}: patient(s) listed twice: {', '.join(twice)}")
+    missing = set(index["patient_id"]) ^ set(split["patient_id"])
+    if missing:
+        raise PipelineError(f"{name}: patients not matching the index: {sorted(missing)[:10]}")
+    role_of = dict(zip(split["patient_id"], split["role"]))
+    roles = pd.DataFrame({"stem": index["slide_id"].map(stem_of), "role": index["patient_id"].map(role_of)})
+    leaks = roles.groupby("stem")["role"].nunique()
+    leaks = sorted(leaks[leaks > 1].index)
+    if leaks:
+        raise PipelineError(f"{name}: patient stem(s) {', '.join(leaks)} appear in more than one partition")
+    for role in ROLES:
+        labels = set(split.loc[split.role == role, "label"])
+        if labels != {0, 1}:
+            raise PipelineError(f"{name}: the {role} part lacks a class (labels present: {sorted(labels)})")
+
+
+def check_folds(splits, index):
+    tests = [set(s.loc[s.role == "test", "patient_id"]) for n, s in splits.items() if n.startswith("fold_")]
+    if sum(map(len, tests)) != len(set().union(*tests)):
+        raise PipelineError("cross-validation test folds overlap")
+    if set().union(*tests) != set(index["patient_id"]):
+        raise PipelineError("cross-validation test folds do not cover every patient")
+
+
+def split_summary(splits, index):
+    images = index.groupby("patient_id").size()
+    rows = []
+    for name, split in splits.items():
+        for role in ROLES:
+            part = split[split.role == role]
+            row = dict(split=name, role=role)
+            for label, cls in ((0, "benign"), (1, "malignant")):
+                ids = part.loc[part.label == label, "patient_id"]
+                row[f"{cls}_patients"] = len(ids)
+                row[f"{cls}_images"] = int(images.reindex(ids).sum())
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def split_names(cfg):
+    return [f"fold_{k}" for k in range(cfg.n_folds)] + ["fixed"]
+
+
+def cv_split_names(cfg):
+    """The folds this run trains on (cfg.folds, or all of them)."""
+    folds = cfg.folds or tuple(range(cfg.n_folds))
+    bad = [k for k in folds if not 0 <= k < cfg.n_folds]
+    if bad:
+        raise PipelineError(f"--folds {bad} out of range; folds are 0..{cfg.n_folds - 1}")
+    return [f"fold_{k}" for k in folds]
+
+
+def load_split(cfg, name):
+    """One split CSV (patient_id, label, role, ...) as written by the split stage."""
+    path = require(split_path(cfg, name), "split")
+    return pd.read_csv(path, dtype={"patient_id": str, "subtypes": str}, keep_default_na=False)
+
+
+def run_split(cfg):
+    """Stage: compute, check and save every split, print patients/images per class and role."""
+    index = load_index(cfg)
+    patients = patient_table(index)
+    splits = make_splits(patients, cfg.n_folds, cfg.val_fraction, cfg.fixed_split, cfg.seed)
+    for name, split in splits.items():
+        check_split(name, split, index)
+    check_folds(splits, index)
+    splits_dir(cfg).mkdir(parents=True, exist_ok=True)
+    for name, split in splits.items():
+        split.to_csv(split_path(cfg, name), index=False)
+    summary = split_summary(splits, index)
+    tables_dir(cfg).mkdir(parents=True, exist_ok=True)
+    summary.to_csv(tables_dir(cfg) / "split_summary.csv", index=False)
+    log(f"Patient-wise splits ({len(patients)} patients by stem, seed {cfg.seed}) -> {splits_dir(cfg)}")
+    log(summary.to_string(index=False))

@@ -1,0 +1,109 @@
+"""The bad-input catalogue: each case ends in a clear message, exit code 2 where it stops, and nothing lost."""
+import shutil
+
+import pandas as pd
+import pytest
+
+import main
+from tests.test_pipeline import flags
+
+
+def run(cfg, stages, *extra):
+    return main.main(flags(cfg, stages) + list(extra))
+
+
+def test_wrong_root_names_the_path(make_cfg, tmp_path, capsys):
+    cfg = make_cfg(data_root=str(tmp_path / "no_such_folder"))
+    assert run(cfg, "analyze") == 2
+    text = capsys.readouterr().out
+    assert "no_such_folder" in text and "setup.sh" in text and "Traceback" not in text
+
+
+def test_empty_root(make_cfg, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert run(make_cfg(data_root=str(tmp_path / "empty")), "analyze") == 2
+    assert "empty" in capsys.readouterr().out
+
+
+def test_root_with_only_junk(make_cfg, tmp_path, capsys):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for name in ("Thumbs.db", ".DS_Store", "notes.txt"):
+        (junk / name).write_bytes(b"not an image")
+    assert run(make_cfg(data_root=str(junk)), "analyze") == 2
+    assert "junk" in capsys.readouterr().out
+
+
+def copy_tree(tiny_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    return root
+
+
+def test_truncated_png_is_excluded_and_listed(make_cfg, tiny_root, tmp_path):
+    root = copy_tree(tiny_root, tmp_path)
+    victim = sorted(root.rglob("*.png"))[5]
+    victim.write_bytes(victim.read_bytes()[:200])
+    cfg = make_cfg(data_root=str(root))
+    assert run(cfg, "analyze,split") == 0
+    excluded = pd.read_csv(tmp_path / "output" / "tables" / "excluded_images.csv")
+    assert victim.name in " ".join(excluded.path.astype(str))
+    index = pd.read_csv(tmp_path / "output" / "index.csv")
+    assert victim.name not in set(index.file)
+
+
+def test_missing_magnification_and_single_image_patient_still_train(make_cfg, tiny_root, tmp_path):
+    root = copy_tree(tiny_root, tmp_path)
+    slide = sorted(p for p in root.rglob("SOB_M_*") if p.is_dir())[0]
+    for mag_dir in sorted(slide.iterdir())[1:]:
+        shutil.rmtree(mag_dir)
+    keep = sorted(slide.rglob("*.png"))
+    for png in keep[1:]:
+        png.unlink()
+    cfg = make_cfg(data_root=str(root), epochs=1)
+    assert run(cfg, "analyze,split,fixed") == 0
+    preds = pd.read_csv(tmp_path / "output" / "runs" / "mmnet" / "fixed" / "predictions.csv")
+    masks = preds[preds.level == "tuple"].filter(like="mask_")
+    assert (masks.sum(axis=1) < masks.shape[1]).any()
+
+
+@pytest.mark.parametrize("stage,needs", [("split", "analyze"), ("cv", "split"), ("explain", "fixed"), ("report", "cv")])
+def test_stage_before_its_inputs(make_cfg, capsys, stage, needs):
+    cfg = make_cfg()
+    before = [s for s in ("analyze", "split") if list(main.STAGES).index(s) < list(main.STAGES).index(needs)]
+    if before:
+        assert run(cfg, ",".join(before)) == 0
+        capsys.readouterr()
+    assert run(cfg, stage) == 2
+    text = capsys.readouterr().out
+    assert f"--stages {needs}" in text and "Traceback" not in text
+
+
+def test_unwritable_output_dir(make_cfg, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cfg = make_cfg(output_dir=str(blocker / "output"))
+    assert run(cfg, "analyze") == 2
+    assert "--output-dir" in capsys.readouterr().out
+
+
+def test_checkpoint_from_other_configuration(make_cfg, capsys):
+    cfg = make_cfg(epochs=1)
+    assert run(cfg, "analyze,split,fixed") == 0
+    capsys.readouterr()
+    assert run(cfg, "fixed", "--resume", "--force", "--image-size", "48") == 2
+    text = capsys.readouterr().out
+    assert "image_size" in text and "Traceback" not in text
+
+
+def test_mistyped_stage_lists_the_valid_ones(make_cfg, capsys):
+    assert run(make_cfg(), "analyse") == 2
+    text = capsys.readouterr().out
+    assert all(name in text for name in main.STAGES)
+
+
+def test_mistyped_flag_suggests_the_right_one(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main.main(["--data-rot", "x"])
+    assert stop.value.code == 2
+    assert "--data-root" in capsys.readouterr().err

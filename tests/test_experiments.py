@@ -1,0 +1,157 @@
+"""Experiment stages on the tiny synthetic tree: learning, run folders, checkpoints, SMOTE, stage order."""
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import main
+from config import Config
+from tests.conftest import TEST_SETTINGS
+from utils.helpers import models_dir, read_json, run_dir
+
+MAGS = Config().magnifications
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_root):
+    """MMNet trained by the cv stage on fold 0 only, with TTA and SMOTE."""
+    from preprocess.analyze import run_analyze
+    from preprocess.preprocess import run_split
+    from utils.experiments import run_cv
+    out = tmp_path_factory.mktemp("experiments") / "output"
+    cfg = replace(Config(), **dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(out), epochs=6,
+                                   tuples_per_patient=8, patience=6, folds=(0,), tta=True))
+    torch.set_num_threads(1)
+    run_analyze(cfg)
+    run_split(cfg)
+    run_cv(cfg)
+    folder = run_dir(cfg, "mmnet", "fold_0")
+    return cfg, folder, pd.read_csv(folder / "predictions.csv", keep_default_na=False), read_json(folder / "metrics.json")
+
+
+def test_training_learns_well_above_chance(trained):
+    _, _, _, metrics = trained
+    assert metrics["test"]["tuple"]["t0.5"]["auc"] >= 0.75
+    assert metrics["test"]["patient"]["t0.5"]["auc"] >= 0.75
+    assert metrics["val"]["tuple"]["t0.5"]["auc"] >= 0.75
+
+
+def test_run_folder_has_the_promised_files_and_fields(trained):
+    cfg, folder, pred, metrics = trained
+    history = pd.read_csv(folder / "history.csv")
+    assert {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bal_acc", "val_f1", "val_auc",
+            "threshold", "lr", "seconds"} <= set(history.columns)
+    assert history["epoch"].tolist() == list(range(1, len(history) + 1))
+    for level in ("tuple", "patient"):
+        assert set(metrics["test"][level]) == {"t0.5", "youden", "sens95"}
+        assert metrics["test"][level]["youden"]["threshold"] == pytest.approx(metrics["threshold"]["youden"])
+        assert set(metrics["test_tta"][level]) == {"t0.5", "youden", "sens95"}
+        assert "macro_f1" in metrics["subtype"][level] and "macro_f1" in metrics["subtype_smote"][level]
+    assert metrics["classes"] and 1 <= metrics["best_epoch"] <= metrics["epochs"]
+    for name in ("best.pth", "last.pth"):
+        assert (folder / "checkpoints" / name).exists()
+    assert (models_dir(cfg) / "checkpoints" / "mmnet_fold_0.pth").exists()
+    tuples = pred[pred["level"] == "tuple"]
+    assert set(tuples["subtype_pred_smote"]) <= set(metrics["classes"])
+    weights = tuples[[f"w_{m}" for m in MAGS]].astype(float).to_numpy()
+    assert np.allclose(weights.sum(1), 1, atol=1e-4)
+    assert tuples["prob_malignant_tta"].astype(float).between(0, 1).all()
+
+
+def test_every_test_image_appears_in_predictions(trained):
+    from preprocess.analyze import load_index
+    from preprocess.preprocess import load_split
+    cfg, _, pred, _ = trained
+    split = load_split(cfg, "fold_0")
+    test_patients = set(split.loc[split["role"] == "test", "patient_id"])
+    index = load_index(cfg)
+    expected = set(index.loc[index["patient_id"].isin(test_patients), "path"])
+    rows = pred[(pred["level"] == "tuple") & (pred["role"] == "test")]
+    seen = set(np.concatenate([rows[f"path_{m}"].to_numpy() for m in MAGS])) - {""}
+    assert seen == expected
+    for m in MAGS:
+        assert (rows[f"mask_{m}"].astype(int) == (rows[f"path_{m}"] != "").astype(int)).all()
+
+
+def test_patient_rows_are_the_mean_of_their_tuples(trained):
+    _, _, pred, _ = trained
+    for role in ("val", "test"):
+        tuples = pred[(pred["level"] == "tuple") & (pred["role"] == role)]
+        patients = pred[(pred["level"] == "patient") & (pred["role"] == role)].set_index("patient_id")
+        means = tuples.groupby("patient_id")["prob_malignant"].mean()
+        assert sorted(patients.index) == sorted(means.index)
+        assert np.allclose(patients.loc[means.index, "prob_malignant"].astype(float), means)
+
+
+def test_checkpoint_reloads_through_the_registry_with_the_same_predictions(trained):
+    from preprocess.tuples import load_tuple_images
+    from utils.trainer import load_model
+    cfg, folder, pred, _ = trained
+    model, ckpt = load_model(folder / "checkpoints" / "best.pth")
+    assert ckpt["model_name"] == "mmnet" and ckpt["classes"]["binary"] == ["benign", "malignant"]
+    assert ckpt["magnifications"] == list(MAGS) and ckpt["image_size"] == cfg.image_size
+    rows = pred[(pred["level"] == "tuple") & (pred["role"] == "test")].reset_index(drop=True)
+    x, mask = load_tuple_images(cfg, rows)
+    with torch.no_grad():
+        prob = torch.sigmoid(model(x, mask)["binary_logits"]).numpy()
+    assert np.allclose(prob, rows["prob_malignant"].astype(float), atol=1e-5)
+    raw, mask2 = load_tuple_images(cfg, rows.head(2), normalize=False)
+    assert raw.dtype == torch.uint8 and raw.shape == (2, len(MAGS), cfg.image_size, cfg.image_size, 3)
+    assert torch.equal(mask2, mask[:2])
+
+
+def test_a_finished_run_is_skipped_unless_forced(trained):
+    from utils.experiments import run_cv
+    cfg, folder, _, _ = trained
+    stamp = (folder / "metrics.json").stat().st_mtime_ns
+    run_cv(cfg)
+    assert (folder / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_smote_balances_embedding_classes_and_the_refit_head_scores():
+    from utils.experiments import head_proba, refit_head, smote_balance
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 30 + [1] * 6 + [2] * 3 + [3])
+    x = rng.normal(size=(len(y), 8)) + y[:, None] * 3.0
+    xb, yb = smote_balance(x, y, seed=0)
+    assert Counter(yb.tolist()) == {0: 30, 1: 30, 2: 30, 3: 1}
+    clf = refit_head(xb, yb)
+    proba = head_proba(clf, x, 5)
+    assert proba.shape == (len(y), 5) and np.allclose(proba.sum(1), 1) and (proba[:, 4] == 0).all()
+    assert (proba.argmax(1) == y).mean() > 0.9
+
+
+def test_every_baseline_and_ablation_builds_and_reads_the_full_tuple(make_cfg):
+    from backbones import build_model
+    from utils.experiments import ablation_specs, baseline_specs, model_kwargs
+    cfg = make_cfg(resnet_backbone="test_resnet")
+    specs = baseline_specs(cfg) + ablation_specs(cfg)
+    names = [s[0] for s in specs]
+    assert names == ["simple_concat", "single_40X", "single_100X", "single_200X", "single_400X", "resnet50_transfer",
+                     "mmnet_no_spatial", "mmnet_no_channel", "mmnet_no_hma", "mmnet_no_cmf", "mmnet_only_40X",
+                     "mmnet_only_100X", "mmnet_only_200X", "mmnet_only_400X"]
+    x, mask = torch.randn(2, 4, 3, 32, 32), torch.tensor([[True, True, False, True]] * 2)
+    for run_name, model_name, flags in specs:
+        model = build_model(model_name, **model_kwargs(cfg, model_name, 3, flags)).eval()
+        with torch.no_grad():
+            out = model(x, mask)
+        assert out["binary_logits"].shape == (2,) and out["subtype_logits"].shape == (2, 3), run_name
+
+
+def test_cv_before_split_names_the_split_stage(make_cfg, capsys):
+    cfg = make_cfg()
+    code = main.main(["--data-root", cfg.data_root, "--output-dir", cfg.output_dir, "--stages", "cv", "--no-pretrained",
+                      "--backbone", cfg.backbone])
+    assert code == 2
+    assert "Run the 'split' stage first" in capsys.readouterr().out

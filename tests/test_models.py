@@ -1,0 +1,277 @@
+"""Models: output contract, masking, ablation flags, gradients, registry, pretrained errors, Grad-CAM taps, profile."""
+import huggingface_hub.constants
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from backbones import build_model, list_models
+from backbones.baseline_resnet50 import ResNet50Transfer
+from utils.efficiency import count_params, profile_model
+from utils.helpers import PipelineError
+
+MAGS = ("40X", "100X", "200X", "400X")
+KEYS = {"binary_logits", "subtype_logits", "embedding", "mag_weights", "hma_weights", "spatial_maps"}
+TINY = dict(backbone="test_efficientnet", pretrained=False, num_subtypes=5)
+TINY_RESNET = dict(backbone="test_resnet", pretrained=False, num_subtypes=5)
+VARIANTS = {
+    "mmnet": ("mmnet", {}),
+    "mmnet_separate": ("mmnet", dict(shared_backbone=False)),
+    "mmnet_no_spatial": ("mmnet", dict(use_spatial=False)),
+    "mmnet_no_channel": ("mmnet", dict(use_channel=False)),
+    "mmnet_no_hma": ("mmnet", dict(use_hma=False)),
+    "mmnet_no_cmf": ("mmnet", dict(use_cmf=False)),
+    "mmnet_only_200X": ("mmnet", dict(use_mags=("200X",))),
+    "mmnet_40X_400X": ("mmnet", dict(use_mags=("400X", "40X"))),
+    "simple_concat": ("simple_concat", {}),
+    "single_100X": ("single_mag", dict(mag="100X")),
+}
+MASK = torch.tensor([[True, True, False, True], [False, True, True, True], [True, True, True, True]])
+
+
+def build(name, **kw):
+    torch.manual_seed(0)
+    kind, extra = VARIANTS[name]
+    return build_model(kind, **dict(TINY, **extra, **kw))
+
+
+def batch(size=32, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, len(MAGS), 3, size, size, generator=g)
+
+
+def check_outputs(out, n, num_subtypes=5):
+    assert set(out) == KEYS
+    assert out["binary_logits"].shape == (n,)
+    assert out["subtype_logits"].shape == (n, num_subtypes)
+    assert out["embedding"].ndim == 2 and out["embedding"].shape[0] == n
+    assert out["mag_weights"].shape == (n, len(MAGS))
+    for value in out.values():
+        assert value is None or torch.isfinite(value).all()
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_outputs_and_weights(name):
+    model = build(name).eval()
+    with torch.no_grad():
+        out = model(batch(), MASK)
+    check_outputs(out, 3)
+    used = torch.zeros(len(MAGS), dtype=torch.bool)
+    used[model.used_mags] = True
+    present = MASK & used
+    rows = present.any(1)
+    w = out["mag_weights"]
+    assert torch.allclose(w.sum(1), rows.float(), atol=1e-5) or name.startswith("single")
+    assert (w[~present] == 0).all() or name.startswith("single")
+    if out["hma_weights"] is not None:
+        assert torch.allclose(out["hma_weights"].sum(1), rows.float(), atol=1e-5)
+        assert (out["hma_weights"][~present] == 0).all()
+    if out["spatial_maps"] is not None:
+        assert out["spatial_maps"].shape[:2] == (3, len(MAGS))
+        assert (out["spatial_maps"][~present] == 0).all()
+        assert (out["spatial_maps"][present] > 0).all()
+
+
+def test_single_mag_weights_one_hot():
+    model = build("single_100X").eval()
+    out = model(batch())
+    assert model.used_mags == [1]
+    assert out["mag_weights"].tolist() == [[0.0, 1.0, 0.0, 0.0]] * 3
+
+
+def test_hma_follows_magnification_order():
+    model = build_model("mmnet", magnifications=("400X", "40X", "200X", "100X"), **TINY)
+    assert model.used_mags == [1, 3, 2, 0]
+
+
+@pytest.mark.parametrize("name", ["mmnet", "mmnet_separate", "mmnet_no_cmf", "mmnet_only_200X", "simple_concat"])
+@pytest.mark.parametrize("train", [False, True])
+def test_masked_magnification_has_no_influence(name, train):
+    model = build(name).train(train)
+    x = batch()
+    y = x.clone()
+    y[~MASK] = torch.randn_like(y[~MASK]) * 5
+    if name == "mmnet_only_200X":
+        y[:, [0, 1, 3]] = torch.randn_like(y[:, [0, 1, 3]])
+    torch.manual_seed(1)
+    a = model(x, MASK)
+    torch.manual_seed(1)
+    b = model(y, MASK)
+    for key in KEYS:
+        if a[key] is not None:
+            assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_all_masked_is_finite():
+    model = build("mmnet").eval()
+    out = model(batch(), torch.zeros(3, len(MAGS), dtype=torch.bool))
+    for value in out.values():
+        assert value is None or torch.isfinite(value).all()
+
+
+@pytest.mark.parametrize("name", ["mmnet", "mmnet_separate", "simple_concat"])
+def test_magnification_absent_from_whole_batch(name):
+    model = build(name).train()
+    mask = MASK.clone()
+    mask[:, 1] = False
+    out = model(batch(), mask)
+    check_outputs(out, 3)
+    assert (out["mag_weights"][:, 1] == 0).all()
+
+
+@pytest.mark.parametrize("flag,attr", [
+    ("use_spatial", "spatial"), ("use_channel", "channel"), ("use_hma", "hma"), ("use_cmf", "cmf"),
+])
+def test_ablation_removes_module(flag, attr):
+    full = build("mmnet")
+    ablated = build_model("mmnet", **dict(TINY, **{flag: False}))
+    owner_full = full.branches[0] if attr in ("spatial", "channel") else full
+    owner_ablated = ablated.branches[0] if attr in ("spatial", "channel") else ablated
+    assert isinstance(getattr(owner_full, attr), nn.Module)
+    assert getattr(owner_ablated, attr) is None
+    assert count_params(ablated) < count_params(full)
+
+
+def test_subset_of_magnifications_is_smaller():
+    full = build("mmnet")
+    single = build("mmnet_only_200X")
+    assert single.used_mags == [2] and len(single.branches) == 1
+    assert count_params(single) < count_params(full)
+    with pytest.raises(PipelineError):
+        build_model("mmnet", use_mags=("1000X",), **TINY)
+
+
+def test_separate_backbones_have_more_params():
+    shared, separate = build("mmnet"), build("mmnet_separate")
+    assert len(shared.backbones) == 1 and len(separate.backbones) == len(MAGS)
+    assert count_params(separate) > count_params(shared)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_trainable_parameter_gets_a_gradient(name):
+    model = build(name).train()
+    out = model(batch(), None)
+    loss = out["binary_logits"].sum() + out["subtype_logits"].logsumexp(1).sum()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not missing
+
+
+def test_param_groups_split_backbone_and_head():
+    model = build("mmnet")
+    backbone, head = model.param_groups()
+    assert len(backbone) + len(head) == len(list(model.parameters()))
+    assert {id(p) for p in backbone}.isdisjoint(id(p) for p in head)
+    assert {id(p) for p in model.subtype_head.parameters()} <= {id(p) for p in head}
+
+
+@pytest.mark.parametrize("name", ["mmnet", "simple_concat", "single_100X"])
+def test_eval_is_deterministic(name):
+    model = build(name).eval()
+    x = batch()
+    a, b = model(x, MASK), model(x, MASK)
+    assert torch.equal(a["binary_logits"], b["binary_logits"])
+    assert torch.equal(a["subtype_logits"], b["subtype_logits"])
+
+
+def test_subtype_head_reads_embedding():
+    model = build("mmnet").eval()
+    out = model(batch(), MASK)
+    assert torch.allclose(model.subtype_head(out["embedding"]), out["subtype_logits"], atol=1e-6)
+
+
+def test_registry_builds_every_name():
+    assert set(list_models()) == {"mmnet", "simple_concat", "single_mag", "resnet50_transfer"}
+    for name in list_models():
+        kw = TINY_RESNET if name == "resnet50_transfer" else TINY
+        model = build_model(name, **kw).eval()
+        check_outputs(model(batch(64 if name == "resnet50_transfer" else 32, n=2)), 2)
+        assert model.magnifications == MAGS
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(PipelineError, match="simple_concat"):
+        build_model("mmnett")
+    with pytest.raises(PipelineError, match="timm backbone"):
+        build_model("mmnet", backbone="no_such_net", pretrained=False)
+
+
+def test_resnet50_transfer_freezing_pattern():
+    model = ResNet50Transfer(num_subtypes=5, pretrained=False)
+    net = model.backbone
+    assert not any(p.requires_grad for p in net.conv1.parameters())
+    assert not any(p.requires_grad for p in net.layer1[0].conv1.parameters())
+    assert not any(p.requires_grad for p in net.layer2[-1].conv2.parameters())
+    assert not any(p.requires_grad for p in net.layer3[0].conv1.parameters())
+    assert all(p.requires_grad for p in net.layer3[-1].parameters())
+    assert all(p.requires_grad for p in net.layer4.parameters())
+    assert all(p.requires_grad for m in net.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+    assert model.neck[1].in_features == 2048 and model.neck[1].out_features == 512
+    assert 0 < count_params(model, trainable=True) < count_params(model)
+    backbone, head = model.param_groups()
+    assert all(p.requires_grad for p in backbone + head)
+
+
+def test_resnet50_transfer_reads_only_its_magnification():
+    model = build_model("resnet50_transfer", mag="200X", **TINY_RESNET).eval()
+    x = batch(64, n=2)
+    y = x.clone()
+    y[:, [0, 1, 3]] = torch.randn_like(y[:, [0, 1, 3]])
+    assert torch.allclose(model(x)["binary_logits"], model(y)["binary_logits"])
+    assert model(x)["mag_weights"][:, 2].eq(1).all()
+
+
+def test_offline_pretrained_is_a_pipeline_error(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PipelineError) as err:
+        build_model("mmnet", backbone="test_efficientnet", pretrained=True)
+    message = str(err.value)
+    assert "test_efficientnet" in message and "--no-pretrained" in message and "--pretrained-path" in message
+
+
+def test_pretrained_path_loads_local_weights(tmp_path):
+    torch.manual_seed(3)
+    source = timm.create_model("test_efficientnet")
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    model = build_model("mmnet", backbone="test_efficientnet", pretrained_path=str(path), num_subtypes=5)
+    assert torch.equal(model.backbones[0].conv_stem.weight, source.conv_stem.weight)
+    with pytest.raises(PipelineError, match="does not exist"):
+        build_model("mmnet", backbone="test_efficientnet", pretrained_path=str(tmp_path / "nope.pth"))
+    with pytest.raises(PipelineError, match="not a weights file"):
+        build_model("single_mag", backbone="test_resnet", pretrained_path=str(path))
+
+
+@pytest.mark.parametrize("name", ["mmnet", "mmnet_separate", "mmnet_40X_400X", "simple_concat", "single_100X"])
+def test_cam_layers_see_feature_maps(name):
+    model = build(name).eval()
+    shapes, grads = [], []
+    layer = model.cam_layers()[0]
+    layer.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    layer.register_full_backward_hook(lambda m, gi, go: grads.append(go[0]))
+    out = model(batch(64), MASK)
+    out["binary_logits"].sum().backward()
+    m = len(model.used_mags)
+    channels = model.num_features
+    assert shapes == [(3 * m, channels, 2, 2)]
+    assert grads and grads[0].shape == (3 * m, channels, 2, 2)
+
+
+def test_resnet_cam_layer():
+    model = build_model("resnet50_transfer", **TINY_RESNET).eval()
+    shapes = []
+    model.cam_layers()[0].register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    model(batch(64, n=2))
+    assert shapes == [(2, model.num_features, 2, 2)]
+
+
+def test_profile_model_counts_and_leaves_model_clean():
+    model = build("mmnet")
+    before = set(dict(model.named_buffers()))
+    stats = profile_model(model, len(MAGS), 32, "cpu", threads=1, repeats=2, warmup=1)
+    assert set(dict(model.named_buffers())) == before
+    assert stats["params"] == count_params(model)
+    assert stats["macs"] > 0 and stats["flops"] == 2 * stats["macs"]
+    assert stats["ms_median"] > 0 and stats["threads"] == 1
+    single = profile_model(build("single_100X"), len(MAGS), 32, "cpu", threads=1, repeats=2, warmup=1)
+    assert single["macs"] < stats["macs"]

@@ -1,0 +1,159 @@
+"""Training engine: metrics glue, losses, schedule, resume, checkpoints, the non-finite loss guard."""
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from config import Config
+from tests.conftest import TEST_SETTINGS
+from utils import metrics as M
+from utils.helpers import PipelineError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_root):
+    """Index and splits of the tiny tree, written once for this module."""
+    from preprocess.analyze import run_analyze
+    from preprocess.preprocess import run_split
+    out = tmp_path_factory.mktemp("trainer") / "output"
+    cfg = replace(Config(), **dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(out), epochs=3))
+    run_analyze(cfg)
+    run_split(cfg)
+    return cfg
+
+
+def test_metrics_equal_scikit_learn():
+    y = np.array([0, 0, 1, 1, 1, 0, 1, 0, 1, 1])
+    p = np.array([0.1, 0.6, 0.8, 0.4, 0.9, 0.2, 0.55, 0.3, 0.7, 0.35])
+    m = M.binary_metrics(y, p, 0.5)
+    pred = (p >= 0.5).astype(int)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["precision"] == pytest.approx(skm.precision_score(y, pred))
+    assert m["recall"] == pytest.approx(skm.recall_score(y, pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert m["specificity"] == pytest.approx(skm.recall_score(1 - y, 1 - pred))
+    fpr, tpr, thr = skm.roc_curve(y, p)
+    assert M.youden_threshold(y, p) == pytest.approx(thr[np.argmax(tpr - fpr)])
+    assert skm.recall_score(y, p >= M.sensitivity_threshold(y, p, 0.95)) >= 0.95
+    ys, ps = np.array([0, 1, 2, 2, 1, 0, 2]), np.array([0, 2, 2, 2, 1, 1, 0])
+    s = M.subtype_metrics(ys, ps, ["a", "b", "c"])
+    assert s["macro_f1"] == pytest.approx(skm.f1_score(ys, ps, average="macro"))
+    assert s["micro_f1"] == pytest.approx(skm.f1_score(ys, ps, average="micro"))
+    assert s["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(ys, ps))
+    assert s["per_class"]["c"]["recall"] == pytest.approx(skm.recall_score(ys, ps, average=None)[2])
+
+
+def test_patient_level_is_the_mean_over_the_patients_tuples():
+    frame = pd.DataFrame(dict(patient_id=["a", "a", "b", "a", "b"], label=[1, 1, 0, 1, 0],
+                              prob_malignant=[0.2, 0.8, 0.1, 0.5, 0.4]))
+    pl = M.patient_level(frame).set_index("patient_id")
+    assert pl.loc["a", "prob_malignant"] == pytest.approx(0.5)
+    assert pl.loc["b", "prob_malignant"] == pytest.approx(0.25)
+    assert pl["n_tuples"].to_dict() == {"a": 3, "b": 2}
+
+
+def test_losses_weight_the_rare_classes_more():
+    from torchvision.ops import sigmoid_focal_loss
+    from utils.losses import Criterion, class_balanced_weights, focal_alpha
+    assert focal_alpha([1, 1, 1, 0]) == pytest.approx(0.25)
+    w = class_balanced_weights([300, 30, 0, 3])
+    assert w[2] == 0 and w[0] < w[1] < w[3]
+    assert float(w[[0, 1, 3]].mean()) == pytest.approx(1.0)
+    logits, labels = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
+    out = dict(binary_logits=logits, subtype_logits=torch.zeros(3, 4))
+    loss = Criterion(0.25, w, gamma=2.0, subtype_weight=0.0)(out, labels, torch.tensor([0, 1, 3]))
+    assert loss == pytest.approx(float(sigmoid_focal_loss(logits, labels, 0.25, 2.0, "mean")))
+    both = Criterion(0.25, w, gamma=2.0, subtype_weight=0.5)(out, labels, torch.tensor([0, 1, 3]))
+    assert both == pytest.approx(float(loss) + 0.5 * np.log(4), rel=1e-5)
+    unseen = Criterion(0.25, w, gamma=2.0, subtype_weight=0.5)(out, labels, torch.tensor([2, 2, 2]))
+    assert unseen == pytest.approx(float(loss))
+
+
+def test_warmup_then_cosine():
+    from utils.trainer import lr_factor
+    f = [lr_factor(s, 5, 50) for s in range(50)]
+    assert f[0] < f[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[5:], f[6:]))
+    assert f[-1] < 0.05
+
+
+def history_of(cfg, run_name):
+    from utils.helpers import run_dir
+    return pd.read_csv(run_dir(cfg, run_name, "fold_0") / "history.csv")
+
+
+def interrupt(epoch, state):
+    if epoch == 1:
+        raise KeyboardInterrupt
+
+
+def test_resume_continues_an_interrupted_run_to_the_same_end(prepared):
+    from utils.experiments import run_one
+    with pytest.raises(KeyboardInterrupt):
+        run_one(prepared, "stopped", "fold_0", "mmnet", callback=interrupt)
+    assert history_of(prepared, "stopped")["epoch"].tolist() == [1]
+    epochs = []
+    run_one(replace(prepared, resume=True), "stopped", "fold_0", "mmnet", callback=lambda e, s: epochs.append(e))
+    assert epochs == [2, 3]
+    run_one(prepared, "straight", "fold_0", "mmnet")
+    resumed, straight = history_of(prepared, "stopped"), history_of(prepared, "straight")
+    assert resumed["epoch"].tolist() == straight["epoch"].tolist() == [1, 2, 3]
+    cols = ["train_loss", "val_loss", "val_auc_tuple"]
+    assert np.allclose(resumed[cols].to_numpy(), straight[cols].to_numpy(), atol=1e-5)
+
+
+def test_resume_with_another_configuration_names_the_differences(prepared):
+    from utils.experiments import run_one
+    with pytest.raises(KeyboardInterrupt):
+        run_one(prepared, "mismatch", "fold_0", "mmnet", callback=interrupt)
+    changed = replace(prepared, resume=True, image_size=48, backbone="test_resnet")
+    with pytest.raises(PipelineError, match="does not match") as info:
+        run_one(changed, "mismatch", "fold_0", "mmnet")
+    assert "backbone" in str(info.value) and "image_size" in str(info.value)
+
+
+def test_checkpoint_of_another_configuration_gives_a_clear_message(prepared, tmp_path):
+    from backbones import build_model
+    from utils.trainer import checkpoint, load_model, save
+    kwargs = dict(magnifications=prepared.magnifications, num_subtypes=3, backbone="test_efficientnet", pretrained=False)
+    meta = dict(model_name="mmnet", model_kwargs=kwargs, classes=["a", "b", "c"])
+    save(checkpoint(build_model("mmnet", **kwargs), meta, prepared, 1, 0.5), tmp_path / "a.pth")
+    other = dict(meta, model_kwargs=dict(kwargs, backbone="test_resnet", num_subtypes=4), classes=["a", "b", "c", "d"])
+    expect = checkpoint(build_model("mmnet", **other["model_kwargs"]), other, replace(prepared, image_size=64), 0, 0)
+    with pytest.raises(PipelineError) as info:
+        load_model(tmp_path / "a.pth", expect=expect)
+    message = str(info.value)
+    for field in ("backbone", "num_subtypes", "image_size", "subtype_classes"):
+        assert field in message
+    assert "state_dict" not in message
+    model, ckpt = load_model(tmp_path / "a.pth")
+    assert ckpt["normalization"]["mean"] and ckpt["image_size"] == prepared.image_size
+
+
+def test_non_finite_losses_skip_steps_then_stop_the_run(prepared, monkeypatch):
+    import utils.trainer as trainer
+    from utils.experiments import run_one
+
+    calls = []
+
+    def nan_loss(criterion, out, labels, subtypes):
+        calls.append(1)
+        return out["binary_logits"].sum() * float("nan")
+
+    monkeypatch.setattr(trainer, "compute_loss", nan_loss)
+    with pytest.raises(PipelineError, match="3 steps had a non-finite loss"):
+        run_one(replace(prepared, max_bad_steps=3), "nan", "fold_0", "mmnet")
+    assert len(calls) == 3

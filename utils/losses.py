@@ -1,0 +1,49 @@
+"""Class-weighted focal loss for the binary head and class-balanced cross entropy for the subtype head."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+
+def focal_alpha(labels):
+    """Weight of the positive (malignant) class: the benign fraction, so the minority class weighs more."""
+    labels = np.asarray(labels)
+    if len(labels) == 0 or labels.min() == labels.max():
+        return 0.5
+    return float(np.mean(labels == 0))
+
+
+def class_balanced_weights(counts, beta=0.999):
+    """Effective-number weights (1 - beta) / (1 - beta^n) (Cui et al. 2019), mean 1 over present classes, 0 if absent."""
+    counts = np.asarray(counts, dtype=float)
+    weights = np.zeros_like(counts)
+    present = counts > 0
+    weights[present] = (1 - beta) / (1 - beta ** counts[present])
+    weights[present] *= present.sum() / weights[present].sum()
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def focal_loss(logits, labels, alpha, gamma):
+    return sigmoid_focal_loss(logits.float(), labels.float(), alpha=alpha, gamma=gamma, reduction="mean")
+
+
+def subtype_loss(logits, labels, weights):
+    """Weighted mean cross entropy; 0 (not NaN) for a batch whose classes all have weight 0 or are ignored (-100)."""
+    weights = weights.to(logits.device)
+    per = F.cross_entropy(logits.float(), labels, weight=weights, reduction="none")
+    total = weights[labels.clamp_min(0)][labels >= 0].sum()
+    return per.sum() / total.clamp_min(1e-8)
+
+
+class Criterion:
+    """Focal loss on the binary logit plus `subtype_weight` times class-balanced CE on the subtype logits."""
+
+    def __init__(self, alpha, subtype_weights, gamma=2.0, subtype_weight=0.5):
+        self.alpha, self.gamma = alpha, gamma
+        self.subtype_weights, self.subtype_weight = subtype_weights, subtype_weight
+
+    def __call__(self, out, labels, subtypes):
+        loss = focal_loss(out["binary_logits"], labels, self.alpha, self.gamma)
+        if self.subtype_weight and out.get("subtype_logits") is not None:
+            loss = loss + self.subtype_weight * subtype_loss(out["subtype_logits"], subtypes, self.subtype_weights)
+        return loss

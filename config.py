@@ -24,7 +24,7 @@ class Config:
     folds: tuple = ()
 
     model: str = "mmnet"
-    backbone: str = "efficientnet_b0"
+    backbone: str = "mobilenetv4_conv_small"
     pretrained: bool = True
     pretrained_path: str = ""
     shared_backbone: bool = True

@@ -1,6 +1,8 @@
 """ResNet50 ImageNet-transfer baseline on one magnification, with progressive unfreezing."""
 import torch.nn as nn
 
+from utils.helpers import PipelineError
+
 from .baseline_single import mag_index, one_hot_weights
 from .our.model import MAGNIFICATIONS, create_backbone
 
@@ -9,6 +11,8 @@ FROZEN = ("conv1", "layer1", "layer2", "layer3")
 
 def freeze_early_layers(net):
     """Freeze conv1, layer1, layer2 and layer3[:-1]; layer3[-1], layer4 and every BatchNorm stay trainable."""
+    if not hasattr(net, "layer3"):
+        raise PipelineError(f"resnet50_transfer needs a ResNet backbone (conv1, layer1..layer4), got {type(net).__name__}")
     last_block = f"layer3.{len(net.layer3) - 1}."
     for name, module in net.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -1,5 +1,4 @@
 """Simple concatenation baseline: pooled backbone features of every magnification, concatenated, then an MLP."""
-import torch
 import torch.nn as nn
 
 from .our.model import MAGNIFICATIONS, create_backbone, present_mask, run_present
@@ -8,7 +7,7 @@ from .our.model import MAGNIFICATIONS, create_backbone, present_mask, run_presen
 class SimpleConcat(nn.Module):
     """Shared backbone, global average pooling per magnification, zeros for absent ones, concat -> MLP -> two heads."""
 
-    def __init__(self, magnifications=MAGNIFICATIONS, num_subtypes=8, backbone="efficientnet_b0", pretrained=True,
+    def __init__(self, magnifications=MAGNIFICATIONS, num_subtypes=8, backbone="mobilenetv4_conv_small", pretrained=True,
                  pretrained_path="", drop_rate=0.3, embed_dim=256):
         super().__init__()
         self.magnifications = tuple(magnifications)

@@ -21,7 +21,7 @@ def one_hot_weights(x, index):
 class SingleMag(nn.Module):
     """Backbone -> global average pooling -> MLP -> two heads, reading only magnification `mag`."""
 
-    def __init__(self, magnifications=MAGNIFICATIONS, num_subtypes=8, mag="40X", backbone="efficientnet_b0",
+    def __init__(self, magnifications=MAGNIFICATIONS, num_subtypes=8, mag="40X", backbone="mobilenetv4_conv_small",
                  pretrained=True, pretrained_path="", drop_rate=0.3, embed_dim=256):
         super().__init__()
         self.magnifications = tuple(magnifications)

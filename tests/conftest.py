@@ -3,11 +3,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import Config  # noqa: E402
+
+torch.set_num_threads(1)
 
 SAMPLES = ROOT.parent / "shared" / "data" / "breakhis_samples"
 TEST_SETTINGS = dict(

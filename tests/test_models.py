@@ -194,6 +194,8 @@ def test_unknown_model_lists_valid_names():
         build_model("mmnett")
     with pytest.raises(PipelineError, match="timm backbone"):
         build_model("mmnet", backbone="no_such_net", pretrained=False)
+    with pytest.raises(PipelineError, match="ResNet backbone"):
+        build_model("resnet50_transfer", **TINY)
 
 
 def test_resnet50_transfer_freezing_pattern():

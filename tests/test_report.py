@@ -27,6 +27,15 @@ SKILL = {"mmnet": 2.0, "simple_concat": 1.2, "resnet50_transfer": 0.8}
 PROFILED = {"mmnet": ("mmnet", {}), "single_40X": ("single_mag", {"mag": "40X"})}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny CPU models run fastest on one thread; restore the setting afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def patients(n=30):
     rng = np.random.default_rng(1)
     labels = (np.arange(n) % 3 != 0).astype(int)
@@ -37,7 +46,8 @@ def roles(split, people):
     if split == "fixed":
         return {pid: "test" if i < 8 else "val" if i < 14 else "train" for i, (pid, _, _) in enumerate(people)}
     k = int(split.split("_")[1])
-    return {pid: "test" if i % 5 == k else "val" if i % 5 == (k + 1) % 5 else "train" for i, (pid, _, _) in enumerate(people)}
+    return {pid: "test" if i % 5 == k else "val" if i % 5 == (k + 1) % 5 else "train"
+            for i, (pid, _, _) in enumerate(people)}
 
 
 def tuple_row(rng, pid, label, subtype, role, t, skill, name):
@@ -67,11 +77,13 @@ def predictions(name, split, seed):
     for pid, label, subtype in people:
         if role_of[pid] == "train":
             continue
-        tuples = [tuple_row(rng, pid, label, subtype, role_of[pid], t, skill, name) for t in range(int(rng.integers(2, 5)))]
+        count = int(rng.integers(2, 5))
+        tuples = [tuple_row(rng, pid, label, subtype, role_of[pid], t, skill, name) for t in range(count)]
         frame = pd.DataFrame(tuples)
         patient = dict(level="patient", role=role_of[pid], patient_id=pid, group=tuples[0]["group"], tuple_id="",
                        label=label, prob_malignant=frame["prob_malignant"].mean(), subtype_label=subtype,
-                       subtype_pred=frame["subtype_pred"].mode().iloc[0], subtype_pred_smote=frame["subtype_pred_smote"].mode().iloc[0])
+                       subtype_pred=frame["subtype_pred"].mode().iloc[0],
+                       subtype_pred_smote=frame["subtype_pred_smote"].mode().iloc[0])
         rows += tuples + [patient]
     return pd.DataFrame(rows)
 
@@ -134,7 +146,8 @@ def test_every_table_and_plot_is_written(report):
         "confusion_matrices/mmnet_fixed_subtype.png", "roc_curves/mmnet_cv_tuple.png", "roc_curves/mmnet_cv_patient.png",
         "roc_curves/mmnet_fixed_patient.png", "roc_curves/mmnet_vs_ablations_patient.png",
         "roc_curves/mmnet_vs_baselines_tuple.png",
-        "training_curves/mmnet.png", "training_curves/single_400X.png", "calibration/mmnet_pooled_cv_reliability_tuple.png",
+        "training_curves/mmnet.png", "training_curves/single_400X.png",
+        "calibration/mmnet_pooled_cv_reliability_tuple.png",
         "calibration/mmnet_fixed_confidence_patient.png", "magnification_importance/mmnet_pooled_cv.png",
     ]
     for rel in expected:
@@ -209,7 +222,8 @@ def test_comparison_tables_use_shared_folds(report):
     concat = t4[(t4["model"] == "simple_concat") & (t4["level"] == "patient")].iloc[0]
     assert concat["folds"] == "fold_0 fold_1 fold_2"
     t1 = table(out, "cv")
-    fold_auc = t1[t1["split"].isin(FOLDS[:3]) & (t1["level"] == "patient") & (t1["threshold_rule"] == "val_youden")]["auc"].astype(float)
+    chosen = t1["split"].isin(FOLDS[:3]) & (t1["level"] == "patient") & (t1["threshold_rule"] == "val_youden")
+    fold_auc = t1.loc[chosen, "auc"].astype(float)
     assert concat["auc_improvement"] == pytest.approx(fold_auc.mean() - concat["auc_mean"], abs=1e-3)
     profiled = t4.set_index("model").loc[list(PROFILED)]
     assert np.allclose(profiled["flops_g"], 2 * profiled["macs_g"], atol=2e-4)
@@ -275,3 +289,33 @@ def test_reliability_diagram_ece_matches_direct_computation(tmp_path):
     assert ece == pytest.approx(direct_ece(y.astype(float), p, 5), abs=1e-12)
     assert ece > 0
     assert (tmp_path / "rel.png").stat().st_size > 5000
+
+
+def test_explain_writes_gradcam_attention_and_importance(make_cfg):
+    from backbones import build_model
+    from preprocess.analyze import load_index, run_analyze, subtype_classes
+    from preprocess.preprocess import run_split
+    from utils.helpers import models_dir
+    from utils.report import run_explain
+    cfg = make_cfg(image_size=48, explain_samples=1)
+    run_analyze(cfg)
+    run_split(cfg)
+    classes = subtype_classes(load_index(cfg))
+    kwargs = dict(magnifications=tuple(cfg.magnifications), num_subtypes=len(classes), backbone=cfg.backbone,
+                  pretrained=False)
+    torch.manual_seed(0)
+    model = build_model("mmnet", **kwargs)
+    models_dir(cfg).mkdir(parents=True, exist_ok=True)
+    torch.save(dict(model=model.state_dict(), model_name="mmnet", model_kwargs=kwargs,
+                    magnifications=list(cfg.magnifications), image_size=cfg.image_size,
+                    classes={"binary": ["benign", "malignant"], "subtype": classes}),
+               models_dir(cfg) / "best_model.pth")
+    run_explain(cfg)
+    plots = models_dir(cfg).parent / "plots"
+    listing = pd.read_csv(plots / "gradcam" / "index.csv")
+    assert set(listing["category"]) == {"benign_correct", "benign_wrong", "malignant_correct", "malignant_wrong"}
+    drawn = listing[listing["gradcam"].notna()]
+    assert len(drawn) >= 1 and listing.loc[listing["gradcam"].isna(), "note"].str.startswith("no ").all()
+    for path in drawn["gradcam"].tolist() + drawn["attention_map"].tolist():
+        assert (plots / path).stat().st_size > 5000
+    assert (plots / "magnification_importance" / "best_model_fixed_test.png").exists()

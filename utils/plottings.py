@@ -77,7 +77,8 @@ def roc_folds(curves, title, path):
         mean, std = tprs.mean(0), tprs.std(0)
         mean[-1] = 1.0
         ax.plot(grid, mean, color="black", lw=2, label=f"mean (AUC = {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f})")
-        ax.fill_between(grid, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color="grey", alpha=0.25, label="± 1 std")
+        ax.fill_between(grid, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color="grey", alpha=0.25,
+                        label="± 1 std")
     if not curves:
         ax.text(0.5, 0.5, "only one class in the test set:\nno ROC curve", ha="center", va="center")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
@@ -125,7 +126,8 @@ def training_curves(histories, title, path):
         if name == "Learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     handles = [matplotlib.lines.Line2D([], [], color=c, lw=2, label=s) for s, c in zip(histories, palette)]
-    handles += [matplotlib.lines.Line2D([], [], color="grey", ls=ls, label=lab) for ls, lab in (("-", "train"), ("--", "validation"))]
+    handles += [matplotlib.lines.Line2D([], [], color="grey", ls=ls, label=lab)
+                for ls, lab in (("-", "train"), ("--", "validation"))]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, bbox_to_anchor=(0.5, -0.01))
     fig.suptitle(title, fontsize=11, fontweight="bold")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
@@ -169,7 +171,8 @@ def confidence_distribution(y, p, threshold, title, path):
     bins = np.linspace(0, 1, 21)
     for label, name in enumerate(CLASS_NAMES):
         if (y == label).any():
-            axes[0].hist(p[y == label], bins=bins, alpha=0.6, color=palette[label], edgecolor="black", label=f"true {name} (n={int((y == label).sum())})")
+            axes[0].hist(p[y == label], bins=bins, alpha=0.6, color=palette[label], edgecolor="black",
+                         label=f"true {name} (n={int((y == label).sum())})")
     if np.ptp(threshold) == 0:
         axes[0].axvline(threshold[0], color="black", ls="--", lw=1, label=f"threshold {threshold[0]:.3f}")
     axes[0].set(xlabel="Predicted P(malignant)", ylabel="count", title="Probability by true class")

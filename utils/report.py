@@ -24,7 +24,8 @@ def run_report(cfg):
     """Stage: every table and plot from the run folders, without retraining."""
     runs = T.load_runs(cfg)
     if not runs:
-        raise PipelineError(f"no finished runs under {runs_dir(cfg)}. Train first: python main.py --stages {TRAINING_STAGES}")
+        raise PipelineError(f"no finished runs under {runs_dir(cfg)}. "
+                            f"Train first: python main.py --stages {TRAINING_STAGES}")
     P.setup_style()
     notes = []
     log(f"Runs found: {', '.join(f'{name} ({len(splits)} splits)' for name, splits in runs.items())}")
@@ -42,7 +43,7 @@ def run_report(cfg):
 
 
 def pooled_frames(splits, names, level, rule="val_youden"):
-    return pd.concat([T.test_frame(splits[s], level, rule) for s in names], ignore_index=True)
+    return pd.concat([T.scored_frame(splits[s], level, rule) for s in names], ignore_index=True)
 
 
 def reference_parts(runs):
@@ -91,7 +92,8 @@ def confusion_plots(cfg, splits, name, members, smote=True):
         pred = (frame["prob_malignant"] >= frame["thr"]).astype(int)
         rule = f"threshold {frame['thr'].iloc[0]:.3f}" if frame["thr"].nunique() == 1 else "per-fold thresholds"
         P.confusion(frame["label"].astype(int), pred, list(P.CLASS_NAMES),
-                    f"MMNet {name}, {level} level\n(validation Youden, {rule})", folder / f"mmnet_{name}_binary_{level}.png")
+                    f"MMNet {name}, {level} level\n(validation Youden, {rule})",
+                    folder / f"mmnet_{name}_binary_{level}.png")
     classes = splits[members[0]]["classes"]
     heads = (("subtype_pred", "subtype"), ("subtype_pred_smote", "subtype_smote"))[: 2 if smote else 1]
     for column, tag in heads:
@@ -115,7 +117,8 @@ def calibration_plots(cfg, splits, name, members):
                       folder / f"mmnet_{name}_reliability_{level}.png")
         thr = frame["thr"].to_numpy()
         P.confidence_distribution(frame["label"], frame["prob_malignant"], thr,
-                                  f"MMNet {name}, {level} level: confidence", folder / f"mmnet_{name}_confidence_{level}.png")
+                                  f"MMNet {name}, {level} level: confidence",
+                                  folder / f"mmnet_{name}_confidence_{level}.png")
 
 
 def roc_plots(cfg, runs, splits):
@@ -123,14 +126,14 @@ def roc_plots(cfg, runs, splits):
     folds = T.cv_splits(splits)
     for level in T.LEVELS:
         for tag, names in (("cv", folds), ("fixed", [s for s in splits if s == "fixed"])):
-            curves = [(s, *xy(T.test_frame(splits[s], level, "fixed_0.5"))) for s in names]
+            curves = [(s, *xy(T.scored_frame(splits[s], level, "fixed_0.5"))) for s in names]
             if curves:
                 P.roc_folds(curves, f"MMNet {tag}, {level} level ROC", folder / f"mmnet_{tag}_{level}.png")
         for tag, names in (("ablations", T.ablation_names(cfg)), ("baselines", T.baseline_names(cfg))):
             models = {}
             for name in [T.REFERENCE] + names:
                 shared = T.shared_splits(runs[name], splits) if name in runs and splits else []
-                models[name] = [xy(T.test_frame(runs[name][s], level, "fixed_0.5")) for s in shared]
+                models[name] = [xy(T.scored_frame(runs[name][s], level, "fixed_0.5")) for s in shared]
             models = {k: v for k, v in models.items() if v}
             if len(models) > 1:
                 P.roc_models(models, f"MMNet vs {tag}, {level} level\nmean ROC over the folds each shares with MMNet",
@@ -191,7 +194,8 @@ def predict_all(cfg, model, tuples, device, batch=32):
             out = model(x.to(device), mask.to(device))
         probs.append(out["binary_logits"].float().sigmoid().cpu())
         weights.append(out["mag_weights"].float().cpu())
-        hma.append(out["hma_weights"].float().cpu() if out["hma_weights"] is not None else torch.full_like(weights[-1], float("nan")))
+        none = torch.full_like(weights[-1], float("nan"))
+        hma.append(none if out["hma_weights"] is None else out["hma_weights"].float().cpu())
         masks.append(mask)
     frame = tuples.copy()
     frame["prob_malignant"] = torch.cat(probs).numpy()
@@ -210,7 +214,8 @@ def pick_samples(frame, threshold, per_cell):
     picks, empty = [], []
     for label, cls in enumerate(P.CLASS_NAMES):
         for correct in (True, False):
-            cell = frame[(frame["label"] == label) & (frame["correct"] == correct)].sort_values("confidence", ascending=False)
+            cell = frame[(frame["label"] == label) & (frame["correct"] == correct)]
+            cell = cell.sort_values("confidence", ascending=False)
             first = cell.drop_duplicates("patient_id")
             chosen = pd.concat([first, cell.drop(first.index)]).head(per_cell)
             kind = f"{cls}_{'correct' if correct else 'wrong'}"
@@ -223,7 +228,8 @@ def pick_samples(frame, threshold, per_cell):
 def sample_title(row, what):
     verdict = "correct" if row["correct"] else "WRONG"
     return (f"{what} | true {P.CLASS_NAMES[int(row['label'])]}, predicted {P.CLASS_NAMES[int(row['pred'])]} "
-            f"(P(malignant) = {row['prob_malignant']:.3f}, {verdict})\npatient {row['patient_id']}, tuple {row['tuple_id']}")
+            f"(P(malignant) = {row['prob_malignant']:.3f}, {verdict})\n"
+            f"patient {row['patient_id']}, tuple {row['tuple_id']}")
 
 
 def explain_figures(cfg, model, picks, device):
@@ -246,16 +252,21 @@ def explain_figures(cfg, model, picks, device):
         target = P.CLASS_NAMES[int(row["pred"])]
         gc = P.overlay_panels(images[i].numpy(), cams[i], mask[i].tolist(), used, mags,
                               sample_title(row, f"Grad-CAM for '{target}'"), plots_dir(cfg) / "gradcam" / f"{stem}.png",
-                              "Grad-CAM", captions)
-        at = ""
+                              "Grad-CAM (scaled per image)", captions)
+        at = None
         if attn is not None:
             at = P.overlay_panels(images[i].numpy(), attn[i].cpu().numpy(), mask[i].tolist(), used, mags,
-                                  sample_title(row, "Spatial attention"), plots_dir(cfg) / "attention_maps" / f"{stem}.png",
-                                  "attention", captions)
+                                  sample_title(row, "Spatial attention"),
+                                  plots_dir(cfg) / "attention_maps" / f"{stem}.png",
+                                  "attention (scaled per image)", captions)
         rows.append(dict(category=row["category"], patient_id=row["patient_id"], tuple_id=row["tuple_id"],
                          label=int(row["label"]), pred=int(row["pred"]), prob_malignant=row["prob_malignant"],
-                         gradcam=str(gc), attention_map=str(at), note=""))
+                         gradcam=relative(cfg, gc), attention_map=relative(cfg, at), note=""))
     return rows
+
+
+def relative(cfg, path):
+    return str(path.relative_to(plots_dir(cfg))) if path else ""
 
 
 def safe(text):
@@ -263,7 +274,7 @@ def safe(text):
 
 
 def run_explain(cfg):
-    """Stage: Grad-CAM, spatial attention and magnification importance of output/models/best_model.pth on fixed-split test tuples."""
+    """Stage: Grad-CAM, spatial attention and magnification importance of best_model.pth on fixed-split test tuples."""
     from utils.env import resolve_device
     from utils.trainer import load_model
     path = require(models_dir(cfg) / "best_model.pth", "fixed")
@@ -273,7 +284,8 @@ def run_explain(cfg):
     cfg = replace(cfg, magnifications=tuple(ckpt["magnifications"]), image_size=int(ckpt["image_size"]))
     tuples = test_tuples(cfg, cfg.magnifications)
     if tuples.empty:
-        raise PipelineError("the fixed split has no test tuples to explain. Rerun: python main.py --stages split,fixed,explain")
+        raise PipelineError("the fixed split has no test tuples to explain. "
+                            "Rerun: python main.py --stages split,fixed,explain")
     threshold = fixed_threshold(cfg)
     frame = predict_all(cfg, model, tuples, device)
     importance_plot(cfg, frame, cfg.magnifications, "Best model: magnification importance on the fixed-split test tuples",
@@ -284,7 +296,7 @@ def run_explain(cfg):
         cls, verdict = kind.split("_")
         rows.append(dict(category=kind, note=f"no {verdict} predictions for true {cls} tuples in the fixed test set"))
         log(f"explain: no {verdict} predictions for true {cls} tuples in the fixed test set (threshold {threshold:.3f})")
-    listing = pd.DataFrame(rows)
+    listing = pd.DataFrame(rows).astype({"label": "Int64", "pred": "Int64"})
     for folder in ("gradcam", "attention_maps"):
         (plots_dir(cfg) / folder).mkdir(parents=True, exist_ok=True)
         listing.to_csv(plots_dir(cfg) / folder / "index.csv", index=False)

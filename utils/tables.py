@@ -14,8 +14,8 @@ SUBTYPE = ["subtype_macro_f1", "subtype_micro_f1", "subtype_balanced_accuracy"]
 RULES = {"fixed_0.5": None, "val_youden": youden_threshold, "val_sens95": sensitivity_threshold}
 REFERENCE = "mmnet"
 ABLATIONS = ["mmnet_no_spatial", "mmnet_no_channel", "mmnet_no_hma", "mmnet_no_cmf"]
-EFFICIENCY = ["model", "params", "params_m", "macs", "flops", "macs_g", "flops_g", "ms_per_tuple", "ms_per_patient", "tuples_per_patient",
-              "image_size", "device", "checkpoint"]
+EFFICIENCY = ["model", "params", "params_m", "macs", "flops", "macs_g", "flops_g", "ms_per_tuple", "ms_per_patient",
+              "tuples_per_patient", "image_size", "device", "checkpoint"]
 TABLE_NAMES = {
     "cv": "table_1_cross_validation_k_fold_results.csv",
     "fixed": "table_2_patient_wise_results.csv",
@@ -76,7 +76,7 @@ def threshold(run, level, rule):
     return RULES[rule](val["label"].to_numpy(), val["prob_malignant"].to_numpy())
 
 
-def test_frame(run, level, rule):
+def scored_frame(run, level, rule):
     """Test rows of one level with the rule's threshold in a `thr` column."""
     key = (level, rule)
     if key not in run["cache"]:
@@ -105,7 +105,8 @@ def fast_metric(name):
         pred = (p >= frame["thr"].to_numpy(dtype=float)).astype(int)
         if name == "accuracy":
             return float((pred == y).mean())
-        tp, fp, fn = int(((pred == 1) & (y == 1)).sum()), int(((pred == 1) & (y == 0)).sum()), int(((pred == 0) & (y == 1)).sum())
+        tp, fp = int(((pred == 1) & (y == 1)).sum()), int(((pred == 1) & (y == 0)).sum())
+        fn = int(((pred == 0) & (y == 1)).sum())
         if name == "f1":
             return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
         tn = len(y) - tp - fp - fn
@@ -129,7 +130,8 @@ def binary_scores(frame):
     """binary_metrics of a test frame at its threshold; pooled folds keep each fold's own threshold."""
     if len(frame) == 0:
         return {}
-    y, p, thr = frame["label"].to_numpy().astype(int), frame["prob_malignant"].to_numpy(dtype=float), frame["thr"].to_numpy()
+    y, p = frame["label"].to_numpy().astype(int), frame["prob_malignant"].to_numpy(dtype=float)
+    thr = frame["thr"].to_numpy()
     if np.ptp(thr) == 0:
         m = binary_metrics(y, p, float(thr[0]))
         return {k: m[k] for k in BINARY + ["threshold", "n"]}
@@ -164,19 +166,19 @@ def subtype_summary(run, level):
                 subtype_balanced_accuracy=m["balanced_accuracy"])
 
 
-def split_rows(name, splits, rules, cfg, with_ci=True):
+def split_rows(name, splits, rules, cfg):
     """One row per split, level and threshold rule, plus the test frames for pooling."""
     rows, frames = [], {}
     for split, run in splits.items():
         for level in LEVELS:
             subtype = subtype_summary(run, level)
             for rule in rules:
-                frame = test_frame(run, level, rule)
+                frame = scored_frame(run, level, rule)
                 if len(frame) == 0:
                     continue
-                row = dict(model=name, split=split, level=level, threshold_rule=rule, n_patients=frame["patient_id"].nunique())
-                row.update(binary_scores(frame), **subtype)
-                row.update(confidence_intervals(frame, cfg) if with_ci else {})
+                row = dict(model=name, split=split, level=level, threshold_rule=rule,
+                           n_patients=frame["patient_id"].nunique())
+                row.update(binary_scores(frame), **subtype, **confidence_intervals(frame, cfg))
                 rows.append(row)
                 frames.setdefault((level, rule), []).append(frame)
     return rows, frames
@@ -237,7 +239,7 @@ def shared_splits(splits, reference):
 
 
 def fold_scores(splits, names, level, rule="val_youden"):
-    return pd.DataFrame([binary_scores(test_frame(splits[s], level, rule)) for s in names])
+    return pd.DataFrame([binary_scores(scored_frame(splits[s], level, rule)) for s in names])
 
 
 def comparison_rows(name, splits, reference, cfg, diff):
@@ -247,7 +249,7 @@ def comparison_rows(name, splits, reference, cfg, diff):
     for level in LEVELS:
         own = fold_scores(splits, shared, level)
         ref = fold_scores(reference, shared, level)
-        pooled = pd.concat([test_frame(splits[s], level, "val_youden") for s in shared], ignore_index=True)
+        pooled = pd.concat([scored_frame(splits[s], level, "val_youden") for s in shared], ignore_index=True)
         row = dict(model=name, level=level, threshold_rule="val_youden", folds=" ".join(shared), n_folds=len(shared),
                    n_patients=pooled["patient_id"].nunique())
         for m in KEY + ["precision", "recall", "specificity"]:
@@ -335,7 +337,8 @@ def magnification_table(runs, cfg, notes):
         notes.append("table 5: no mmnet test predictions, CMF importance left out.")
     rows = []
     for mag in cfg.magnifications:
-        importance = dict(weight_stats(weights, mag, "w"), **weight_stats(weights, mag, "hma"), weights_from=" ".join(source))
+        importance = dict(weight_stats(weights, mag, "w"), **weight_stats(weights, mag, "hma"),
+                          weights_from=" ".join(source))
         found = False
         for name in (f"single_{mag}", f"mmnet_only_{mag}"):
             splits = runs.get(name)
@@ -369,9 +372,11 @@ def per_class_rows(name, split, run_or_frame, level, classes):
         present = [c for c in classes if m["per_class"][c]["support"] > 0]
         for c in classes:
             rows.append(dict(base, subtype=c, **m["per_class"][c]))
-        macro = {k: float(np.mean([m["per_class"][c][k] for c in present])) if present else np.nan for k in ("precision", "recall")}
+        macro = {k: float(np.mean([m["per_class"][c][k] for c in present])) if present else np.nan
+                 for k in ("precision", "recall")}
         rows.append(dict(base, subtype="macro avg", **macro, f1=m["macro_f1"], support=m["n"]))
-        rows.append(dict(base, subtype="micro avg", precision=m["micro_f1"], recall=m["micro_f1"], f1=m["micro_f1"], support=m["n"]))
+        micro = m["micro_f1"]
+        rows.append(dict(base, subtype="micro avg", precision=micro, recall=micro, f1=micro, support=m["n"]))
     return rows
 
 
@@ -455,7 +460,8 @@ def efficiency_table(cfg, runs, notes):
     return pd.DataFrame(rows, columns=EFFICIENCY)
 
 
-CONSOLE = ["model", "split", "level", "threshold_rule", "magnification", "subtype", "smote", "accuracy", "balanced_accuracy",
+CONSOLE = ["model", "split", "level", "threshold_rule", "magnification", "subtype", "smote", "accuracy",
+           "balanced_accuracy",
            "f1", "auc", "auc_ci_low", "auc_ci_high", "subtype_macro_f1", "accuracy_mean", "auc_mean", "auc_ci_low",
            "accuracy_drop", "auc_drop", "accuracy_improvement", "auc_improvement", "cmf_weight_mean", "cmf_weight_std",
            "params_m", "macs_g", "flops_g", "ms_per_tuple", "ms_per_patient", "precision", "recall", "support"]

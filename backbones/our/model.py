@@ -16,7 +16,7 @@ MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
 def create_backbone(name, pretrained=True, pretrained_path="", **kwargs):
     """timm model with ImageNet weights from the hub, a local file, or random init; clear errors otherwise."""
     if not timm.is_model(name):
-        raise PipelineError(f"unknown timm backbone '{name}'. Pick a name from timm.list_models(), e.g. efficientnet_b0.")
+        raise PipelineError(f"unknown timm backbone '{name}'. Pick a name from timm.list_models(), e.g. mobilenetv4_conv_small.")
     if pretrained_path:
         path = Path(pretrained_path)
         if not path.is_file():
@@ -126,8 +126,8 @@ class MultiScaleAttentionPool(nn.Module):
     def __init__(self, dim, scales=(1, 2, 4)):
         super().__init__()
         self.scales = scales
-        self.cell_score = nn.Linear(dim, 1)
-        self.scale_score = nn.Linear(dim, 1)
+        self.cell_score = nn.Linear(dim, 1, bias=False)
+        self.scale_score = nn.Linear(dim, 1, bias=False)
         self.scale_bias = nn.Parameter(torch.zeros(len(scales)))
 
     def pool_scale(self, x, size):
@@ -184,7 +184,7 @@ class MMNet(nn.Module):
     """
 
     def __init__(
-        self, magnifications=MAGNIFICATIONS, num_subtypes=8, backbone="efficientnet_b0", pretrained=True,
+        self, magnifications=MAGNIFICATIONS, num_subtypes=8, backbone="mobilenetv4_conv_small", pretrained=True,
         pretrained_path="", drop_rate=0.3, shared_backbone=True, use_spatial=True, use_channel=True,
         use_hma=True, use_cmf=True, use_mags=None, embed_dim=256,
     ):

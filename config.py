@@ -1,5 +1,5 @@
 """Every default of the pipeline in one dataclass; main.py flags override fields."""
-from dataclasses import dataclass, field, asdict, fields
+from dataclasses import dataclass, asdict, fields
 
 MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
 
@@ -62,7 +62,7 @@ def demo_overrides():
     """CPU-sized settings for the synthetic demo."""
     return dict(
         synthetic=True, pretrained=False, backbone="mobilenetv3_small_050", image_size=64,
-        subtype_min_images=30, epochs=3, batch_size=16, tuples_per_patient=8, warmup_epochs=1,
+        subtype_min_images=50, epochs=4, batch_size=16, tuples_per_patient=8, warmup_epochs=1,
         patience=3, workers=0, bootstrap=200, lr=1e-3,
     )
 

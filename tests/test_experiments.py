@@ -15,13 +15,6 @@ from utils.helpers import models_dir, read_json, run_dir
 MAGS = Config().magnifications
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_root):
@@ -32,7 +25,6 @@ def trained(tmp_path_factory, tiny_root):
     out = tmp_path_factory.mktemp("experiments") / "output"
     cfg = replace(Config(), **dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(out), epochs=6,
                                    tuples_per_patient=8, patience=6, folds=(0,), tta=True))
-    torch.set_num_threads(1)
     run_analyze(cfg)
     run_split(cfg)
     run_cv(cfg)

@@ -10,14 +10,6 @@ MAGS = ("40X", "100X", "200X", "400X")
 SIZE = 48  # test_efficientnet has stride 32: 48 px gives 2x2 feature maps, 32 px a single cell
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU models run fastest on one thread; restore the setting afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def tiny(name, **flags):
     torch.manual_seed(0)

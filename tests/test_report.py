@@ -27,14 +27,6 @@ SKILL = {"mmnet": 2.0, "simple_concat": 1.2, "resnet50_transfer": 0.8}
 PROFILED = {"mmnet": ("mmnet", {}), "single_40X": ("single_mag", {"mag": "40X"})}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU models run fastest on one thread; restore the setting afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def patients(n=30):
     rng = np.random.default_rng(1)

@@ -13,13 +13,6 @@ from utils import metrics as M
 from utils.helpers import PipelineError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_root):

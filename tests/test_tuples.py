@@ -17,13 +17,6 @@ from tests.conftest import SAMPLES
 MAGS = ("40X", "100X", "200X", "400X")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def image_row(pid, code, label, mag, seq):
     return dict(path=f"/d/{pid}_{code}_{mag}_{seq}.png", patient_id=pid, subtype_code=code, label=label,

@@ -13,7 +13,7 @@ from utils.env import resolve_device, seed_everything
 from utils.helpers import PipelineError, log, models_dir, read_json, require, run_dir, split_path, warn, write_json
 from utils.losses import Criterion, class_balanced_weights, focal_alpha
 from utils.metrics import binary_metrics, patient_level, sensitivity_threshold, subtype_metrics, youden_threshold
-from utils.trainer import fit, make_loader, precision, predict
+from utils.trainer import fit, make_loader, precision, predict, slim_last
 
 
 def baseline_specs(cfg):
@@ -256,6 +256,7 @@ def run_one(cfg, run_name, split_name, model_name, flags=None, callback=None):
     predictions, metrics = evaluate(cfg, model, run, device, state)
     predictions.to_csv(folder / "predictions.csv", index=False)
     write_json(folder / "metrics.json", metrics)
+    slim_last(folder)
     log(fold_line(run["tag"], metrics))
     return metrics
 

@@ -171,7 +171,7 @@ def fixed_threshold(cfg):
     folder = runs_dir(cfg) / T.REFERENCE / "fixed"
     if not (folder / "predictions.csv").exists():
         return 0.5
-    return T.threshold(T.load_run(folder), "tuple", "val_youden")
+    return T.threshold(T.load_run(folder), "val_youden")
 
 
 def test_tuples(cfg, mags):
@@ -208,7 +208,7 @@ def predict_all(cfg, model, tuples, device, batch=32):
 
 def pick_samples(frame, threshold, per_cell):
     """Up to per_cell tuples per (class, correct/wrong), most confident first, one per patient where possible."""
-    frame = frame.assign(pred=(frame["prob_malignant"] >= threshold).astype(int))
+    frame = frame.assign(pred=(frame["prob_malignant"] >= threshold).astype(int), threshold=threshold)
     frame["correct"] = frame["pred"] == frame["label"]
     frame["confidence"] = np.where(frame["pred"] == 1, frame["prob_malignant"], 1 - frame["prob_malignant"])
     picks, empty = [], []
@@ -228,7 +228,7 @@ def pick_samples(frame, threshold, per_cell):
 def sample_title(row, what):
     verdict = "correct" if row["correct"] else "WRONG"
     return (f"{what} | true {P.CLASS_NAMES[int(row['label'])]}, predicted {P.CLASS_NAMES[int(row['pred'])]} "
-            f"(P(malignant) = {row['prob_malignant']:.3f}, {verdict})\n"
+            f"(P(malignant) = {row['prob_malignant']:.3f}, validation threshold {row['threshold']:.2f}, {verdict})\n"
             f"patient {row['patient_id']}, tuple {row['tuple_id']}")
 
 

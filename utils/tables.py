@@ -65,11 +65,11 @@ def level_frame(pred, level, role):
     return patient_level(tuples) if len(tuples) else rows
 
 
-def threshold(run, level, rule):
-    """The rule's threshold, chosen on the validation rows of the same level."""
+def threshold(run, rule):
+    """The rule's threshold, chosen on the validation tuples and applied unchanged at both levels."""
     if RULES[rule] is None:
         return 0.5
-    val = level_frame(run["pred"], level, "val")
+    val = level_frame(run["pred"], "tuple", "val")
     if len(val) == 0:
         saved = run["metrics"].get("threshold", {}).get(rule.replace("val_", ""))
         return float(saved) if saved is not None else 0.5
@@ -81,7 +81,7 @@ def scored_frame(run, level, rule):
     key = (level, rule)
     if key not in run["cache"]:
         frame = level_frame(run["pred"], level, "test").copy()
-        frame["thr"] = threshold(run, level, rule)
+        frame["thr"] = threshold(run, rule)
         run["cache"][key] = frame
     return run["cache"][key]
 

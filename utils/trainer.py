@@ -48,13 +48,14 @@ def autocast(device, dtype):
 
 
 def build_optimizer(model, cfg):
-    """AdamW; backbone at lr * backbone_lr_scale; no weight decay on biases and norms."""
+    """AdamW; a pretrained backbone at lr * backbone_lr_scale (random init at lr); no decay on biases and norms."""
     if hasattr(model, "param_groups"):
         backbone, head = model.param_groups()
     else:
         backbone, head = [], list(model.parameters())
+    scale = cfg.backbone_lr_scale if cfg.pretrained or cfg.pretrained_path else 1.0
     groups = []
-    for params, lr in ((backbone, cfg.lr * cfg.backbone_lr_scale), (head, cfg.lr)):
+    for params, lr in ((backbone, cfg.lr * scale), (head, cfg.lr)):
         params = [p for p in params if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         plain = [p for p in params if p.dim() < 2]
@@ -283,6 +284,17 @@ def save(obj, path):
     tmp.replace(path)
 
 
+def slim_last(folder):
+    """A finished run's last.pth keeps weights and metadata; the optimiser state only serves --resume."""
+    path = Path(folder) / "checkpoints" / "last.pth"
+    if not path.exists():
+        return
+    ckpt = read_checkpoint(path)
+    for key in ("optimizer", "scheduler", "scaler", "rng"):
+        ckpt.pop(key, None)
+    save(ckpt, path)
+
+
 def fresh_state():
     return dict(epoch=0, history=[], best_score=None, best_epoch=0, best_auc=float("nan"), bad_epochs=0,
                 bad_steps=0, stopped=False, seconds=0.0)
@@ -295,6 +307,9 @@ def resume(folder, model, optimizer, scheduler, scaler, meta, cfg):
         return fresh_state()
     ckpt = read_checkpoint(path)
     check_checkpoint(ckpt, checkpoint(model, meta, cfg, 0, 0), path)
+    if "optimizer" not in ckpt:
+        log(f"{path} belongs to a finished run; training it again from scratch")
+        return fresh_state()
     load_state(model, ckpt, path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])

@@ -23,7 +23,6 @@ class Config:
     fixed_split: tuple = (0.70, 0.15, 0.15)
     folds: tuple = ()
 
-    model: str = "mmnet"
     backbone: str = "mobilenetv4_conv_small"
     pretrained: bool = True
     pretrained_path: str = ""

@@ -85,7 +85,7 @@ def check_writable(cfg):
 def banner(cfg, env):
     log("=" * 72)
     log(f"MMNet pipeline | data: {cfg.data_root} | output: {cfg.output_dir} | device: {env['device']} {env['gpu'] or ''}")
-    log(f"model: {cfg.model} on {cfg.backbone} (pretrained={cfg.pretrained}) | image {cfg.image_size} | seed {cfg.seed}")
+    log(f"MMNet on {cfg.backbone} (pretrained={cfg.pretrained}) | image {cfg.image_size} | seed {cfg.seed}")
     if cfg.synthetic:
         log("SYNTHETIC DATA: every number below comes from generated images, not from BreakHis.")
     log("=" * 72)

@@ -172,6 +172,7 @@ EOF
 }
 
 status=0
+mkdir -p output/logs
 if [ "$INSTALL" -eq 1 ]; then
     install_packages || exit 1
 fi

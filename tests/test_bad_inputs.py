@@ -1,8 +1,10 @@
 """The bad-input catalogue: each case ends in a clear message, exit code 2 where it stops, and nothing lost."""
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import main
 from tests.test_pipeline import flags
@@ -107,3 +109,29 @@ def test_mistyped_flag_suggests_the_right_one(capsys):
         main.main(["--data-rot", "x"])
     assert stop.value.code == 2
     assert "--data-root" in capsys.readouterr().err
+
+
+def test_interrupted_mid_epoch_then_resumed(make_cfg, monkeypatch, capsys):
+    import utils.trainer as trainer
+    cfg = make_cfg(epochs=3)
+    assert run(cfg, "analyze,split") == 0
+    real_step, calls = trainer.step_optimizer, []
+
+    def stop_in_second_epoch(*args):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        real_step(*args)
+
+    monkeypatch.setattr(trainer, "step_optimizer", stop_in_second_epoch)
+    assert run(cfg, "fixed") == 130
+    assert "--resume" in capsys.readouterr().out
+    folder = Path(cfg.output_dir) / "runs" / "mmnet" / "fixed"
+    assert pd.read_csv(folder / "history.csv").epoch.tolist() == [1]
+    monkeypatch.setattr(trainer, "step_optimizer", real_step)
+    assert run(cfg, "fixed", "--resume") == 0
+    assert "Resuming" in capsys.readouterr().out
+    assert pd.read_csv(folder / "history.csv").epoch.tolist() == [1, 2, 3]
+    assert (folder / "metrics.json").exists()
+    last = torch.load(folder / "checkpoints" / "last.pth", weights_only=False)
+    assert "optimizer" not in last and last["epoch"] == 3

@@ -108,7 +108,7 @@ def fast_metric(name):
         tp, fp = int(((pred == 1) & (y == 1)).sum()), int(((pred == 1) & (y == 0)).sum())
         fn = int(((pred == 0) & (y == 1)).sum())
         if name == "f1":
-            return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+            return 2 * tp / (2 * tp + fp + fn) if tp + fn else float("nan")
         tn = len(y) - tp - fp - fn
         if tp + fn == 0 or tn + fp == 0:
             return float("nan")

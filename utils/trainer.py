@@ -1,5 +1,6 @@
 """Training loop: AdamW, warmup + cosine, AMP, accumulation, clipping, early stopping on validation patient AUC."""
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -285,14 +286,28 @@ def save(obj, path):
 
 
 def slim_last(folder):
-    """A finished run's last.pth keeps weights and metadata; the optimiser state only serves --resume."""
-    path = Path(folder) / "checkpoints" / "last.pth"
-    if not path.exists():
+    """A finished run's last.pth drops the optimiser state (only --resume needs it), or links best.pth if equal."""
+    ckpt_dir = Path(folder) / "checkpoints"
+    last, best = ckpt_dir / "last.pth", ckpt_dir / "best.pth"
+    if not last.exists():
         return
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(last)
+    if best.exists() and ckpt.get("state", {}).get("best_epoch") == ckpt["epoch"] and link(best, last):
+        return
     for key in ("optimizer", "scheduler", "scaler", "rng"):
         ckpt.pop(key, None)
-    save(ckpt, path)
+    save(ckpt, last)
+
+
+def link(source, target):
+    """Replace target by a hard link to source; False where the file system has no hard links."""
+    tmp = target.with_suffix(".link")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return False
+    tmp.replace(target)
+    return True
 
 
 def fresh_state():

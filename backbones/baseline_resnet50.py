@@ -4,7 +4,7 @@ import torch.nn as nn
 from utils.helpers import PipelineError
 
 from .baseline_single import mag_index, one_hot_weights
-from .our.model import MAGNIFICATIONS, create_backbone
+from .our.model import MAGNIFICATIONS, create_backbone, split_params
 
 FROZEN = ("conv1", "layer1", "layer2", "layer3")
 
@@ -48,9 +48,7 @@ class ResNet50Transfer(nn.Module):
         return [self.backbone.layer4]
 
     def param_groups(self):
-        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        ids = {id(p) for p in self.backbone.parameters()}
-        return backbone, [p for p in self.parameters() if id(p) not in ids]
+        return split_params(self, self.backbone)
 
     def forward_features(self, x, mask=None):
         feats = self.backbone(x[:, self.used_mags[0]])

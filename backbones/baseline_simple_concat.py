@@ -1,7 +1,7 @@
 """Simple concatenation baseline: pooled backbone features of every magnification, concatenated, then an MLP."""
 import torch.nn as nn
 
-from .our.model import MAGNIFICATIONS, create_backbone, present_mask, run_present
+from .our.model import MAGNIFICATIONS, create_backbone, present_mask, run_present, split_params
 
 
 class SimpleConcat(nn.Module):
@@ -27,9 +27,7 @@ class SimpleConcat(nn.Module):
         return [self.feature_tap]
 
     def param_groups(self):
-        backbone = list(self.backbone.parameters())
-        ids = {id(p) for p in backbone}
-        return backbone, [p for p in self.parameters() if id(p) not in ids]
+        return split_params(self, self.backbone)
 
     def forward_features(self, x, mask=None):
         present = present_mask(x, mask)

@@ -3,7 +3,7 @@ import torch.nn as nn
 
 from utils.helpers import PipelineError
 
-from .our.model import MAGNIFICATIONS, create_backbone
+from .our.model import MAGNIFICATIONS, create_backbone, split_params
 
 
 def mag_index(magnifications, mag):
@@ -40,9 +40,7 @@ class SingleMag(nn.Module):
         return [self.feature_tap]
 
     def param_groups(self):
-        backbone = list(self.backbone.parameters())
-        ids = {id(p) for p in backbone}
-        return backbone, [p for p in self.parameters() if id(p) not in ids]
+        return split_params(self, self.backbone)
 
     def forward_features(self, x, mask=None):
         feats = self.feature_tap(self.backbone(x[:, self.used_mags[0]])[-1])

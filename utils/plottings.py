@@ -147,7 +147,7 @@ def reliability(y, p, title, path, n_bins=10):
     fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     palette = colors(3)
     ax.bar(centers, frac, width=1 / n_bins, edgecolor="black", color=palette[0], alpha=0.8, label="fraction malignant")
-    ax.plot(conf, frac, "o", color=palette[1], ms=4, label="bin mean P(malignant)")
+    ax.plot(conf, frac, "o", color=palette[1], ms=4, label="observed vs mean predicted (per bin)")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     ax.set(ylim=(0, 1), ylabel="Fraction malignant")
     ax.set_title(f"{title}\nECE = {ece:.4f} ({n_bins} bins, n = {len(y)})", fontsize=10)

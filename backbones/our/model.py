@@ -38,6 +38,12 @@ def create_backbone(name, pretrained=True, pretrained_path="", **kwargs):
         ) from None
 
 
+def split_params(model, backbone):
+    """(trainable backbone parameters, everything else) for a lower backbone learning rate."""
+    ids = {id(p) for p in backbone.parameters()}
+    return [p for p in backbone.parameters() if p.requires_grad], [p for p in model.parameters() if id(p) not in ids]
+
+
 def mag_order(mag):
     return int(str(mag).upper().rstrip("X"))
 
@@ -216,10 +222,7 @@ class MMNet(nn.Module):
         return [self.feature_tap]
 
     def param_groups(self):
-        """(backbone parameters, everything else) for a lower backbone learning rate."""
-        backbone = list(self.backbones.parameters())
-        ids = {id(p) for p in backbone}
-        return backbone, [p for p in self.parameters() if id(p) not in ids]
+        return split_params(self, self.backbones)
 
     def backbone_features(self, images, present):
         """Last-stage feature maps (B, m, C, h, w) of the used magnifications."""

@@ -1,7 +1,7 @@
 """Simple concatenation baseline: pooled backbone features of every magnification, concatenated, then an MLP."""
 import torch.nn as nn
 
-from .our.model import MAGNIFICATIONS, create_backbone, present_mask, run_present, split_params
+from .our.model import MAGNIFICATIONS, create_backbone, present_mask, run_present, make_heads, split_params
 
 
 class SimpleConcat(nn.Module):
@@ -19,9 +19,7 @@ class SimpleConcat(nn.Module):
         self.mlp = nn.Sequential(
             nn.Dropout(drop_rate), nn.Linear(len(self.magnifications) * self.num_features, embed_dim), nn.GELU(),
         )
-        self.head_drop = nn.Dropout(drop_rate)
-        self.binary_head = nn.Linear(embed_dim, 1)
-        self.subtype_head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(embed_dim, num_subtypes))
+        self.head_drop, self.binary_head, self.subtype_head = make_heads(embed_dim, num_subtypes, drop_rate)
 
     def cam_layers(self):
         return [self.feature_tap]

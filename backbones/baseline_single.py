@@ -3,7 +3,7 @@ import torch.nn as nn
 
 from utils.helpers import PipelineError
 
-from .our.model import MAGNIFICATIONS, create_backbone, split_params
+from .our.model import MAGNIFICATIONS, create_backbone, make_heads, split_params
 
 
 def mag_index(magnifications, mag):
@@ -32,9 +32,7 @@ class SingleMag(nn.Module):
         self.embed_dim = embed_dim
         self.feature_tap = nn.Identity()
         self.mlp = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.num_features, embed_dim), nn.GELU())
-        self.head_drop = nn.Dropout(drop_rate)
-        self.binary_head = nn.Linear(embed_dim, 1)
-        self.subtype_head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(embed_dim, num_subtypes))
+        self.head_drop, self.binary_head, self.subtype_head = make_heads(embed_dim, num_subtypes, drop_rate)
 
     def cam_layers(self):
         return [self.feature_tap]

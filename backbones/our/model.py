@@ -44,6 +44,11 @@ def split_params(model, backbone):
     return [p for p in backbone.parameters() if p.requires_grad], [p for p in model.parameters() if id(p) not in ids]
 
 
+def make_heads(dim, num_subtypes, drop_rate):
+    """(dropout before the binary logit, binary head, subtype head) on one embedding."""
+    return nn.Dropout(drop_rate), nn.Linear(dim, 1), nn.Sequential(nn.Dropout(drop_rate), nn.Linear(dim, num_subtypes))
+
+
 def mag_order(mag):
     return int(str(mag).upper().rstrip("X"))
 
@@ -213,9 +218,7 @@ class MMNet(nn.Module):
         self.hma = HierarchicalMagnificationAttention(embed_dim) if use_hma and fusing else None
         self.cmf = CrossMagnificationFusion(embed_dim, n_used) if use_cmf and fusing else None
         self.embed_dim = embed_dim * (2 if self.hma is not None else 1)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.binary_head = nn.Linear(self.embed_dim, 1)
-        self.subtype_head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.embed_dim, num_subtypes))
+        self.head_drop, self.binary_head, self.subtype_head = make_heads(self.embed_dim, num_subtypes, drop_rate)
 
     def cam_layers(self):
         """Grad-CAM target: backbone feature maps (B*m, C, h, w), batch-major over the used magnifications."""

@@ -31,14 +31,16 @@ def parse_list(kind):
 
 def add_flag(parser, f):
     flag = "--" + f.name.replace("_", "-")
+    default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+    common = dict(default=None, help=f"default: {default if default != '' else 'none'}")
     if isinstance(f.default, bool):
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         return
     if isinstance(f.default, tuple):
         kind = {"folds": int, "fixed_split": float}.get(f.name, str)
-        parser.add_argument(flag, type=parse_list(kind), default=None, metavar="A,B")
+        parser.add_argument(flag, type=parse_list(kind), metavar="A,B", **common)
         return
-    parser.add_argument(flag, type=type(f.default), default=None)
+    parser.add_argument(flag, type=type(f.default), **common)
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,7 +54,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    parser = Parser(description=__doc__, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=__doc__, allow_abbrev=False, epilog=f"Stages, in order: {', '.join(STAGES)}. "
+                    "--demo runs them all on synthetic data with CPU-sized settings.")
     for f in config_fields().values():
         add_flag(parser, f)
     return parser
@@ -125,7 +128,7 @@ def main(argv=None):
         banner(cfg, env)
         prepare_demo(cfg)
         times = []
-        for name in cfg.stages or STAGES:
+        for name in [s for s in STAGES if s in cfg.stages] or STAGES:
             log(f"\n>>> stage: {name}")
             seed_everything(cfg.seed)
             start = time.time()

@@ -27,9 +27,9 @@ def seed_worker(worker_id):
 
 
 def make_loader(dataset, sampler, cfg, device, seed=0):
-    """Loader over pre-batched samplers; pinned, persistent workers on CUDA."""
+    """Loader over pre-batched samplers; at most one worker per CPU; pinned, persistent workers on CUDA."""
     cuda = device.type == "cuda"
-    workers = max(0, int(cfg.workers))
+    workers = max(0, min(int(cfg.workers), os.cpu_count() or 1))
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers, pin_memory=cuda,

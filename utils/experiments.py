@@ -80,7 +80,6 @@ def prepare_run(cfg, run_name, split_name, model_name, flags):
         tag=f"{run_name}/{split_name}", run=run_name, split=split_name, folder=run_dir(cfg, run_name, split_name),
         model_name=model_name, model_kwargs=model_kwargs(cfg, model_name, len(classes), flags), classes=classes,
         dataset=TupleImages(cache_file), train_sampler=sampler, tuples=tuples, batches=batches,
-        val_tuples=tuples["val"], val_batches=batches["val"],
         criterion=make_criterion(cfg, groups(parts["train"], mags), classes),
     )
 
@@ -251,7 +250,7 @@ def run_one(cfg, run_name, split_name, model_name, flags=None, callback=None):
     model = build_model(model_name, **run["model_kwargs"])
     n_train = len(run["train_sampler"].group_list)
     log(f"[{run['tag']}] {model_name} | {n_train} train groups x {cfg.tuples_per_patient} tuples/epoch | "
-        f"val {len(run['val_tuples'])} / test {len(run['tuples']['test'])} tuples | device {device}")
+        f"val {len(run['tuples']['val'])} / test {len(run['tuples']['test'])} tuples | device {device}")
     state = fit(cfg, model, run, device, callback)
     predictions, metrics = evaluate(cfg, model, run, device, state)
     predictions.to_csv(folder / "predictions.csv", index=False)

@@ -175,13 +175,10 @@ def fixed_threshold(cfg):
 
 
 def test_tuples(cfg, mags):
-    from preprocess.analyze import load_index
-    from preprocess.preprocess import load_split
     from preprocess.tuples import eval_tuples
-    split = load_split(cfg, "fixed")
-    test = set(split.loc[split["role"] == "test", "patient_id"].astype(str))
-    index = load_index(cfg)
-    return eval_tuples(index[index["patient_id"].astype(str).isin(test)], mags)
+    from utils.experiments import split_frames
+    _, parts = split_frames(cfg, "fixed")
+    return eval_tuples(parts["test"], mags)
 
 
 def predict_all(cfg, model, tuples, device, batch=32):

@@ -354,7 +354,7 @@ def fit(cfg, model, run, device, callback=None):
     scheduler = build_scheduler(optimizer, cfg, len(run["train_sampler"]))
     state = resume(folder, model, optimizer, scheduler, scaler, run, cfg)
     train_loader = make_loader(run["dataset"], run["train_sampler"], cfg, device, cfg.seed)
-    val_loader = make_loader(run["dataset"], run["val_batches"], cfg, device, cfg.seed)
+    val_loader = make_loader(run["dataset"], run["batches"]["val"], cfg, device, cfg.seed)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["stopped"]:
             break
@@ -363,7 +363,7 @@ def fit(cfg, model, run, device, callback=None):
         loss, acc = train_epoch(model, train_loader, optimizer, scheduler, scaler, run["criterion"], cfg, device,
                                 dtype, state, epoch)
         row = dict(epoch=epoch, train_loss=loss, train_acc=acc)
-        row.update(validation_row(run["val_tuples"], predict(model, val_loader, device, dtype, run["criterion"])))
+        row.update(validation_row(run["tuples"]["val"], predict(model, val_loader, device, dtype, run["criterion"])))
         row.update(lr=optimizer.param_groups[-1]["lr"], seconds=time.time() - start)
         improved = state["best_score"] is None or score_of(row) > tuple(state["best_score"])
         if improved:

@@ -73,7 +73,7 @@ def engine_rates(cfg, run, device):
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(run["train_sampler"]))
     train = make_loader(run["dataset"], run["train_sampler"], cfg, device, cfg.seed)
-    val = make_loader(run["dataset"], run["val_batches"], cfg, device, cfg.seed)
+    val = make_loader(run["dataset"], run["batches"]["val"], cfg, device, cfg.seed)
     evaluation = make_loader(run["dataset"], run["batches"]["test"], cfg, device, cfg.seed)
     state = dict(bad_steps=0)
     n_train = len(run["train_sampler"].group_list) * cfg.tuples_per_patient

@@ -42,7 +42,8 @@ class Config:
     focal_gamma: float = 2.0
     subtype_loss_weight: float = 0.5
     amp: bool = True
-    workers: int = 8
+    compile: bool = False
+    jobs: int = 0
     stain_norm: bool = False
     tta: bool = False
     smote: bool = True
@@ -62,7 +63,7 @@ def demo_overrides():
     return dict(
         synthetic=True, pretrained=False, backbone="mobilenetv3_small_050", image_size=64,
         subtype_min_images=50, epochs=4, batch_size=16, tuples_per_patient=8, warmup_epochs=1,
-        patience=3, workers=0, bootstrap=200, lr=1e-3,
+        patience=3, bootstrap=200, lr=1e-3,
     )
 
 

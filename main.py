@@ -8,18 +8,24 @@ from dataclasses import replace
 from pathlib import Path
 
 from config import Config, config_fields, demo_overrides, to_dict
-from utils.helpers import PipelineError, log, out, setup_logging, write_json
+from preprocess.synthetic import make_synthetic
+from stages.schedule import all_ok, close_distributed, init_distributed, rank, world_size
+from stages.training import finish_stage
+from utils.checks import check_config
+from utils.env import environment, seed_everything
+from utils.helpers import PipelineError, log, output_path, setup_logging, write_json, write_text
 
 STAGES = {
     "analyze": "preprocess.analyze:run_analyze",
     "split": "preprocess.preprocess:run_split",
-    "cv": "utils.experiments:run_cv",
-    "fixed": "utils.experiments:run_fixed",
-    "baselines": "utils.experiments:run_baselines",
-    "ablations": "utils.experiments:run_ablations",
-    "explain": "utils.report:run_explain",
-    "report": "utils.report:run_report",
+    "cv": "stages.training:run_cv",
+    "fixed": "stages.training:run_fixed",
+    "baselines": "stages.training:run_baselines",
+    "ablations": "stages.training:run_ablations",
+    "explain": "stages.explain:run_explain",
+    "report": "stages.report:run_report",
 }
+TRAINING = ("cv", "fixed", "baselines", "ablations")
 DEMO_ROOT = "data/synthetic"
 
 
@@ -70,7 +76,7 @@ def resolve_config(argv=None):
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(unknown)}. Valid stages, in order: {', '.join(STAGES)}")
-    return cfg
+    return check_config(cfg, list(STAGES))
 
 
 def check_writable(cfg):
@@ -97,50 +103,87 @@ def banner(cfg, env):
 def prepare_demo(cfg):
     if not cfg.demo or Path(cfg.data_root).exists():
         return
-    from preprocess.synthetic import make_synthetic
     log(f"Generating the synthetic BreakHis tree under {cfg.data_root} ...")
     make_synthetic(cfg.data_root, preset="demo", seed=cfg.seed)
 
 
 def run_stage(name, cfg):
+    """Training stages run on every torchrun rank (each its share of the runs); the others on rank 0 alone."""
+    if name not in TRAINING and rank() != 0:
+        return
     module, fn = STAGES[name].split(":")
     getattr(importlib.import_module(module), fn)(cfg)
 
 
+def stage_ok(name, cfg):
+    try:
+        run_stage(name, cfg)
+    except PipelineError as e:
+        log(f"ERROR: {e}" if rank() == 0 else f"ERROR on rank {rank()}: {e}")
+        return False
+    return True
+
+
+class StageFailed(Exception):
+    """A stage stopped with a message already shown (on this rank or another)."""
+
+
+def run_stages(cfg):
+    times = []
+    for name in [s for s in STAGES if s in cfg.stages] or STAGES:
+        log(f"\n>>> stage: {name}")
+        seed_everything(cfg.seed)
+        start = time.time()
+        if not all_ok(stage_ok(name, cfg)):
+            raise StageFailed(name)
+        if name in TRAINING and rank() == 0 and world_size() > 1:
+            finish_stage(cfg, name)
+        times.append((name, time.time() - start))
+    return times
+
+
 def write_times(cfg, times):
+    if rank() != 0:
+        return
     log("\nStage wall time")
     for name, seconds in times:
         log(f"  {name:<10} {seconds:8.1f} s")
     log(f"  {'total':<10} {sum(s for _, s in times):8.1f} s")
     lines = ["stage,seconds"] + [f"{n},{s:.2f}" for n, s in times]
-    out(cfg, "logs", "stage_times.csv").write_text("\n".join(lines) + "\n")
+    write_text(output_path(cfg, "logs", "stage_times.csv"), "\n".join(lines) + "\n")
+
+
+def start(cfg):
+    """Output folder, log file, config.json and the demo data, written once (rank 0) before any stage."""
+    check_writable(cfg)
+    init_distributed()
+    name = "pipeline.log" if rank() == 0 else f"pipeline.rank{rank()}.log"
+    setup_logging(output_path(cfg, "logs", name), console=rank() == 0)
+    env = environment()
+    if rank() == 0:
+        write_json(output_path(cfg, "config.json"), dict(synthetic_data=cfg.synthetic, config=to_dict(cfg), environment=env))
+        banner(cfg, env)
+        prepare_demo(cfg)
+    if not all_ok(True):
+        raise PipelineError("the torchrun ranks could not start together")
 
 
 def main(argv=None):
     setup_logging()
     try:
         cfg = resolve_config(argv)
-        check_writable(cfg)
-        setup_logging(out(cfg, "logs", "pipeline.log"))
-        from utils.env import environment, seed_everything
-        env = environment()
-        write_json(out(cfg, "config.json"), dict(synthetic_data=cfg.synthetic, config=to_dict(cfg), environment=env))
-        banner(cfg, env)
-        prepare_demo(cfg)
-        times = []
-        for name in [s for s in STAGES if s in cfg.stages] or STAGES:
-            log(f"\n>>> stage: {name}")
-            seed_everything(cfg.seed)
-            start = time.time()
-            run_stage(name, cfg)
-            times.append((name, time.time() - start))
-        write_times(cfg, times)
+        start(cfg)
+        write_times(cfg, run_stages(cfg))
     except PipelineError as e:
         log(f"ERROR: {e}")
+        return 2
+    except StageFailed:
         return 2
     except KeyboardInterrupt:
         log("Interrupted. Finished runs are kept; continue with the same command plus --resume.")
         return 130
+    finally:
+        close_distributed()
     return 0
 
 

@@ -3,8 +3,7 @@ import torch.nn as nn
 
 from utils.helpers import PipelineError
 
-from .baseline_single import mag_index, one_hot_weights
-from .our.model import MAGNIFICATIONS, create_backbone, split_params
+from .common import SingleMagnificationModel, create_backbone
 
 FROZEN = ("conv1", "layer1", "layer2", "layer3")
 
@@ -23,42 +22,33 @@ def freeze_early_layers(net):
             p.requires_grad_(False)
 
 
-class ResNet50Transfer(nn.Module):
-    """ResNet50 (timm) -> Dropout(0.5)-Linear(2048,512)-BN-ReLU embedding -> Dropout(0.3) binary and subtype heads."""
+def rename_old_head(module, state_dict, prefix, *args):
+    """Checkpoints from before the shared heads stored the binary head as `binary_head.1.*`."""
+    old = prefix + "binary_head.1."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "binary_head." + key[len(old):]] = state_dict.pop(key)
 
-    def __init__(self, magnifications=MAGNIFICATIONS, num_subtypes=8, mag="40X", backbone="resnet50",
-                 pretrained=True, pretrained_path="", drop_rate=0.3, embed_dim=512, freeze=True):
-        super().__init__()
-        self.magnifications = tuple(magnifications)
-        self.mag = mag
-        self.used_mags = [mag_index(self.magnifications, mag)]
-        self.backbone = create_backbone(backbone, pretrained, pretrained_path, num_classes=0, global_pool="")
-        if freeze:
+
+class ResNet50Transfer(SingleMagnificationModel):
+    """ResNet50 (timm) -> Dropout(0.5)-Linear(2048,512)-BN-ReLU embedding -> Dropout binary and subtype heads."""
+
+    name = "resnet50_transfer"
+    defaults = dict(backbone="resnet50", embed_dim=512)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.backbone = create_backbone(cfg.backbone, cfg.pretrained, cfg.pretrained_path, num_classes=0, global_pool="")
+        if cfg.freeze:
             freeze_early_layers(self.backbone)
         self.num_features = self.backbone.num_features
-        self.embed_dim = embed_dim
         self.pool = nn.AdaptiveAvgPool2d(1)
+        dim = cfg.embed_dim
         self.neck = nn.Sequential(
-            nn.Dropout(0.5), nn.Linear(self.num_features, embed_dim), nn.BatchNorm1d(embed_dim), nn.ReLU(inplace=True),
+            nn.Dropout(0.5), nn.Linear(self.num_features, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
         )
-        self.binary_head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(embed_dim, 1))
-        self.subtype_head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(embed_dim, num_subtypes))
+        self.init_heads(dim)
+        self.register_load_state_dict_pre_hook(rename_old_head)
 
-    def cam_layers(self):
-        return [self.backbone.layer4]
-
-    def param_groups(self):
-        return split_params(self, self.backbone)
-
-    def forward_features(self, x, mask=None):
-        feats = self.backbone(x[:, self.used_mags[0]])
+    def embed(self, images):
+        feats = self.feature_tap(self.backbone(images))
         return self.neck(self.pool(feats).flatten(1))
-
-    def forward_head(self, embedding):
-        return self.binary_head(embedding).squeeze(-1), self.subtype_head(embedding)
-
-    def forward(self, x, mask=None):
-        embedding = self.forward_features(x, mask)
-        binary, subtype = self.forward_head(embedding)
-        return dict(binary_logits=binary, subtype_logits=subtype, embedding=embedding,
-                    mag_weights=one_hot_weights(x, self.used_mags[0]), hma_weights=None, spatial_maps=None)

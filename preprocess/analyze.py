@@ -8,7 +8,7 @@ import pandas as pd
 from PIL import Image
 
 from config import MAGNIFICATIONS
-from utils.helpers import PipelineError, index_path, log, plots_dir, require, tables_dir, warn
+from utils.helpers import PipelineError, index_path, log, plots_dir, require, tables_dir, warn, write_csv
 
 SUBTYPES = {
     "A": ("benign", "adenosis"),
@@ -281,15 +281,14 @@ def plot_distribution(index, path):
 
 def save_tables(index, excluded, cfg):
     tables = tables_dir(cfg)
-    tables.mkdir(parents=True, exist_ok=True)
-    excluded.to_csv(tables / "excluded_images.csv", index=False)
-    summary_table(index).to_csv(tables / "dataset_summary.csv", index=False)
-    mag_class_table(index).to_csv(tables / "images_per_magnification_class.csv")
-    subtype_table(index).to_csv(tables / "subtype_summary.csv", index=False)
-    group_table(index).to_csv(tables / "subtype_groups.csv", index=False)
     stems = multi_subtype_stems(index)
-    pd.DataFrame([(p, "|".join(s)) for p, s in stems.items()], columns=["patient_id", "subtypes"]).to_csv(
-        tables / "multi_subtype_patients.csv", index=False)
+    write_csv(excluded, tables / "excluded_images.csv", index=False)
+    write_csv(summary_table(index), tables / "dataset_summary.csv", index=False)
+    write_csv(mag_class_table(index), tables / "images_per_magnification_class.csv")
+    write_csv(subtype_table(index), tables / "subtype_summary.csv", index=False)
+    write_csv(group_table(index), tables / "subtype_groups.csv", index=False)
+    write_csv(pd.DataFrame([(p, "|".join(s)) for p, s in stems.items()], columns=["patient_id", "subtypes"]),
+              tables / "multi_subtype_patients.csv", index=False)
 
 
 def run_analyze(cfg):
@@ -299,8 +298,7 @@ def run_analyze(cfg):
     if is_synthetic(base) and not cfg.synthetic:
         warn(f"{cfg.data_root} holds SYNTHETIC images (found {MARKER}); results will not describe BreakHis.")
     path = index_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    index.to_csv(path, index=False)
+    write_csv(index, path, index=False)
     save_tables(index, excluded, cfg)
     print_summary(index, excluded, cfg.subtype_min_images)
     plot_distribution(index, plots_dir(cfg) / "dataset_distribution.png")

@@ -6,16 +6,17 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
+import torchstain
 
-from utils.helpers import PipelineError, log, out, warn
+from utils.helpers import PipelineError, log, output_path, warn
 
-HE_REF = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
-MAX_C_REF = np.array([1.9705, 1.0308])
+STAIN = torchstain.normalizers.MacenkoNormalizer(backend="torch")
 _OPEN = {}
 
 
 def cache_folder(cfg):
-    return Path(cfg.cache_dir) if cfg.cache_dir else out(cfg, "cache")
+    return Path(cfg.cache_dir) if cfg.cache_dir else output_path(cfg, "cache")
 
 
 def fingerprint(paths):
@@ -32,39 +33,23 @@ def cache_path(cfg, paths):
     return cache_folder(cfg) / f"images_{cfg.image_size}{tag}_{fingerprint(paths)}.npy"
 
 
-def tissue_fraction(od, beta=0.15):
+def tissue_fraction(rgb, io=240, beta=0.15):
+    """Share of pixels whose optical density exceeds `beta` in every channel."""
+    od = -np.log((rgb.reshape(-1, 3).astype(np.float32) + 1) / io)
     return float(np.mean(np.all(od > beta, axis=1)))
 
 
-def macenko_fit(od, beta, alpha):
-    """Stain vectors from the extreme angles in the plane of the two main OD directions, rescaled to the reference."""
-    tissue = od[np.all(od > beta, axis=1)]
-    _, vecs = np.linalg.eigh(np.cov(tissue.T))
-    vecs = vecs[:, [1, 2]]
-    plane = tissue @ vecs
-    phi = np.arctan2(plane[:, 1], plane[:, 0])
-    lo, hi = np.percentile(phi, alpha), np.percentile(phi, 100 - alpha)
-    v1 = vecs @ np.array([np.cos(lo), np.sin(lo)])
-    v2 = vecs @ np.array([np.cos(hi), np.sin(hi)])
-    he = np.array([v1, v2]).T if v1[0] > v2[0] else np.array([v2, v1]).T
-    conc = np.linalg.lstsq(he, od.T, rcond=None)[0]
-    conc *= (MAX_C_REF / np.percentile(conc, 99, axis=1))[:, None]
-    return 240 * np.exp(-HE_REF @ conc)
-
-
-def macenko(rgb, alpha=1.0, beta=0.15, min_tissue=0.1):
-    """Macenko stain normalisation to a reference H&E; the raw image when it is mostly background or the fit fails."""
-    od = -np.log((rgb.reshape(-1, 3).astype(np.float64) + 1) / 240)
-    if tissue_fraction(od, beta) < min_tissue:
+def macenko(rgb, min_tissue=0.1):
+    """Macenko normalisation (torchstain) to a fixed H&E reference; the raw image for background or a failed fit."""
+    if tissue_fraction(rgb) < min_tissue:
         return rgb
     try:
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            norm = macenko_fit(od, beta, alpha)
-    except (np.linalg.LinAlgError, ValueError):
+        norm, _, _ = STAIN.normalize(torch.from_numpy(rgb).permute(2, 0, 1), stains=False)
+    except RuntimeError:
         return rgb
-    if not np.all(np.isfinite(norm)):
+    if norm.min() < 0:  # a NaN from a degenerate fit casts to a negative int
         return rgb
-    return np.clip(norm.T, 0, 255).reshape(rgb.shape).astype(np.uint8)
+    return norm.numpy().astype(np.uint8)
 
 
 def decode(path, size, stain_norm=False):

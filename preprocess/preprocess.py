@@ -4,7 +4,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from preprocess.analyze import load_index, stem_of
-from utils.helpers import PipelineError, log, require, split_path, splits_dir, tables_dir
+from utils.helpers import PipelineError, log, require, split_path, splits_dir, tables_dir, write_csv
 
 ROLES = ("train", "val", "test")
 SPLIT_COLUMNS = ["patient_id", "label", "role", "n_images", "n_slides", "subtypes"]
@@ -151,11 +151,9 @@ def run_split(cfg):
     for name, split in splits.items():
         check_split(name, split, index)
     check_folds(splits, index)
-    splits_dir(cfg).mkdir(parents=True, exist_ok=True)
     for name, split in splits.items():
-        split.to_csv(split_path(cfg, name), index=False)
+        write_csv(split, split_path(cfg, name), index=False)
     summary = split_summary(splits, index)
-    tables_dir(cfg).mkdir(parents=True, exist_ok=True)
-    summary.to_csv(tables_dir(cfg) / "split_summary.csv", index=False)
+    write_csv(summary, tables_dir(cfg) / "split_summary.csv", index=False)
     log(f"Patient-wise splits ({len(patients)} patients by stem, seed {cfg.seed}) -> {splits_dir(cfg)}")
     log(summary.to_string(index=False))

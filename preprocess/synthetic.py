@@ -1,9 +1,14 @@
 """A synthetic BreakHis: the real folder layout and file names, H&E-like tissue drawn with numpy/opencv.
 
-Benign fields show regular glands lined by evenly spaced small round nuclei in pink stroma; malignant fields
-show dense, disordered sheets of large pleomorphic nuclei. Magnification changes the scale (40X: many small
-structures, 400X: a few large nuclei) and the stain varies per patient. The plan (one row per file) is separate
-from the drawing, so the counts of a preset can be checked without writing images.
+Generative model. Each patient has a latent malignancy strength (zero when benign) and a focus: the magnifications
+where the tumour shows (low: 40X and 100X, high: 200X and 400X, or all four). An image's expression is its patient's
+strength at that magnification, jittered per image; it sets the share of the field that tumour nests (dense, large,
+pleomorphic nuclei) take over from benign tissue (glands lined by small round nuclei in pink stroma). Within a
+patient, some malignant fields look benign (expression 0) and some benign fields look malignant (label-noise-like).
+Class-unrelated nuisance per patient: stain colours and strengths, brightness, tissue density (fat spaces, stromal
+cells). The difficulty (easy / default / hard) scales the strengths, the focus, the within-patient noise and the
+nuisance. Magnification sets the scale (40X: many small structures, 400X: a few large nuclei). The plan (one row
+per file with its latent values) is separate from the drawing, so a preset can be checked without writing images.
 """
 import argparse
 import multiprocessing
@@ -19,6 +24,7 @@ import pandas as pd
 
 from config import MAGNIFICATIONS
 from preprocess.analyze import MARKER, SUBTYPES, stem_of
+from utils.helpers import PipelineError
 
 FULL_COUNTS = {
     "A": (114, 113, 111, 106), "F": (253, 260, 264, 237), "PT": (109, 121, 108, 115), "TA": (149, 150, 140, 130),
@@ -26,24 +32,36 @@ FULL_COUNTS = {
 }
 PRESETS = {
     "tiny": dict(slides=dict(A=2, F=2, PT=2, TA=2, DC=3, LC=2, MC=2, PC=1), per_mag=3, size=(96, 64),
-                 missing=True, extras=False),
+                 missing=True, extras=False, difficulty="easy"),
     "demo": dict(slides=dict(A=3, F=4, PT=2, TA=3, DC=6, LC=3, MC=3, PC=2), per_mag=6, size=(175, 115),
-                 missing=True, extras=False),
+                 missing=True, extras=False, difficulty="default"),
     "full": dict(slides=dict(A=4, F=10, PT=3, TA=7, DC=38, LC=5, MC=9, PC=6), counts=FULL_COUNTS, size=(700, 460),
-                 missing=False, extras=True),
+                 missing=False, extras=True, difficulty="default"),
 }
 ZOOM = {"40X": 1.0, "100X": 2.5, "200X": 5.0, "400X": 10.0}
 H_VEC = np.array([0.65, 0.70, 0.29])
 E_VEC = np.array([0.07, 0.99, 0.11])
 RENDER_WIDTH = (256, 384)
+DIFFICULTY = {  # malignant strength range, share of patients with the cue at low / at high magnification only,
+    # share of fields showing it at the other magnifications, benign-looking fields in malignant patients, malignant-looking fields
+    # in benign patients, nuisance scale
+    "easy": dict(strength=(0.8, 1.0), focus=(0.0, 0.0), off=1.0, blank=0.0, flip=0.0, nuisance=0.3),
+    "default": dict(strength=(0.3, 1.0), focus=(0.4, 0.4), off=0.0, blank=0.2, flip=0.05, nuisance=1.0),
+    "hard": dict(strength=(0.15, 0.8), focus=(0.5, 0.5), off=0.0, blank=0.3, flip=0.1, nuisance=1.5),
+}
+FOCUS = {"low": ("40X", "100X"), "high": ("200X", "400X"), "all": MAGNIFICATIONS, "none": ()}
 
 
 def preset_settings(preset, **overrides):
+    """The preset's settings with overrides applied."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise PipelineError(f"unknown synthetic preset {preset!r}; choose one of {', '.join(PRESETS)}")
     settings = dict(counts=None, per_mag=0)
     settings.update(PRESETS[preset])
     settings.update(overrides)
+    if settings["difficulty"] not in DIFFICULTY:
+        raise PipelineError(f"unknown synthetic difficulty {settings['difficulty']!r}; "
+                            f"choose one of {', '.join(DIFFICULTY)}")
     return settings
 
 
@@ -90,9 +108,53 @@ def image_counts(settings, ids, rng):
     return counts
 
 
+def latent(seed, key, salt):
+    """Random generator for one patient or one file, independent of the rest of the plan."""
+    return np.random.default_rng([seed, zlib.crc32(key.encode()), salt])
+
+
+def stratified(n, k, rng):
+    """n x k uniforms; each column puts one value in each of n equal strata, in random order."""
+    return (rng.random((n, k)).argsort(axis=0) + rng.random((n, k))) / n
+
+
+def patient_traits(malignant, seed, level):
+    """Latent values per patient, stratified within each class so that every tree realises the intended shares."""
+    d = DIFFICULTY[level]
+    (lo, hi), (p_low, p_high), nu = d["strength"], d["focus"], d["nuisance"]
+    rng = np.random.default_rng([seed, 1])
+    parts = []
+    for cls, ids in malignant.groupby(malignant):
+        u = stratified(len(ids), 6, rng)
+        focus = np.where(u[:, 1] < p_low, "low", np.where(u[:, 1] < p_low + p_high, "high", "all"))
+        parts.append(pd.DataFrame(dict(
+            strength=cls * (lo + (hi - lo) * u[:, 0]), focus=focus if cls else "none",
+            host=np.array(list(GLANDS))[(u[:, 2] * len(GLANDS)).astype(int)], density=1 - 0.5 * nu * u[:, 3],
+            hematoxylin=1.6 + 0.3 * nu * (2 * u[:, 4] - 1), eosin=0.9 + 0.2 * nu * (2 * u[:, 5] - 1)), index=ids.index))
+    return pd.concat(parts)
+
+
+def image_traits(files, seed, level):
+    """Expression, tissue density and brightness of every image: its patient's latents with per-image variation,
+    and a brightness per patient and magnification (the illumination of each objective and session)."""
+    d = DIFFICULTY[level]
+    sessions = files["patient_id"] + files["magnification"]
+    light = {key: latent(seed, key, 3).uniform(-1, 1) for key in sessions.unique()}
+    brightness = 1 + 0.1 * d["nuisance"] * sessions.map(light).to_numpy()
+    u = np.array([latent(seed, f, 2).random(3) for f in files["file"]]).reshape(-1, 3)
+    on = np.array([m in FOCUS[f] for m, f in zip(files["magnification"], files["focus"])])
+    shows = np.where(on, u[:, 0] >= d["blank"], u[:, 0] < d["off"])
+    strength = np.minimum(1.0, files["strength"] * (0.7 + 0.6 * u[:, 1]))
+    malignant = files["class_name"].eq("malignant")
+    expression = np.where(malignant, strength * shows, (u[:, 0] < d["flip"]) * (0.4 + 0.5 * u[:, 1]))
+    density = np.clip(files["density"] + 0.1 * d["nuisance"] * (2 * u[:, 2] - 1), 0, 1)
+    return expression, density, brightness
+
+
 def plan(preset="demo", seed=0, **overrides):
-    """One row per file of the synthetic tree: labels, relative path in the tarball layout, image size."""
+    """One row per file of the synthetic tree: labels, relative path in the tarball layout, image size, latents."""
     settings = preset_settings(preset, **overrides)
+    level = settings["difficulty"]
     rng = np.random.default_rng(seed)
     ids = slide_ids(settings["slides"], settings["extras"], rng)
     width, height = settings["size"]
@@ -107,7 +169,13 @@ def plan(preset="demo", seed=0, **overrides):
                 rows.append(dict(class_name=class_name, subtype_code=code, subtype=subtype, slide_id=slide,
                                  patient_id=stem_of(slide), magnification=mag, seq=seq, file=file,
                                  relpath=f"{folder}/{mag}/{file}", width=width, height=height))
-    return pd.DataFrame(rows)
+    files = pd.DataFrame(rows)
+    malignant = files.groupby("patient_id")["class_name"].first().eq("malignant")
+    files = files.join(patient_traits(malignant, seed, level), on="patient_id")
+    files["host"] = files["host"].where(files["class_name"].eq("malignant"), files["subtype_code"])
+    files["expression"], files["density"], files["brightness"] = image_traits(files, seed, level)
+    files["difficulty"] = level
+    return files
 
 
 def smooth_noise(h, w, cell, rng):
@@ -179,8 +247,22 @@ def glands(h, w, big_r, spacing, elong, lobule, rng):
     return epi, lumen, nuclei
 
 
-def benign_field(h, w, px, code, rng):
-    """Regular glands with a lumen and a lining of small round nuclei, in pink stroma."""
+def fat(h, w, px, share, outside, rng):
+    """Mask of empty adipocytes over about `share` of the field, outside the lobules."""
+    field = smooth_noise(h, w, 50 * px + 8, rng)
+    region = outside & (field > np.quantile(field, 1 - share))
+    radius = 12 * px + 2
+    step = 2 * radius
+    ys, xs = np.mgrid[-rng.uniform(0, step):h + radius:step, -rng.uniform(0, step):w + radius:step]
+    ys, xs = ys.ravel() + rng.normal(0, 0.15 * step, ys.size), xs.ravel() + rng.normal(0, 0.15 * step, xs.size)
+    cells = np.zeros((h, w), np.uint8)
+    for x, y, r in zip(xs, ys, radius * rng.uniform(0.75, 1.0, xs.size)):
+        cv2.circle(cells, (int(x), int(y)), int(r), 1, -1)
+    return region & cells.astype(bool)
+
+
+def benign_field(h, w, px, code, density, rng):
+    """Regular glands lined by small round nuclei in pink stroma; density sets stromal cells and fat spaces."""
     emap, hmap = stroma(h, w, px, rng), np.zeros((h, w), np.float32)
     radius, spacing, elong, cells = GLANDS[code]
     big_r, r = 20 * px * radius, 1.3 * px * radius
@@ -195,9 +277,12 @@ def benign_field(h, w, px, code, rng):
     n = len(xs)
     draw_nuclei(hmap, xs, ys, r * rng.uniform(0.9, 1.1, n), r * rng.uniform(0.75, 0.95, n), angles,
                 rng.uniform(0.8, 0.95, n))
-    n_fib = int(cells * h * w / (28 * px) ** 2)
+    n_fib = int(cells * (0.3 + 1.4 * density) * h * w / (28 * px) ** 2)
     draw_nuclei(hmap, rng.uniform(0, w, n_fib), rng.uniform(0, h, n_fib), np.full(n_fib, 1.6 * r),
                 np.full(n_fib, 0.45 * r), rng.uniform(-25, 25, n_fib), rng.uniform(0.6, 0.9, n_fib))
+    if density < 0.98:
+        empty = fat(h, w, px, 1 - density, epi == 0, rng)
+        emap[empty], hmap[empty] = 0.03, 0.0
     return hmap, emap
 
 
@@ -216,16 +301,16 @@ def tumour_mask(h, w, px, arrangement, coverage, rng):
     return field > np.quantile(field, 1 - coverage)
 
 
-def malignant_field(h, w, px, code, rng):
-    """Dense, disordered, pleomorphic nuclei in tumour nests; stroma or mucin around them."""
+def add_tumour(hmap, emap, px, code, expression, rng):
+    """Tumour nests of dense, disordered, pleomorphic nuclei over a share of the field set by the expression."""
     size, (lo, hi), arrangement = TUMOUR[code]
-    emap, hmap = stroma(h, w, px, rng), np.zeros((h, w), np.float32)
-    mask = tumour_mask(h, w, px, arrangement, rng.uniform(lo, hi), rng)
+    h, w = hmap.shape
+    base = stroma(h, w, px, rng)
+    mask = tumour_mask(h, w, px, arrangement, expression * rng.uniform(lo, hi), rng)
     if arrangement == "mucin":
-        pool = ~mask & (smooth_noise(h, w, 80 * px, rng) > 0.3)
-        emap[pool] *= 0.25
-        hmap[pool] = 0.12
-    r = 2.3 * px * size
+        pool = ~mask & (smooth_noise(h, w, 80 * px, rng) > 1 - 0.7 * expression)
+        emap[pool], hmap[pool] = 0.25 * base[pool], 0.12
+    r = 2.3 * px * size * (0.7 + 0.3 * expression)
     spacing = 2.3 * r if arrangement != "cords" else 3.2 * r
     n = int(h * w / spacing ** 2)
     xs, ys = rng.uniform(0, w, n), rng.uniform(0, h, n)
@@ -235,16 +320,14 @@ def malignant_field(h, w, px, code, rng):
     inside = mask[np.clip(ys.astype(int), 0, h - 1), np.clip(xs.astype(int), 0, w - 1)]
     xs, ys = xs[inside], ys[inside]
     k = len(xs)
-    scale = r * rng.lognormal(0, 0.3, k)
-    emap[mask] *= 0.75
-    hmap[mask] = np.maximum(hmap[mask], 0.18)
+    scale = r * rng.lognormal(0, 0.1 + 0.2 * expression, k)
+    emap[mask], hmap[mask] = 0.75 * base[mask], 0.18
     draw_nuclei(hmap, xs, ys, scale, scale * rng.uniform(0.55, 1.0, k), rng.uniform(0, 180, k),
                 rng.uniform(0.9, 1.5, k))
     if r >= 6:
         j = rng.random(k) < 0.3
         draw_nuclei(hmap, xs[j], ys[j], np.full(j.sum(), 0.18 * r), np.full(j.sum(), 0.18 * r),
                     np.zeros(j.sum()), np.full(j.sum(), 1.8))
-    return hmap, emap
 
 
 def rotate(xs, ys, w, h, angle):
@@ -253,14 +336,25 @@ def rotate(xs, ys, w, h, angle):
     return w / 2 + x * c - y * s, h / 2 + x * s + y * c
 
 
-def stain(seed, patient_id):
-    """Per-patient H&E colours and strengths."""
-    rng = np.random.default_rng([seed, zlib.crc32(patient_id.encode())])
-    h_vec = np.abs(H_VEC + rng.normal(0, 0.06, 3))
-    e_vec = np.abs(E_VEC + rng.normal(0, 0.06, 3))
-    h_vec = h_vec / np.linalg.norm(h_vec) * rng.uniform(1.3, 1.9)
-    e_vec = e_vec / np.linalg.norm(e_vec) * rng.uniform(0.7, 1.1)
-    return {k: v.astype(np.float32) for k, v in dict(h=h_vec, e=e_vec, bg=rng.uniform(0.02, 0.08, 3)).items()}
+def tissue(h, w, px, row, rng):
+    """Hematoxylin and eosin density maps: the host's benign tissue, tumour over it as the expression says."""
+    hmap, emap = benign_field(h, w, px, row["host"], row["density"], rng)
+    if row["expression"] <= 0:
+        return hmap, emap
+    code = row["subtype_code"] if row["class_name"] == "malignant" else "DC"
+    add_tumour(hmap, emap, px, code, row["expression"], rng)
+    return hmap, emap
+
+
+def stain(seed, row):
+    """H&E colours of the row's patient: jittered stain vectors scaled by its latent strengths, and brightness."""
+    rng = np.random.default_rng([seed, zlib.crc32(row["patient_id"].encode())])
+    jitter = 0.06 * DIFFICULTY[row["difficulty"]]["nuisance"]
+    h_vec = np.abs(H_VEC + rng.normal(0, jitter, 3))
+    e_vec = np.abs(E_VEC + rng.normal(0, jitter, 3))
+    colors = dict(h=h_vec / np.linalg.norm(h_vec) * row["hematoxylin"], e=e_vec / np.linalg.norm(e_vec) * row["eosin"],
+                  bg=rng.uniform(0.02, 0.08, 3), gain=np.full(1, row["brightness"]))
+    return {k: v.astype(np.float32) for k, v in colors.items()}
 
 
 def render(row, seed=0):
@@ -270,11 +364,11 @@ def render(row, seed=0):
     w = min(max(width, RENDER_WIDTH[0]), RENDER_WIDTH[1])
     h = int(round(w * height / width))
     px = ZOOM[row["magnification"]] * w / 700
-    field = benign_field if row["class_name"] == "benign" else malignant_field
-    hmap, emap = field(h, w, px, row["subtype_code"], rng)
+    hmap, emap = tissue(h, w, px, row, rng)
     hmap = cv2.GaussianBlur(hmap, (0, 0), 0.35 * px + 0.3)
-    colors = stain(seed, row["patient_id"])
-    img = np.dstack([np.exp(-(hmap * colors["h"][c] + emap * colors["e"][c] + colors["bg"][c])) for c in range(3)])
+    colors = stain(seed, row)
+    od = [hmap * colors["h"][c] + emap * colors["e"][c] + colors["bg"][c] for c in range(3)]
+    img = np.dstack([np.exp(-d) for d in od]) * colors["gain"]
     if (w, h) != (width, height):
         img = cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if width < w else cv2.INTER_LINEAR)
     noise = rng.random((height, width, 1), dtype=np.float32) * 8 - 4
@@ -289,7 +383,7 @@ def target(root, layout, relpath, file):
         return root / "BreaKHis_v1" / "BreaKHis_v1" / relpath
     if layout == "tarball":
         return root / "BreaKHis_v1" / relpath
-    raise ValueError(f"unknown layout {layout!r}; choose tarball, kaggle or flat")
+    raise PipelineError(f"unknown synthetic layout {layout!r}; choose tarball, kaggle or flat")
 
 
 def write_rows(rows, root, layout, seed):
@@ -302,14 +396,18 @@ def write_rows(rows, root, layout, seed):
     return len(rows)
 
 
-def make_synthetic(root, preset="demo", seed=0, layout="tarball", **overrides):
-    """Write a synthetic BreakHis tree under root and return root."""
+def make_synthetic(root, preset="demo", seed=0, layout="tarball", difficulty=None, **overrides):
+    """Write a synthetic BreakHis tree under root and return root; difficulty None takes the preset's."""
     root = Path(root)
     workers = overrides.pop("workers", 0) or len(os.sched_getaffinity(0))
+    if difficulty:
+        overrides["difficulty"] = difficulty
     files = plan(preset, seed, **overrides)
     target(root, layout, "x", "x")
     root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER).write_text(f"Synthetic BreakHis-like images (preset={preset}, seed={seed}); not real data.\n")
+    level = files["difficulty"].iloc[0]
+    (root / MARKER).write_text(f"Synthetic BreakHis-like images (preset={preset}, seed={seed}, difficulty={level}); "
+                               f"not real data.\n")
     rows = files.to_dict("records")
     if len(rows) < 300 or workers == 1:
         write_rows(rows, root, layout, seed)
@@ -326,12 +424,15 @@ def main(argv=None):
     parser.add_argument("--preset", default="demo", choices=list(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", default="tarball", choices=["tarball", "kaggle", "flat"])
+    parser.add_argument("--difficulty", default=None, choices=list(DIFFICULTY),
+                        help="how hard the class is to see (default: the preset's; tiny is easy, demo and full default)")
     parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args(argv)
     start = time.time()
-    make_synthetic(args.root, args.preset, args.seed, args.layout, workers=args.workers)
-    n = len(plan(args.preset, args.seed))
-    print(f"{n} images ({args.preset}) written under {args.root} in {time.time() - start:.1f} s")
+    make_synthetic(args.root, args.preset, args.seed, args.layout, args.difficulty, workers=args.workers)
+    level = args.difficulty or PRESETS[args.preset]["difficulty"]
+    n = len(plan(args.preset, args.seed, difficulty=level))
+    print(f"{n} images ({args.preset}, {level}) written under {args.root} in {time.time() - start:.1f} s")
 
 
 if __name__ == "__main__":

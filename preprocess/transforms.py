@@ -1,12 +1,21 @@
-"""Batch augmentation on the device: flips, 90-degree rotations, small affine and stain-like colour jitter."""
-import math
-
+"""Batch augmentation on the device with kornia: flips, 90-degree turns, small affine, colour and HED stain jitter."""
+import kornia.augmentation as K
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 MEAN = tuple(IMAGENET_DEFAULT_MEAN)
 STD = tuple(IMAGENET_DEFAULT_STD)
+
+# skimage.color.rgb_from_hed (Ruifrok & Johnston): optical density of haematoxylin, eosin and DAB in R, G, B
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+
+GEOMETRY = torch.nn.Sequential(
+    K.RandomHorizontalFlip(p=0.5),
+    K.RandomRotation90(times=(0, 3), p=1.0),
+    K.RandomAffine(degrees=10.0, translate=(0.025, 0.025), scale=(0.9, 1.1), padding_mode="reflection", p=0.5),
+)
+COLOUR = K.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, p=1.0)
 
 
 def to_float(images, device):
@@ -21,50 +30,22 @@ def normalize(x):
     return (x - mean) / std
 
 
-def uniform(n, lo, hi, device):
-    return torch.empty(n, device=device).uniform_(lo, hi)
-
-
-def affine(x, max_deg=10.0, max_scale=0.1, max_shift=0.05, p_small=0.5):
-    """Random flips and 90-degree turns plus, with probability p_small, a small rotation/scale/shift; one resample."""
-    n, device = x.shape[0], x.device
-    quarter = torch.randint(0, 4, (n,), device=device).float() * (math.pi / 2)
-    small = (torch.rand(n, device=device) < p_small).float()
-    angle = quarter + small * uniform(n, -max_deg, max_deg, device) * math.pi / 180
-    scale = 1 + small * uniform(n, -max_scale, max_scale, device)
-    flip = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
-    shift = small[:, None] * uniform(2 * n, -max_shift, max_shift, device).view(n, 2)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([
-        torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-        torch.stack([sin * flip, cos, shift[:, 1]], 1),
-    ], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def luminance(x):
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
-def colour_jitter(x, brightness=0.1, contrast=0.1, saturation=0.1, stain=0.05):
-    """Brightness, contrast, saturation and a per-channel gain that mimics stain intensity variation."""
-    n, device = x.shape[0], x.device
-    x = x * uniform(n, 1 - brightness, 1 + brightness, device).view(n, 1, 1, 1)
-    mean = luminance(x).mean(dim=(2, 3), keepdim=True)
-    x = (x - mean) * uniform(n, 1 - contrast, 1 + contrast, device).view(n, 1, 1, 1) + mean
-    gray = luminance(x)
-    x = (x - gray) * uniform(n, 1 - saturation, 1 + saturation, device).view(n, 1, 1, 1) + gray
-    x = x * uniform(3 * n, 1 - stain, 1 + stain, device).view(n, 3, 1, 1)
-    return x.clamp_(0, 1)
+def hed_jitter(x, scale=0.05, shift=0.05):
+    """HED stain jitter (Tellez et al.): per-image gain and offset of each stain density, folded into one linear map."""
+    n, hed_from_rgb, rgb_from_hed = x.shape[0], HED_FROM_RGB.to(x), RGB_FROM_HED.to(x)
+    gain = torch.empty(n, 3, device=x.device, dtype=x.dtype).uniform_(1 - scale, 1 + scale)
+    offset = torch.empty(n, 3, device=x.device, dtype=x.dtype).uniform_(-shift, shift)
+    mix = hed_from_rgb @ torch.diag_embed(gain) @ rgb_from_hed
+    od = -torch.log(x.clamp_min(1e-6)).flatten(2)
+    od = torch.baddbmm((offset @ rgb_from_hed).unsqueeze(2), mix.transpose(1, 2), od)
+    return torch.exp(-od).view_as(x).clamp_(0, 1)
 
 
 def augment(x):
     """Independent random augmentation of every image in a (B, M, 3, S, S) batch in [0, 1]."""
-    b, m = x.shape[:2]
-    flat = x.reshape(b * m, *x.shape[2:])
-    flat = colour_jitter(affine(flat))
-    return flat.view_as(x)
+    flat = x.reshape(-1, *x.shape[2:])
+    flat = hed_jitter(COLOUR(GEOMETRY(flat)))
+    return flat.reshape(x.shape)
 
 
 def prepare(images, mask, device, train=False):

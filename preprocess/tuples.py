@@ -1,9 +1,9 @@
-"""Magnification tuples: one image per magnification from one patient group (patient + subtype)."""
+"""Magnification tuples (one image per magnification from one patient group) and the resident image bank."""
 import numpy as np
 import pandas as pd
 import torch
 
-from preprocess.cache import decode, image_cache
+from preprocess.cache import image_cache
 
 
 def group_of(rows):
@@ -71,29 +71,6 @@ def batches_of(rows, labels, subtypes, batch_size, drop_single=False):
     return out
 
 
-class TupleImages(torch.utils.data.Dataset):
-    """A batch of tuples (cache rows, labels, subtypes) -> uint8 images (B, M, S, S, 3), mask, labels, subtypes."""
-
-    def __init__(self, cache_file):
-        self.cache_file = str(cache_file)
-        self.images = None
-
-    def __getstate__(self):
-        return dict(cache_file=self.cache_file, images=None)
-
-    def __getitem__(self, batch):
-        if self.images is None:
-            self.images = np.load(self.cache_file, mmap_mode="r")
-        rows, labels, subtypes = batch
-        flat = rows.reshape(-1)
-        present = flat >= 0
-        x = np.zeros((len(flat), *self.images.shape[1:]), dtype=np.uint8)
-        x[present] = self.images[flat[present]]
-        x = x.reshape(*rows.shape, *self.images.shape[1:])
-        return (torch.from_numpy(x), torch.from_numpy(rows >= 0), torch.tensor(np.array(labels), dtype=torch.float32),
-                torch.tensor(np.array(subtypes), dtype=torch.long))
-
-
 class TrainBatches:
     """Sampler of shuffled batches of fresh random tuples, redrawn each epoch from (seed, epoch)."""
 
@@ -132,21 +109,45 @@ def eval_batches(tuples, magnifications, row_of, classes, batch_size):
 def clean_path(value):
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
+class ImageBank:
+    """The decoded uint8 cache (N, S, S, 3) held once: on the GPU when it fits, else pinned host memory or RAM."""
 
-def load_tuple_images(cfg, tuples_df, normalize=True):
-    """Images of the tuples: normalised float (N, M, 3, S, S) and mask (N, M), or uint8 (N, M, S, S, 3) and mask."""
-    from preprocess.analyze import load_index
-    from preprocess.transforms import prepare
-    mags = tuple(cfg.magnifications)
-    images, _, row_of = image_cache(cfg, load_index(cfg)["path"].astype(str).tolist())
-    paths = [[clean_path(t.get(f"path_{m}")) for m in mags] for t in tuples_df.to_dict("records")]
-    x = np.zeros((len(paths), len(mags), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
-    for i, row in enumerate(paths):
-        for j, p in enumerate(row):
-            if p:
-                x[i, j] = images[row_of[p]] if p in row_of else decode(p, cfg.image_size, cfg.stain_norm)
-    x = torch.from_numpy(x)
-    mask = torch.tensor([[bool(p) for p in row] for row in paths], dtype=torch.bool).view(len(paths), len(mags))
-    if not normalize:
-        return x, mask
-    return prepare(x, mask, torch.device("cpu"))
+    def __init__(self, images, row_of):
+        self.host = torch.from_numpy(np.array(images))
+        self.row_of = row_of
+        self.placed = {}
+
+    def on(self, device):
+        """The images where batches for `device` are gathered: the device itself when it has room."""
+        key = str(device)
+        if key not in self.placed:
+            self.placed[key] = self.place(device)
+        return self.placed[key]
+
+    def place(self, device):
+        if device.type != "cuda":
+            return self.host
+        free, _ = torch.cuda.mem_get_info(device)
+        if self.host.nbytes < 0.5 * free:
+            return self.host.to(device)
+        return self.host.pin_memory()
+
+    def gather(self, rows, device):
+        """Images (B, M, S, S, 3) uint8 and presence mask (B, M) of a batch of cache rows (-1 = missing) on `device`."""
+        images = self.on(device)
+        index = torch.as_tensor(rows, device=images.device)
+        x = images[index.clamp_min(0)]
+        x[index < 0] = 0
+        return x.to(device, non_blocking=True), (index >= 0).to(device, non_blocking=True)
+
+
+_BANKS = {}
+
+
+def image_bank(cfg, paths):
+    """The ImageBank of `paths` (built on first use, then shared by every run of the process)."""
+    arr, target, row_of = image_cache(cfg, paths)
+    if str(target) not in _BANKS:
+        _BANKS.clear()
+        _BANKS[str(target)] = ImageBank(arr, row_of)
+    return _BANKS[str(target)]

@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 SAMPLES = ROOT.parent / "shared" / "data" / "breakhis_samples"
 TEST_SETTINGS = dict(
     synthetic=True, pretrained=False, backbone="test_efficientnet", image_size=32, subtype_min_images=10,
-    epochs=2, batch_size=8, tuples_per_patient=4, warmup_epochs=1, patience=5, workers=0, bootstrap=50,
+    epochs=2, batch_size=8, tuples_per_patient=4, warmup_epochs=1, patience=5, bootstrap=50,
     amp=False, lr=2e-3, resnet_backbone="test_resnet",
 )
 

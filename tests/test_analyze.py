@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 import main
-from conftest import SAMPLES
+from tests.conftest import SAMPLES
 from preprocess.analyze import (COLUMNS, MARKER, build_index, load_index, parse_name, run_analyze,
                                 subtype_classes)
 from utils.helpers import PipelineError, index_path, setup_logging, tables_dir

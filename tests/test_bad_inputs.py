@@ -93,7 +93,7 @@ def test_checkpoint_from_other_configuration(make_cfg, capsys):
     cfg = make_cfg(epochs=1)
     assert run(cfg, "analyze,split,fixed") == 0
     capsys.readouterr()
-    assert run(cfg, "fixed", "--resume", "--force", "--image-size", "48") == 2
+    assert run(cfg, "fixed", "--resume", "--force", "--image-size", "64") == 2
     text = capsys.readouterr().out
     assert "image_size" in text and "Traceback" not in text
 
@@ -112,10 +112,10 @@ def test_mistyped_flag_suggests_the_right_one(capsys):
 
 
 def test_interrupted_mid_epoch_then_resumed(make_cfg, monkeypatch, capsys):
-    import utils.trainer as trainer
+    from stages.engine.train import Optimisation
     cfg = make_cfg(epochs=3)
     assert run(cfg, "analyze,split") == 0
-    real_step, calls = trainer.step_optimizer, []
+    real_step, calls = Optimisation.step, []
 
     def stop_in_second_epoch(*args):
         calls.append(1)
@@ -123,12 +123,12 @@ def test_interrupted_mid_epoch_then_resumed(make_cfg, monkeypatch, capsys):
             raise KeyboardInterrupt
         real_step(*args)
 
-    monkeypatch.setattr(trainer, "step_optimizer", stop_in_second_epoch)
+    monkeypatch.setattr(Optimisation, "step", stop_in_second_epoch)
     assert run(cfg, "fixed") == 130
     assert "--resume" in capsys.readouterr().out
     folder = Path(cfg.output_dir) / "runs" / "mmnet" / "fixed"
     assert pd.read_csv(folder / "history.csv").epoch.tolist() == [1]
-    monkeypatch.setattr(trainer, "step_optimizer", real_step)
+    monkeypatch.setattr(Optimisation, "step", real_step)
     assert run(cfg, "fixed", "--resume") == 0
     assert "Resuming" in capsys.readouterr().out
     assert pd.read_csv(folder / "history.csv").epoch.tolist() == [1, 2, 3]

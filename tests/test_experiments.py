@@ -21,7 +21,7 @@ def trained(tmp_path_factory, tiny_root):
     """MMNet trained by the cv stage on fold 0 only, with TTA and SMOTE."""
     from preprocess.analyze import run_analyze
     from preprocess.preprocess import run_split
-    from utils.experiments import run_cv
+    from stages.training import run_cv
     out = tmp_path_factory.mktemp("experiments") / "output"
     cfg = replace(Config(), **dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(out), epochs=6,
                                    tuples_per_patient=8, patience=6, folds=(0,), tta=True))
@@ -87,58 +87,49 @@ def test_patient_rows_are_the_mean_of_their_tuples(trained):
 
 
 def test_checkpoint_reloads_through_the_registry_with_the_same_predictions(trained):
-    from preprocess.tuples import load_tuple_images
-    from utils.trainer import load_model
+    from preprocess.analyze import load_index
+    from preprocess.transforms import prepare
+    from preprocess.tuples import image_bank, tuple_rows
+    from stages.engine.checkpoint import load_model
     cfg, folder, pred, _ = trained
     model, ckpt = load_model(folder / "checkpoints" / "best.pth")
     assert ckpt["model_name"] == "mmnet" and ckpt["classes"]["binary"] == ["benign", "malignant"]
     assert ckpt["magnifications"] == list(MAGS) and ckpt["image_size"] == cfg.image_size
     rows = pred[(pred["level"] == "tuple") & (pred["role"] == "test")].reset_index(drop=True)
-    x, mask = load_tuple_images(cfg, rows)
+    bank = image_bank(cfg, load_index(cfg)["path"].astype(str).tolist())
+    raw, mask = bank.gather(tuple_rows(rows, MAGS, bank.row_of), torch.device("cpu"))
+    assert raw.dtype == torch.uint8 and raw.shape == (len(rows), len(MAGS), cfg.image_size, cfg.image_size, 3)
+    assert torch.equal(mask, torch.tensor((rows[[f"path_{m}" for m in MAGS]] != "").to_numpy()))
+    x, mask = prepare(raw, mask, torch.device("cpu"))
     with torch.no_grad():
         prob = torch.sigmoid(model(x, mask)["binary_logits"]).numpy()
     assert np.allclose(prob, rows["prob_malignant"].astype(float), atol=1e-5)
-    raw, mask2 = load_tuple_images(cfg, rows.head(2), normalize=False)
-    assert raw.dtype == torch.uint8 and raw.shape == (2, len(MAGS), cfg.image_size, cfg.image_size, 3)
-    assert torch.equal(mask2, mask[:2])
 
 
 def test_a_finished_run_is_skipped_unless_forced(trained):
-    from utils.experiments import run_cv
+    from stages.training import run_cv
     cfg, folder, _, _ = trained
     stamp = (folder / "metrics.json").stat().st_mtime_ns
     run_cv(cfg)
     assert (folder / "metrics.json").stat().st_mtime_ns == stamp
 
 
-def test_smote_balances_embedding_classes_and_the_refit_head_scores():
-    from utils.experiments import head_proba, refit_head, smote_balance
-    rng = np.random.default_rng(0)
-    y = np.array([0] * 30 + [1] * 6 + [2] * 3 + [3])
-    x = rng.normal(size=(len(y), 8)) + y[:, None] * 3.0
-    xb, yb = smote_balance(x, y, seed=0)
-    assert Counter(yb.tolist()) == {0: 30, 1: 30, 2: 30, 3: 1}
-    clf = refit_head(xb, yb)
-    proba = head_proba(clf, x, 5)
-    assert proba.shape == (len(y), 5) and np.allclose(proba.sum(1), 1) and (proba[:, 4] == 0).all()
-    assert (proba.argmax(1) == y).mean() > 0.9
-
-
 def test_every_baseline_and_ablation_builds_and_reads_the_full_tuple(make_cfg):
     from backbones import build_model
-    from utils.experiments import ablation_specs, baseline_specs, model_kwargs
+    from stages.engine.data import model_kwargs
+    from stages.runs import ablation_runs, baseline_runs
     cfg = make_cfg(resnet_backbone="test_resnet")
-    specs = baseline_specs(cfg) + ablation_specs(cfg)
-    names = [s[0] for s in specs]
+    specs = baseline_runs(cfg) + ablation_runs(cfg)
+    names = [s.name for s in specs]
     assert names == ["simple_concat", "single_40X", "single_100X", "single_200X", "single_400X", "resnet50_transfer",
                      "mmnet_no_spatial", "mmnet_no_channel", "mmnet_no_hma", "mmnet_no_cmf", "mmnet_only_40X",
                      "mmnet_only_100X", "mmnet_only_200X", "mmnet_only_400X"]
     x, mask = torch.randn(2, 4, 3, 32, 32), torch.tensor([[True, True, False, True]] * 2)
-    for run_name, model_name, flags in specs:
-        model = build_model(model_name, **model_kwargs(cfg, model_name, 3, flags)).eval()
+    for spec in specs:
+        model = build_model(spec.model, **model_kwargs(cfg, spec.model, 3, spec.flags)).eval()
         with torch.no_grad():
             out = model(x, mask)
-        assert out["binary_logits"].shape == (2,) and out["subtype_logits"].shape == (2, 3), run_name
+        assert out["binary_logits"].shape == (2,) and out["subtype_logits"].shape == (2, 3), spec.name
 
 
 def test_cv_before_split_names_the_split_stage(make_cfg, capsys):

@@ -1,11 +1,13 @@
-"""Models: output contract, masking, ablation flags, gradients, registry, pretrained errors, Grad-CAM taps, profile."""
+"""Models: outputs, masking, ablations, gradients, registry, config, compile, pretrained errors, CAM taps, profile."""
+import json
+
 import huggingface_hub.constants
 import pytest
 import timm
 import torch
 import torch.nn as nn
 
-from backbones import build_model, list_models
+from backbones import REFERENCE_MODEL, ModelConfig, build_model, list_models, model_config, model_kwargs_of
 from backbones.baseline_resnet50 import ResNet50Transfer
 from utils.efficiency import count_params, profile_model
 from utils.helpers import PipelineError
@@ -189,6 +191,60 @@ def test_registry_builds_every_name():
         assert model.magnifications == MAGS
 
 
+def registry_model(name):
+    torch.manual_seed(0)
+    return build_model(name, **(TINY_RESNET if name == "resnet50_transfer" else TINY))
+
+
+def test_registry_names_and_reference():
+    assert REFERENCE_MODEL in list_models()
+    assert all(registry_model(name).name == name for name in list_models())
+
+
+@pytest.mark.parametrize("name", ["mmnet", "resnet50_transfer"])
+def test_config_round_trips_through_checkpoint_kwargs(name):
+    model = registry_model(name)
+    kwargs = json.loads(json.dumps(model_kwargs_of(model)))
+    rebuilt = build_model(name, **kwargs)
+    assert rebuilt.cfg == model.cfg
+    rebuilt.load_state_dict(model.state_dict())
+    from_cfg = build_model(name, model.cfg, num_subtypes=7)
+    assert from_cfg.cfg.num_subtypes == 7 and from_cfg.cfg.backbone == model.cfg.backbone
+
+
+def test_model_defaults_and_unknown_settings():
+    assert model_config("resnet50_transfer").backbone == "resnet50"
+    assert model_config("resnet50_transfer").embed_dim == 512
+    assert model_config("mmnet") == ModelConfig()
+    with pytest.raises(PipelineError, match="use_hma"):
+        build_model("mmnet", use_hmaa=False, **TINY)
+
+
+def test_resnet_checkpoint_with_old_head_keys_loads():
+    model = registry_model("resnet50_transfer")
+    old = {k.replace("binary_head.", "binary_head.1."): v.clone() + 1 for k, v in model.state_dict().items()}
+    model.load_state_dict(old)
+    assert torch.equal(model.binary_head.weight, old["binary_head.1.weight"])
+
+
+@pytest.mark.parametrize("name", ["mmnet", "simple_concat", "single_mag", "resnet50_transfer"])
+def test_fullgraph_compile_forward_and_backward(name):
+    model = registry_model(name).eval()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = batch(64)
+    with torch.no_grad():
+        want, got = model(x, MASK), compiled(x, MASK)
+    for key in KEYS:
+        assert (want[key] is None) == (got[key] is None)
+        assert want[key] is None or torch.allclose(want[key], got[key], atol=1e-5), key
+    model.train()
+    out = compiled(x, MASK)
+    (out["binary_logits"].sum() + out["subtype_logits"].logsumexp(1).sum()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    torch._dynamo.reset()
+
+
 def test_unknown_model_lists_valid_names():
     with pytest.raises(PipelineError, match="simple_concat"):
         build_model("mmnett")
@@ -199,7 +255,7 @@ def test_unknown_model_lists_valid_names():
 
 
 def test_resnet50_transfer_freezing_pattern():
-    model = ResNet50Transfer(num_subtypes=5, pretrained=False)
+    model = ResNet50Transfer(model_config("resnet50_transfer", num_subtypes=5, pretrained=False))
     net = model.backbone
     assert not any(p.requires_grad for p in net.conv1.parameters())
     assert not any(p.requires_grad for p in net.layer1[0].conv1.parameters())

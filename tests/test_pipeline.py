@@ -23,7 +23,7 @@ def flags(cfg, stages):
         "--no-pretrained", "--backbone", cfg.backbone, "--image-size", str(cfg.image_size),
         "--subtype-min-images", str(cfg.subtype_min_images), "--epochs", str(cfg.epochs),
         "--batch-size", str(cfg.batch_size), "--tuples-per-patient", str(cfg.tuples_per_patient),
-        "--warmup-epochs", "1", "--workers", "0", "--bootstrap", "20", "--no-amp", "--lr", str(cfg.lr), "--resnet-backbone", "test_resnet",
+        "--warmup-epochs", "1", "--bootstrap", "20", "--no-amp", "--lr", str(cfg.lr), "--resnet-backbone", "test_resnet",
     ]
 
 

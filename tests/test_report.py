@@ -9,9 +9,10 @@ import torch
 
 from config import Config
 from utils import plottings as P
+from utils import scoring as S
 from utils import tables as T
 from utils.helpers import PipelineError, run_dir
-from utils.report import run_report
+from stages.report import run_report
 
 MAGS = ("40X", "100X", "200X", "400X")
 CLASSES = ["ductal_carcinoma", "fibroadenoma", "Other"]
@@ -151,13 +152,13 @@ def test_every_table_and_plot_is_written(report):
 def test_cv_table_columns_and_no_gaps(report):
     _, out = report
     t1 = table(out, "cv")
-    for col in T.BINARY + T.SUBTYPE + ["model", "split", "level", "threshold_rule", "auc_ci_low", "auc_ci_high"]:
+    for col in S.BINARY + S.SUBTYPE + ["model", "split", "level", "threshold_rule", "auc_ci_low", "auc_ci_high"]:
         assert col in t1, col
     folds = t1[t1["split"].str.startswith("fold_")]
     assert sorted(folds["split"].unique()) == FOLDS
     assert set(folds["threshold_rule"]) == {"fixed_0.5", "val_youden"}
     assert set(folds["level"]) == {"tuple", "patient"}
-    values = folds[T.BINARY + T.SUBTYPE + [f"{m}_ci_low" for m in T.KEY]]
+    values = folds[S.BINARY + S.SUBTYPE + [f"{m}_ci_low" for m in S.KEY]]
     assert values.notna().all().all()
     assert (values.astype(float).round(4) == values.astype(float)).all().all()
 
@@ -170,7 +171,7 @@ def test_mean_std_rows_agree_with_folds(report):
         mean = group[group["split"] == "mean"].iloc[0]
         std = group[group["split"] == "std"].iloc[0]
         text = group[group["split"] == "mean ± std"].iloc[0]
-        for m in T.BINARY + T.SUBTYPE:
+        for m in S.BINARY + S.SUBTYPE:
             per_fold = folds[m].astype(float)
             assert float(mean[m]) == pytest.approx(per_fold.mean(), abs=2e-4), (level, rule, m)
             assert float(std[m]) == pytest.approx(per_fold.std(ddof=1), abs=2e-4), (level, rule, m)
@@ -184,7 +185,7 @@ def test_bootstrap_ci_contains_the_point_estimate(report):
     rows = pd.concat([table(out, "cv"), table(out, "fixed")])
     rows = rows[rows["auc_ci_low"].notna()]
     assert len(rows) > 20
-    for m in T.KEY:
+    for m in S.KEY:
         value, low, high = (rows[c].astype(float) for c in (m, f"{m}_ci_low", f"{m}_ci_high"))
         assert (low <= value + 1e-4).all() and (value <= high + 1e-4).all(), m
         assert (low < high).any(), m
@@ -195,7 +196,7 @@ def test_bootstrap_ci_contains_the_point_estimate(report):
 
 def test_thresholds_come_from_validation_rows(report):
     cfg, out = report
-    run = T.load_run(run_dir(cfg, "mmnet", "fixed"))
+    run = S.load_run(run_dir(cfg, "mmnet", "fixed"))
     val = run["pred"][(run["pred"]["level"] == "tuple") & (run["pred"]["role"] == "val")]
     from utils.metrics import youden_threshold
     expected = youden_threshold(val["label"], val["prob_malignant"])
@@ -288,7 +289,7 @@ def test_explain_writes_gradcam_attention_and_importance(make_cfg):
     from preprocess.analyze import load_index, run_analyze, subtype_classes
     from preprocess.preprocess import run_split
     from utils.helpers import models_dir
-    from utils.report import run_explain
+    from stages.explain import run_explain
     cfg = make_cfg(image_size=48, explain_samples=1)
     run_analyze(cfg)
     run_split(cfg)

@@ -76,7 +76,7 @@ def test_losses_weight_the_rare_classes_more():
 
 
 def test_warmup_then_cosine():
-    from utils.trainer import lr_factor
+    from stages.engine.train import lr_factor
     f = [lr_factor(s, 5, 50) for s in range(50)]
     assert f[0] < f[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[5:], f[6:]))
@@ -93,15 +93,20 @@ def interrupt(epoch, state):
         raise KeyboardInterrupt
 
 
+def spec(name):
+    from stages.runs import REFERENCE, RunSpec
+    return RunSpec(name, REFERENCE, "cv")
+
+
 def test_resume_continues_an_interrupted_run_to_the_same_end(prepared):
-    from utils.experiments import run_one
+    from stages.engine.run import run_one
     with pytest.raises(KeyboardInterrupt):
-        run_one(prepared, "stopped", "fold_0", "mmnet", callback=interrupt)
+        run_one(prepared, spec("stopped"), "fold_0", callback=interrupt)
     assert history_of(prepared, "stopped")["epoch"].tolist() == [1]
     epochs = []
-    run_one(replace(prepared, resume=True), "stopped", "fold_0", "mmnet", callback=lambda e, s: epochs.append(e))
+    run_one(replace(prepared, resume=True), spec("stopped"), "fold_0", callback=lambda e, s: epochs.append(e))
     assert epochs == [2, 3]
-    run_one(prepared, "straight", "fold_0", "mmnet")
+    run_one(prepared, spec("straight"), "fold_0")
     resumed, straight = history_of(prepared, "stopped"), history_of(prepared, "straight")
     assert resumed["epoch"].tolist() == straight["epoch"].tolist() == [1, 2, 3]
     cols = ["train_loss", "val_loss", "val_auc_tuple"]
@@ -109,23 +114,25 @@ def test_resume_continues_an_interrupted_run_to_the_same_end(prepared):
 
 
 def test_resume_with_another_configuration_names_the_differences(prepared):
-    from utils.experiments import run_one
+    from stages.engine.run import run_one
     with pytest.raises(KeyboardInterrupt):
-        run_one(prepared, "mismatch", "fold_0", "mmnet", callback=interrupt)
+        run_one(prepared, spec("mismatch"), "fold_0", callback=interrupt)
     changed = replace(prepared, resume=True, image_size=48, backbone="test_resnet")
     with pytest.raises(PipelineError, match="does not match") as info:
-        run_one(changed, "mismatch", "fold_0", "mmnet")
+        run_one(changed, spec("mismatch"), "fold_0")
     assert "backbone" in str(info.value) and "image_size" in str(info.value)
 
 
 def test_checkpoint_of_another_configuration_gives_a_clear_message(prepared, tmp_path):
     from backbones import build_model
-    from utils.trainer import checkpoint, load_model, save
+    from types import SimpleNamespace
+    from stages.engine.checkpoint import checkpoint, load_model, save
     kwargs = dict(magnifications=prepared.magnifications, num_subtypes=3, backbone="test_efficientnet", pretrained=False)
-    meta = dict(model_name="mmnet", model_kwargs=kwargs, classes=["a", "b", "c"])
+    meta = SimpleNamespace(model_name="mmnet", model_kwargs=kwargs, classes=["a", "b", "c"])
     save(checkpoint(build_model("mmnet", **kwargs), meta, prepared, 1, 0.5), tmp_path / "a.pth")
-    other = dict(meta, model_kwargs=dict(kwargs, backbone="test_resnet", num_subtypes=4), classes=["a", "b", "c", "d"])
-    expect = checkpoint(build_model("mmnet", **other["model_kwargs"]), other, replace(prepared, image_size=64), 0, 0)
+    other = SimpleNamespace(model_name="mmnet", model_kwargs=dict(kwargs, backbone="test_resnet", num_subtypes=4),
+                            classes=["a", "b", "c", "d"])
+    expect = checkpoint(build_model("mmnet", **other.model_kwargs), other, replace(prepared, image_size=64), 0, 0)
     with pytest.raises(PipelineError) as info:
         load_model(tmp_path / "a.pth", expect=expect)
     message = str(info.value)
@@ -137,8 +144,8 @@ def test_checkpoint_of_another_configuration_gives_a_clear_message(prepared, tmp
 
 
 def test_non_finite_losses_skip_steps_then_stop_the_run(prepared, monkeypatch):
-    import utils.trainer as trainer
-    from utils.experiments import run_one
+    from stages.engine.run import run_one
+    from utils.losses import Criterion
 
     calls = []
 
@@ -146,7 +153,20 @@ def test_non_finite_losses_skip_steps_then_stop_the_run(prepared, monkeypatch):
         calls.append(1)
         return out["binary_logits"].sum() * float("nan")
 
-    monkeypatch.setattr(trainer, "compute_loss", nan_loss)
+    monkeypatch.setattr(Criterion, "__call__", nan_loss)
     with pytest.raises(PipelineError, match="3 steps had a non-finite loss"):
-        run_one(replace(prepared, max_bad_steps=3), "nan", "fold_0", "mmnet")
+        run_one(replace(prepared, max_bad_steps=3), spec("nan"), "fold_0")
     assert len(calls) == 3
+
+
+def test_a_truncated_checkpoint_at_resume_is_a_clear_message(prepared):
+    from stages.engine.run import run_one
+    from utils.helpers import run_dir
+    with pytest.raises(KeyboardInterrupt):
+        run_one(prepared, spec("truncated"), "fold_0", callback=interrupt)
+    last = run_dir(prepared, "truncated", "fold_0") / "checkpoints" / "last.pth"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(PipelineError, match="damaged or incomplete") as info:
+        run_one(replace(prepared, resume=True), spec("truncated"), "fold_0")
+    assert "--force" in str(info.value)
+    assert not (run_dir(prepared, "truncated", "fold_0") / ".lock").exists()

@@ -11,7 +11,7 @@ import torch
 
 from preprocess.cache import image_cache, macenko
 from preprocess.transforms import augment, prepare, tta_views
-from preprocess.tuples import TrainBatches, TupleImages, draw_tuples, eval_batches, eval_tuples, groups
+from preprocess.tuples import ImageBank, TrainBatches, draw_tuples, eval_batches, eval_tuples, groups
 from tests.conftest import SAMPLES
 
 MAGS = ("40X", "100X", "200X", "400X")
@@ -76,9 +76,10 @@ def test_batches_load_cached_images_with_a_mask_for_missing_magnifications(index
     np.save(tmp_path / "c.npy", images)
     row_of = {p: i for i, p in enumerate(paths)}
     classes = ["ductal_carcinoma", "fibroadenoma", "Other"]
-    dataset = TupleImages(tmp_path / "c.npy")
+    bank = ImageBank(np.load(tmp_path / "c.npy", mmap_mode="r"), row_of)
     t = eval_tuples(index, MAGS)
-    x, mask, labels, subtypes = dataset[eval_batches(t, MAGS, row_of, classes, 64)[0]]
+    rows, labels, subtypes = eval_batches(t, MAGS, row_of, classes, 64)[0]
+    x, mask = bank.gather(rows, torch.device("cpu"))
     assert x.shape == (len(t), 4, 8, 8, 3) and x.dtype == torch.uint8
     assert mask.tolist() == [[p != "" for p in row] for row in t[[f"path_{m}" for m in MAGS]].values.tolist()]
     assert (x[~mask] == 0).all() and (x[mask] > 0).all()
@@ -124,6 +125,9 @@ def test_macenko_normalises_tissue_and_leaves_background_alone():
     assert not np.array_equal(out, rgb)
     blank = np.full((32, 32, 3), 245, dtype=np.uint8)
     assert np.array_equal(macenko(blank), blank)
+    one_cell = np.full((3, 3, 3), 250, dtype=np.uint8)
+    one_cell[1, 1] = (120, 60, 150)
+    assert np.array_equal(macenko(one_cell), one_cell)
 
 
 def test_augmentation_is_independent_per_image_and_adds_no_noise():

@@ -10,7 +10,9 @@ import torch
 def resolve_device(name="auto"):
     if name != "auto":
         return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def amp_dtype(device):

@@ -1,10 +1,12 @@
 """Paths, logging and the one error type the pipeline shows to users."""
 import json
 import logging
+import os
+import secrets
 import sys
 from pathlib import Path
 
-logger = logging.getLogger("mmnet")
+logger = logging.getLogger("pipeline")
 
 
 class PipelineError(Exception):
@@ -19,13 +21,14 @@ def warn(msg):
     logger.warning(f"WARNING: {msg}")
 
 
-def setup_logging(log_file=None):
+def setup_logging(log_file=None, console=True):
     logger.handlers.clear()
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    stream = logging.StreamHandler(sys.stdout)
-    stream.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(stream)
+    if console:
+        stream = logging.StreamHandler(sys.stdout)
+        stream.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(stream)
     if log_file is None:
         return
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -34,24 +37,24 @@ def setup_logging(log_file=None):
     logger.addHandler(handler)
 
 
-def out(cfg, *parts):
+def output_path(cfg, *parts):
     return Path(cfg.output_dir).joinpath(*parts)
 
 
 def index_path(cfg):
-    return out(cfg, "index.csv")
+    return output_path(cfg, "index.csv")
 
 
 def tables_dir(cfg):
-    return out(cfg, "tables")
+    return output_path(cfg, "tables")
 
 
 def plots_dir(cfg):
-    return out(cfg, "plots")
+    return output_path(cfg, "plots")
 
 
 def splits_dir(cfg):
-    return out(cfg, "splits")
+    return output_path(cfg, "splits")
 
 
 def split_path(cfg, name):
@@ -60,7 +63,7 @@ def split_path(cfg, name):
 
 
 def runs_dir(cfg):
-    return out(cfg, "runs")
+    return output_path(cfg, "runs")
 
 
 def run_dir(cfg, model_name, split_name):
@@ -68,7 +71,7 @@ def run_dir(cfg, model_name, split_name):
 
 
 def models_dir(cfg):
-    return out(cfg, "models")
+    return output_path(cfg, "models")
 
 
 def require(path, stage):
@@ -79,9 +82,57 @@ def require(path, stage):
 
 
 def write_json(path, obj):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=2, default=str))
+    write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def read_json(path):
     return json.loads(Path(path).read_text())
+
+
+def write_atomic(path, write, binary=False):
+    """Write through a temp file in the same folder, fsync, then os.replace: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") if binary else open(tmp, "x", newline="") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder):
+    """Make a rename durable; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text(path, text):
+    write_atomic(path, lambda f: f.write(text))
+
+
+def write_bytes(path, data):
+    write_atomic(path, lambda f: f.write(data), binary=True)
+
+
+def write_csv(frame, path, **kwargs):
+    write_atomic(path, lambda f: frame.to_csv(f, **kwargs))
+
+
+def read_json_or_none(path):
+    """The parsed file, or None when it is missing or damaged (a run counts as finished only when its marker parses)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None

@@ -6,6 +6,7 @@ import matplotlib.lines  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from sklearn.metrics import auc as area, confusion_matrix, roc_curve  # noqa: E402
 
@@ -90,7 +91,7 @@ def roc_folds(curves, title, path):
 
 
 def roc_models(models, title, path):
-    """Mean ROC per model over its folds; models: {name: [(y, p), ...]}."""
+    """Mean ROC per model over its folds; models: {name: [(y, p), ...]}, the first drawn boldest."""
     fig, ax = plt.subplots(figsize=(6, 5.5))
     grid = np.linspace(0, 1, 201)
     for (name, curves), color in zip(models.items(), colors(max(len(models), 1))):
@@ -100,7 +101,7 @@ def roc_models(models, title, path):
         mean = mean_roc(curves, grid).mean(0)
         mean[-1] = 1.0
         aucs = [area(*roc_curve(y, p)[:2]) for y, p in curves]
-        lw = 2.2 if name == "mmnet" else 1.2
+        lw = 2.2 if name == next(iter(models)) else 1.2
         ax.plot(grid, mean, color=color, lw=lw, label=f"{name} (AUC = {np.mean(aucs):.3f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="False positive rate", ylabel="True positive rate")
@@ -250,3 +251,26 @@ def note_figure(text, path):
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=10, wrap=True)
     return save(fig, path)
+
+
+def weight_tidy(frame, mags):
+    """Long table (kind, magnification, class, weight) of CMF and HMA weights over present magnifications."""
+    rows = []
+    for kind, prefix in (("CMF importance", "w"), ("HMA level weight", "hma")):
+        for mag in mags:
+            col = f"{prefix}_{mag}"
+            if col not in frame or frame[col].isna().all():
+                continue
+            present = frame[frame[f"mask_{mag}"] == 1] if f"mask_{mag}" in frame else frame
+            for label, weight in zip(present["label"].astype(int), present[col].astype(float)):
+                rows.append((kind, mag, "all", weight))
+                rows.append((kind, mag, CLASS_NAMES[label], weight))
+    return pd.DataFrame(rows, columns=["kind", "magnification", "class", "weight"])
+
+
+def importance_plot(frame, mags, title, path):
+    """CMF and HMA weights of the magnifications present, per class; None when the frame has no weights."""
+    tidy = weight_tidy(frame, mags)
+    if tidy.empty:
+        return None
+    return magnification_weights(tidy, title, path)

@@ -1,2 +1,2 @@
-from .model import MMNet, create_backbone
-__all__ = ["MMNet", "create_backbone"]
+from .model import MMNet
+__all__ = ["MMNet"]

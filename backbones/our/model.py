@@ -1,8 +1,4 @@
 """MMNet: multi-magnification network with branch attention, MSAP, HMA and CMF on a timm backbone."""
-import math
-from pathlib import Path
-
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -10,43 +6,7 @@ from timm.layers import SEModule
 
 from utils.helpers import PipelineError
 
-MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
-
-
-def create_backbone(name, pretrained=True, pretrained_path="", **kwargs):
-    """timm model with ImageNet weights from the hub, a local file, or random init; clear errors otherwise."""
-    if not timm.is_model(name):
-        raise PipelineError(f"unknown timm backbone '{name}'. Pick a name from timm.list_models(), e.g. mobilenetv4_conv_small.")
-    if pretrained_path:
-        path = Path(pretrained_path)
-        if not path.is_file():
-            raise PipelineError(f"--pretrained-path {path} does not exist (weights file for backbone '{name}').")
-        try:
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-        except (RuntimeError, KeyError, ValueError, OSError) as e:
-            raise PipelineError(f"--pretrained-path {path} is not a weights file for backbone '{name}' "
-                                f"({type(e).__name__}: {str(e)[:200]}).") from None
-    if not pretrained:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    try:
-        return timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as e:
-        raise PipelineError(
-            f"could not load ImageNet weights for backbone '{name}' ({type(e).__name__}: {str(e)[:200]}). "
-            f"Either train from random init with --no-pretrained, or download the timm weights for '{name}' "
-            f"on a machine with network and pass --pretrained-path FILE (config field pretrained_path)."
-        ) from None
-
-
-def split_params(model, backbone):
-    """(trainable backbone parameters, everything else) for a lower backbone learning rate."""
-    ids = {id(p) for p in backbone.parameters()}
-    return [p for p in backbone.parameters() if p.requires_grad], [p for p in model.parameters() if id(p) not in ids]
-
-
-def make_heads(dim, num_subtypes, drop_rate):
-    """(dropout before the binary logit, binary head, subtype head) on one embedding."""
-    return nn.Dropout(drop_rate), nn.Linear(dim, 1), nn.Sequential(nn.Dropout(drop_rate), nn.Linear(dim, num_subtypes))
+from ..common import MagnificationModel, feature_backbone, magnification_features, present_mask, uniform_weights
 
 
 def mag_order(mag):
@@ -62,12 +22,6 @@ def resolve_used(magnifications, use_mags=None):
     return sorted((magnifications.index(m) for m in set(use_mags)), key=lambda i: mag_order(magnifications[i]))
 
 
-def present_mask(x, mask):
-    if mask is None:
-        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-    return mask.to(device=x.device, dtype=torch.bool)
-
-
 def masked_softmax(scores, mask, dim=-1):
     """Softmax over the present entries only; absent entries get 0 and an all-absent row stays all 0."""
     scores = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
@@ -79,25 +33,6 @@ def scatter_mags(values, used, n_mags):
     """(B, m, ...) values of the used magnifications -> (B, M, ...) with zeros elsewhere."""
     full = values.new_zeros((values.shape[0], n_mags) + tuple(values.shape[2:]))
     full[:, used] = values
-    return full
-
-
-def empty_features(net, images):
-    """Zero last-stage features for a batch with no present image, without running (or updating) the backbone."""
-    reduction, channels = net.feature_info.reduction()[-1], net.feature_info.channels()[-1]
-    h, w = (math.ceil(size / reduction) for size in images.shape[-2:])
-    return images.new_zeros(images.shape[0], channels, h, w)
-
-
-def run_present(net, images, present):
-    """Backbone on the present images only; absent slots get zero features (and no gradient)."""
-    if bool(present.all()):
-        return net(images)[-1]
-    if not bool(present.any()):
-        return empty_features(net, images)
-    feats = net(images[present])[-1]
-    full = feats.new_zeros((images.shape[0],) + tuple(feats.shape[1:]))
-    full[present] = feats
     return full
 
 
@@ -188,60 +123,40 @@ class CrossMagnificationFusion(nn.Module):
         return self.proj(weighted.flatten(1)), weights
 
 
-class MMNet(nn.Module):
+class MMNet(MagnificationModel):
     """Multi-magnification network: per-magnification attention branches, MSAP, HMA, CMF and two heads.
 
     HMA and CMF fuse magnifications, so a model that reads a single magnification (use_mags=('40X',)) has neither.
     """
 
-    def __init__(
-        self, magnifications=MAGNIFICATIONS, num_subtypes=8, backbone="mobilenetv4_conv_small", pretrained=True,
-        pretrained_path="", drop_rate=0.3, shared_backbone=True, use_spatial=True, use_channel=True,
-        use_hma=True, use_cmf=True, use_mags=None, embed_dim=256,
-    ):
-        super().__init__()
-        self.magnifications = tuple(magnifications)
-        self.used_mags = resolve_used(self.magnifications, use_mags)
-        self.shared_backbone = shared_backbone
+    name = "mmnet"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.used_mags = resolve_used(self.magnifications, cfg.use_mags)
+        self.shared_backbone = cfg.shared_backbone
         n_used = len(self.used_mags)
-        n_backbones = 1 if shared_backbone else n_used
-        self.backbones = nn.ModuleList([
-            create_backbone(backbone, pretrained, pretrained_path, features_only=True, out_indices=(-1,))
-            for _ in range(n_backbones)
-        ])
+        n_backbones = 1 if cfg.shared_backbone else n_used
+        self.backbones = nn.ModuleList([feature_backbone(cfg) for _ in range(n_backbones)])
         self.num_features = self.backbones[0].feature_info.channels()[-1]
-        self.feature_tap = nn.Identity()
-        self.branches = nn.ModuleList([BranchAttention(self.num_features, use_channel, use_spatial) for _ in range(n_used)])
+        self.branches = nn.ModuleList([
+            BranchAttention(self.num_features, cfg.use_channel, cfg.use_spatial) for _ in range(n_used)
+        ])
         self.pool = MultiScaleAttentionPool(self.num_features)
-        self.proj = nn.Sequential(nn.Linear(self.num_features, embed_dim), nn.LayerNorm(embed_dim), nn.GELU())
+        self.proj = nn.Sequential(nn.Linear(self.num_features, cfg.embed_dim), nn.LayerNorm(cfg.embed_dim), nn.GELU())
         fusing = n_used > 1
-        self.hma = HierarchicalMagnificationAttention(embed_dim) if use_hma and fusing else None
-        self.cmf = CrossMagnificationFusion(embed_dim, n_used) if use_cmf and fusing else None
-        self.embed_dim = embed_dim * (2 if self.hma is not None else 1)
-        self.head_drop, self.binary_head, self.subtype_head = make_heads(self.embed_dim, num_subtypes, drop_rate)
+        self.hma = HierarchicalMagnificationAttention(cfg.embed_dim) if cfg.use_hma and fusing else None
+        self.cmf = CrossMagnificationFusion(cfg.embed_dim, n_used) if cfg.use_cmf and fusing else None
+        self.init_heads(cfg.embed_dim * (2 if self.hma is not None else 1))
 
-    def cam_layers(self):
-        """Grad-CAM target: backbone feature maps (B*m, C, h, w), batch-major over the used magnifications."""
-        return [self.feature_tap]
-
-    def param_groups(self):
-        return split_params(self, self.backbones)
-
-    def backbone_features(self, images, present):
-        """Last-stage feature maps (B, m, C, h, w) of the used magnifications."""
-        if self.shared_backbone:
-            b, m = images.shape[:2]
-            feats = run_present(self.backbones[0], images.flatten(0, 1), present.flatten())
-            return feats.unflatten(0, (b, m))
-        feats = [run_present(net, images[:, j], present[:, j]) for j, net in enumerate(self.backbones)]
-        return torch.stack(feats, 1)
+    def backbone_modules(self):
+        return self.backbones
 
     def forward_features(self, x, mask=None):
         """Per-magnification branch vectors (B, m, D), present mask (B, m) and spatial maps (B, m, h, w)."""
         present = present_mask(x, mask)[:, self.used_mags]
-        feats = self.backbone_features(x[:, self.used_mags], present)
-        b, m = feats.shape[:2]
-        feats = self.feature_tap(feats.flatten(0, 1)).unflatten(0, (b, m))
+        feats = self.feature_tap(magnification_features(self.backbones, x[:, self.used_mags], present))
+        feats = feats.unflatten(0, present.shape)
         vectors, maps = [], []
         for j, branch in enumerate(self.branches):
             attended, attn = branch(feats[:, j])
@@ -260,24 +175,18 @@ class MMNet(nn.Module):
         if self.cmf is not None:
             fused, mag_weights = self.cmf(z, levels, present)
         else:
-            mag_weights = present.float() / present.sum(1, keepdim=True).clamp_min(1)
+            mag_weights = uniform_weights(present)
             fused = (mag_weights.unsqueeze(-1).to(levels.dtype) * levels).sum(1)
         embedding = fused if summary is None else torch.cat([fused, summary], 1)
         return embedding, mag_weights, hma_weights
 
-    def forward_head(self, embedding):
-        return self.binary_head(self.head_drop(embedding)).squeeze(-1), self.subtype_head(embedding)
-
     def forward(self, x, mask=None):
         z, present, spatial = self.forward_features(x, mask)
         embedding, mag_weights, hma_weights = self.fuse(z, present)
-        binary, subtype = self.forward_head(embedding)
         n = len(self.magnifications)
-        return dict(
-            binary_logits=binary,
-            subtype_logits=subtype,
-            embedding=embedding,
-            mag_weights=scatter_mags(mag_weights, self.used_mags, n),
+        return self.outputs(
+            embedding,
+            scatter_mags(mag_weights, self.used_mags, n),
             hma_weights=None if hma_weights is None else scatter_mags(hma_weights, self.used_mags, n),
             spatial_maps=None if spatial is None else scatter_mags(spatial, self.used_mags, n),
         )

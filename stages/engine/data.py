@@ -1,0 +1,84 @@
+"""One run's data: the split's rows per role, tuples and batches over the resident image bank, the loss weights."""
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from backbones import REFERENCE_MODEL
+from preprocess.analyze import load_index, subtype_classes
+from preprocess.cache import cache_folder
+from preprocess.preprocess import load_split
+from preprocess.tuples import ImageBank, TrainBatches, eval_batches, eval_tuples, groups, image_bank
+from utils.checks import resource_errors
+from utils.helpers import PipelineError, run_dir, warn
+from utils.losses import Criterion, class_balanced_weights, focal_alpha
+
+
+@dataclass
+class RunData:
+    """Everything one training run reads: model settings, classes, tuples and batches per role, sampler, loss."""
+    name: str
+    split: str
+    folder: Path
+    model_name: str
+    model_kwargs: dict
+    classes: list
+    bank: ImageBank
+    train_sampler: TrainBatches
+    tuples: dict
+    batches: dict
+    criterion: Criterion
+
+    @property
+    def tag(self):
+        return f"{self.name}/{self.split}"
+
+
+def model_kwargs(cfg, model_name, n_classes, flags):
+    kwargs = dict(magnifications=tuple(cfg.magnifications), num_subtypes=n_classes, backbone=cfg.backbone,
+                  pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path, drop_rate=cfg.drop_rate)
+    if model_name == REFERENCE_MODEL:
+        kwargs["shared_backbone"] = cfg.shared_backbone
+    if flags.get("backbone", cfg.backbone) != cfg.backbone:
+        kwargs["pretrained_path"] = ""
+    return dict(kwargs, **flags)
+
+
+def split_frames(cfg, split_name):
+    """The index, and its rows per role ('train', 'val', 'test') of the saved split."""
+    split = load_split(cfg, split_name)
+    index = load_index(cfg)
+    roles = dict(zip(split["patient_id"].astype(str), split["role"]))
+    index = index.assign(patient_id=index["patient_id"].astype(str))
+    role = index["patient_id"].map(roles)
+    if role.isna().any():
+        warn(f"{int(role.isna().sum())} images belong to patients missing from split '{split_name}'; left out")
+    parts = {r: index[role == r] for r in ("train", "val", "test")}
+    empty = [r for r, rows in parts.items() if rows.empty]
+    if empty:
+        raise PipelineError(f"split '{split_name}' has no {'/'.join(empty)} patients. Rerun the 'split' stage.")
+    return index, parts
+
+
+def make_criterion(cfg, train_groups, classes):
+    """Focal alpha and class-balanced subtype weights from the training units (fixed tuples per group)."""
+    labels = [g["label"] for g in train_groups]
+    counts = Counter(g["subtype_label"] for g in train_groups)
+    units = [counts.get(c, 0) * cfg.tuples_per_patient for c in classes]
+    return Criterion(focal_alpha(labels), class_balanced_weights(units), cfg.focal_gamma, cfg.subtype_loss_weight)
+
+
+def prepare_run(cfg, name, split_name, model_name, flags):
+    """Everything one training run needs: tuples, batches over the image bank, sampler, criterion, model settings."""
+    index, parts = split_frames(cfg, split_name)
+    classes = subtype_classes(index)
+    mags = tuple(cfg.magnifications)
+    with resource_errors("the image cache", folder=cache_folder(cfg)):
+        bank = image_bank(cfg, index["path"].astype(str).tolist())
+    sampler = TrainBatches(parts["train"], mags, bank.row_of, classes, cfg.tuples_per_patient, cfg.batch_size, cfg.seed)
+    tuples = {role: eval_tuples(rows, mags) for role, rows in parts.items()}
+    batches = {role: eval_batches(t, mags, bank.row_of, classes, cfg.batch_size) for role, t in tuples.items()}
+    return RunData(name=name, split=split_name, folder=run_dir(cfg, name, split_name), model_name=model_name,
+                   model_kwargs=model_kwargs(cfg, model_name, len(classes), flags), classes=classes, bank=bank,
+                   train_sampler=sampler, tuples=tuples, batches=batches,
+                   criterion=make_criterion(cfg, groups(parts["train"], mags), classes))
+

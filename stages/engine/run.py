@@ -1,0 +1,108 @@
+"""One run from start to finish: train, evaluate and write its folder; skipped when already finished."""
+import shutil
+import time
+
+import numpy as np
+
+from backbones import build_model
+from config import to_dict
+from stages.engine.checkpoint import slim_last
+from stages.engine.data import prepare_run
+from stages.engine.evaluate import evaluate
+from stages.engine.train import fit
+from utils.checks import resource_errors
+from utils.env import resolve_device, seed_everything
+from utils.helpers import log, read_json_or_none, run_dir, write_csv, write_json
+from utils.lock import RunLock, describe, try_lock
+
+WAIT_S = 2.0
+
+
+def macro_f1(block):
+    return block["tuple"]["macro_f1"] if block and block.get("tuple") else float("nan")
+
+
+def fold_line(tag, m):
+    p, t = m["test"]["patient"], m["test"]["tuple"]
+    return (f"[{tag}] TEST patient AUC {p['youden']['auc']:.3f} acc {p['youden']['accuracy']:.3f} "
+            f"F1 {p['youden']['f1']:.3f} sens {p['youden']['recall']:.3f} spec {p['youden']['specificity']:.3f} "
+            f"(t={m['threshold']['youden']:.2f}; acc@0.5 {p['t0.5']['accuracy']:.3f}) | tuple AUC {t['t0.5']['auc']:.3f} "
+            f"acc {t['youden']['accuracy']:.3f} | subtype macro-F1 {macro_f1(m['subtype']):.3f} "
+            f"(SMOTE {macro_f1(m.get('subtype_smote')):.3f}) | {m['epochs']} epochs, best {m['best_epoch']}, "
+            f"{m['train_seconds']:.0f}s")
+
+
+
+def finished(cfg, folder, tag):
+    """metrics.json of a finished run (its marker parses), or None when the run must be trained."""
+    metrics = read_json_or_none(folder / "metrics.json")
+    if metrics is None or cfg.force:
+        return None
+    log(f"[{tag}] finished earlier; skipped (--force reruns it)")
+    return metrics
+
+
+def wait_for(folder, tag):
+    """The lock of a run folder, once no other live process holds it (that process may finish the run meanwhile)."""
+    lock = try_lock(folder)
+    if lock is not None:
+        return lock
+    log(f"[{tag}] is being trained by {describe(RunLock(folder).held_by())}; waiting for it")
+    while lock is None:
+        time.sleep(WAIT_S)
+        lock = try_lock(folder)
+    return lock
+
+
+def run_one(cfg, spec, split_name, callback=None):
+    """Train, evaluate and write one run folder under its lock; a finished run is read back unless cfg.force."""
+    folder, tag = run_dir(cfg, spec.name, split_name), f"{spec.name}/{split_name}"
+    done = finished(cfg, folder, tag)
+    if done is not None:
+        return done
+    with wait_for(folder, tag):
+        done = finished(cfg, folder, tag) if not cfg.force else None
+        if done is not None:
+            return done
+        with resource_errors(f"run {tag}", folder=folder):
+            return train_and_score(cfg, spec, split_name, folder, callback)
+
+
+def train_and_score(cfg, spec, split_name, folder, callback=None):
+    seed_everything(cfg.seed)
+    (folder / "metrics.json").unlink(missing_ok=True)
+    run = prepare_run(cfg, spec.name, split_name, spec.model, dict(spec.flags))
+    write_json(folder / "config.json", dict(run=spec.name, split=split_name, model_name=spec.model,
+                                            model_kwargs=run.model_kwargs, config=to_dict(cfg)))
+    device = resolve_device(cfg.device)
+    model = build_model(spec.model, **run.model_kwargs)
+    log(f"[{run.tag}] {spec.model} | {len(run.train_sampler.group_list)} train groups x {cfg.tuples_per_patient} "
+        f"tuples/epoch | val {len(run.tuples['val'])} / test {len(run.tuples['test'])} tuples | device {device}")
+    state = fit(cfg, model, run, device, callback)
+    predictions, metrics = evaluate(cfg, model, run, device, state)
+    write_csv(predictions, folder / "predictions.csv", index=False)
+    write_json(folder / "metrics.json", metrics)
+    slim_last(folder)
+    log(fold_line(run.tag, metrics))
+    return metrics
+
+
+def mean_std(values):
+    values = np.asarray(values, dtype=float)
+    return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}" if len(values) else "n/a"
+
+
+def summary_line(run_name, results):
+    pick = lambda key, t="youden": [r["test"]["patient"][t][key] for r in results]  # noqa: E731
+    return (f"[{run_name}] {len(results)} split(s) | test patient AUC {mean_std(pick('auc'))} | "
+            f"acc {mean_std(pick('accuracy'))} | F1 {mean_std(pick('f1'))} | acc@0.5 {mean_std(pick('accuracy', 't0.5'))}")
+
+
+def copy_best(cfg, name, split_name, target):
+    """Copy a run's best checkpoint to `target` (output/models/...)."""
+    best = run_dir(cfg, name, split_name) / "checkpoints" / "best.pth"
+    if not best.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best, target)
+

@@ -1,0 +1,237 @@
+"""Training one run: AdamW, warmup + cosine, AMP, accumulation, clipping, early stopping on validation patient AUC."""
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from preprocess.transforms import prepare
+from stages.engine.checkpoint import (check_checkpoint, checkpoint, load_state, read_checkpoint, rng_state, save,
+                                      set_rng_state)
+from stages.engine.predict import amp_settings, autocast, predict, targets
+from utils.helpers import PipelineError, log, warn, write_csv
+from utils.metrics import binary_metrics, patient_level, safe_auc, youden_threshold
+
+
+@dataclass
+class TrainState:
+    """Where training stands: saved in last.pth so --resume continues at the next epoch."""
+    epoch: int = 0
+    history: list = field(default_factory=list)
+    best_score: list = None
+    best_epoch: int = 0
+    best_auc: float = float("nan")
+    bad_epochs: int = 0
+    bad_steps: int = 0
+    stopped: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class Optimisation:
+    """Optimizer, LR schedule, AMP dtype and loss scaler of one run."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    dtype: torch.dtype = None
+    scaler: torch.amp.GradScaler = None
+
+    def step(self, model, cfg):
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def state_dict(self):
+        return dict(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                    scaler=self.scaler.state_dict() if self.scaler else None)
+
+    def load(self, ckpt):
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+
+
+def optimisation(model, cfg, device, batches_per_epoch):
+    optimizer = build_optimizer(model, cfg, device)
+    dtype, scaler = amp_settings(cfg, device)
+    return Optimisation(optimizer, build_scheduler(optimizer, cfg, batches_per_epoch), dtype, scaler)
+
+
+
+def build_optimizer(model, cfg, device):
+    """AdamW (fused on CUDA); a pretrained backbone at lr * backbone_lr_scale (random init at lr); no decay on biases
+    and norms."""
+    if hasattr(model, "param_groups"):
+        backbone, head = model.param_groups()
+    else:
+        backbone, head = [], list(model.parameters())
+    scale = cfg.backbone_lr_scale if cfg.pretrained or cfg.pretrained_path else 1.0
+    groups = []
+    for params, lr in ((backbone, cfg.lr * scale), (head, cfg.lr)):
+        params = [p for p in params if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        plain = [p for p in params if p.dim() < 2]
+        groups += [dict(params=decay, lr=lr, weight_decay=cfg.weight_decay), dict(params=plain, lr=lr, weight_decay=0.0)]
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999), fused=device.type == "cuda")
+
+
+def lr_factor(step, warmup, total, floor=0.01):
+    """Linear warmup to 1, then cosine down to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, cfg, batches_per_epoch):
+    steps = math.ceil(batches_per_epoch / max(1, cfg.accum_steps))
+    total, warmup = steps * cfg.epochs, steps * cfg.warmup_epochs
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+
+
+def bad_step(state, cfg, epoch, step):
+    state.bad_steps += 1
+    warn(f"non-finite loss at epoch {epoch}, step {step}: step skipped ({state.bad_steps}/{cfg.max_bad_steps})")
+    if state.bad_steps >= cfg.max_bad_steps:
+        raise PipelineError(
+            f"training diverged: {state.bad_steps} steps had a non-finite loss (limit --max-bad-steps "
+            f"{cfg.max_bad_steps}). Lower --lr, keep --grad-clip on, or try --no-amp.")
+
+
+def train_epoch(model, forward, run, opt, cfg, device, state, epoch):
+    """One pass over fresh training tuples through `forward` (the model, or its compiled twin); returns (mean loss,
+    accuracy at 0.5)."""
+    model.train()
+    total, correct, seen, accum = 0.0, 0, 0, max(1, cfg.accum_steps)
+    batches = list(run.train_sampler)
+    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None, dynamic_ncols=True)
+    opt.optimizer.zero_grad(set_to_none=True)
+    pending = 0
+    for step, (rows, labels, subtypes) in enumerate(bar, 1):
+        x, mask = prepare(*run.bank.gather(rows, device), device, train=True)
+        labels, subtypes = targets(labels, device), targets(subtypes, device, torch.long)
+        with autocast(device, opt.dtype):
+            out = forward(x, mask)
+            loss = run.criterion(out, labels, subtypes)
+        if not torch.isfinite(loss):
+            bad_step(state, cfg, epoch, step)
+            continue
+        (opt.scaler.scale(loss / accum) if opt.scaler else loss / accum).backward()
+        pending += 1
+        if pending == accum:
+            opt.step(model, cfg)
+            pending = 0
+        n = len(labels)
+        total += loss.item() * n
+        correct += int(((out["binary_logits"].detach() > 0).float() == labels).sum())
+        seen += n
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    if pending:
+        opt.step(model, cfg)
+    return (total / seen if seen else float("nan")), (correct / seen if seen else float("nan"))
+
+
+
+def validation_row(tuples, res):
+    """History fields from validation tuples: tuple-level metrics at 0.5, patient-level AUC, Youden threshold."""
+    y = tuples["label"].to_numpy()
+    m = binary_metrics(y, res["prob"], 0.5)
+    patients = patient_level(tuples.assign(prob_malignant=res["prob"]))
+    return dict(val_loss=res["loss"], val_acc=m["accuracy"], val_bal_acc=m["balanced_accuracy"], val_f1=m["f1"],
+                val_auc=safe_auc(patients["label"], patients["prob_malignant"]), val_auc_tuple=m["auc"],
+                threshold=youden_threshold(y, res["prob"]))
+
+
+def score_of(row):
+    """Early-stopping score: patient AUC, ties broken by tuple AUC, then lower loss."""
+    def finite(v, default=-1.0):
+        return float(v) if v is not None and np.isfinite(v) else default
+    return (finite(row["val_auc"]), finite(row["val_auc_tuple"]), -finite(row["val_loss"], 1e9))
+
+
+def resume(folder, model, opt, run, cfg):
+    """Training state from checkpoints/last.pth when --resume and it exists, else a fresh state."""
+    path = Path(folder) / "checkpoints" / "last.pth"
+    if not cfg.resume or not path.exists():
+        return TrainState()
+    ckpt = read_checkpoint(path)
+    check_checkpoint(ckpt, checkpoint(model, run, cfg, 0, 0), path)
+    if "optimizer" not in ckpt:
+        log(f"{path} belongs to a finished run; training it again from scratch")
+        return TrainState()
+    load_state(model, ckpt, path)
+    opt.load(ckpt)
+    set_rng_state(ckpt["rng"])
+    log(f"Resuming from {path} after epoch {ckpt['state']['epoch']}")
+    return TrainState(**ckpt["state"])
+
+
+
+def epoch_line(tag, epoch, cfg, row, best):
+    return (f"[{tag}] epoch {epoch:>2}/{cfg.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} bal {row['val_bal_acc']:.3f} "
+            f"F1 {row['val_f1']:.3f} AUC {row['val_auc']:.3f} (tuple {row['val_auc_tuple']:.3f}) | "
+            f"t {row['threshold']:.2f} | lr {row['lr']:.2e} | {row['seconds']:.1f}s{' *' if best else ''}")
+
+
+def end_epoch(model, run, opt, cfg, state, row):
+    """Early-stopping bookkeeping, best/last checkpoints and history.csv after one epoch."""
+    ckpt_dir = Path(run.folder) / "checkpoints"
+    improved = state.best_score is None or score_of(row) > tuple(state.best_score)
+    if improved:
+        state.best_score, state.best_epoch, state.best_auc = list(score_of(row)), row["epoch"], row["val_auc"]
+        state.bad_epochs = 0
+        save(checkpoint(model, run, cfg, row["epoch"], row["val_auc"]), ckpt_dir / "best.pth")
+    else:
+        state.bad_epochs += 1
+    state.history.append(row)
+    state.epoch, state.seconds = row["epoch"], state.seconds + row["seconds"]
+    state.stopped = state.bad_epochs >= cfg.patience
+    log(epoch_line(run.tag, row["epoch"], cfg, row, improved))
+    write_csv(pd.DataFrame(state.history), Path(run.folder) / "history.csv", index=False)
+    last = checkpoint(model, run, cfg, row["epoch"], state.best_auc)
+    last.update(opt.state_dict(), rng=rng_state(), state=asdict(state))
+    save(last, ckpt_dir / "last.pth")
+    if state.stopped:
+        log(f"[{run.tag}] early stop: validation AUC not better for {cfg.patience} epochs (best epoch {state.best_epoch})")
+
+
+def fit(cfg, model, run, device, callback=None):
+    """Train with early stopping; writes history.csv, checkpoints/best.pth and last.pth; returns the final state."""
+    model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model.to(memory_format=torch.channels_last)
+    opt = optimisation(model, cfg, device, len(run.train_sampler))
+    forward = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    state = resume(run.folder, model, opt, run, cfg)
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        if state.stopped:
+            break
+        start = time.time()
+        run.train_sampler.set_epoch(epoch)
+        loss, acc = train_epoch(model, forward, run, opt, cfg, device, state, epoch)
+        row = dict(epoch=epoch, train_loss=loss, train_acc=acc)
+        val = predict(model, run.bank, run.batches["val"], device, opt.dtype, run.criterion)
+        row.update(validation_row(run.tuples["val"], val))
+        row.update(lr=opt.optimizer.param_groups[-1]["lr"], seconds=time.time() - start)
+        end_epoch(model, run, opt, cfg, state, row)
+        if callback is not None:
+            callback(epoch, state)
+    best = Path(run.folder) / "checkpoints" / "best.pth"
+    if best.exists():
+        load_state(model, read_checkpoint(best, device), best)
+    return state
+

@@ -1,0 +1,145 @@
+"""Explain stage: Grad-CAM, spatial attention and magnification importance of best_model.pth on fixed-split test tuples."""
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+
+from backbones.our.gradcam import attention_maps, gradcam
+from preprocess.analyze import load_index
+from preprocess.transforms import prepare
+from preprocess.tuples import eval_batches, eval_tuples, image_bank, tuple_rows
+from stages.engine.checkpoint import load_model
+from stages.engine.data import split_frames
+from stages.engine.predict import predict
+from stages.runs import REFERENCE
+from utils import plottings as plots
+from utils import scoring
+from utils.env import resolve_device
+from utils.helpers import PipelineError, log, models_dir, plots_dir, require, runs_dir, write_csv
+
+
+def fixed_threshold(cfg):
+    """The validation Youden threshold of the fixed reference run (tuple level), else 0.5."""
+    folder = runs_dir(cfg) / REFERENCE / "fixed"
+    if not (folder / "predictions.csv").exists():
+        return 0.5
+    return scoring.threshold(scoring.load_run(folder), "val_youden")
+
+
+
+def test_tuples(cfg, mags):
+    _, parts = split_frames(cfg, "fixed")
+    return eval_tuples(parts["test"], mags)
+
+
+
+def predict_all(cfg, model, tuples, bank, device):
+    """Malignant probability and CMF/HMA weights of every tuple, through the one prediction path."""
+    mags = cfg.magnifications
+    batches = eval_batches(tuples, mags, bank.row_of, [], cfg.batch_size)
+    res = predict(model, bank, batches, device)
+    frame = tuples.copy()
+    frame["prob_malignant"] = res["prob"]
+    for j, mag in enumerate(mags):
+        frame[f"w_{mag}"] = res["mag_weights"][:, j]
+        frame[f"hma_{mag}"] = res["hma_weights"][:, j]
+        frame[f"mask_{mag}"] = (frame[f"path_{mag}"] != "").astype(int)
+    return frame
+
+
+
+def pick_samples(frame, threshold, per_cell):
+    """Up to per_cell tuples per (class, correct/wrong), most confident first, one per patient where possible."""
+    frame = frame.assign(pred=(frame["prob_malignant"] >= threshold).astype(int), threshold=threshold)
+    frame["correct"] = frame["pred"] == frame["label"]
+    frame["confidence"] = np.where(frame["pred"] == 1, frame["prob_malignant"], 1 - frame["prob_malignant"])
+    picks, empty = [], []
+    for label, cls in enumerate(plots.CLASS_NAMES):
+        for correct in (True, False):
+            cell = frame[(frame["label"] == label) & (frame["correct"] == correct)]
+            cell = cell.sort_values("confidence", ascending=False)
+            first = cell.drop_duplicates("patient_id")
+            chosen = pd.concat([first, cell.drop(first.index)]).head(per_cell)
+            kind = f"{cls}_{'correct' if correct else 'wrong'}"
+            if chosen.empty:
+                empty.append(kind)
+            picks.append(chosen.assign(category=kind, rank=range(len(chosen))))
+    return pd.concat(picks), empty
+
+
+def sample_title(row, what):
+    verdict = "correct" if row["correct"] else "WRONG"
+    return (f"{what} | true {plots.CLASS_NAMES[int(row['label'])]}, predicted {plots.CLASS_NAMES[int(row['pred'])]} "
+            f"(P(malignant) = {row['prob_malignant']:.3f}, validation threshold {row['threshold']:.2f}, {verdict})\n"
+            f"patient {row['patient_id']}, tuple {row['tuple_id']}")
+
+
+def explain_figures(cfg, model, picks, bank, device):
+    """Grad-CAM and spatial-attention figures of the picked tuples; returns the file list."""
+    mags = list(cfg.magnifications)
+    used = [j in set(model.used_mags) for j in range(len(mags))]
+    images, mask = bank.gather(tuple_rows(picks, mags, bank.row_of), device)
+    x, mask = prepare(images, mask, device)
+    images = images.cpu()
+    cams = gradcam(model, x.to(device), mask.to(device)).cpu().numpy()
+    attn, out = attention_maps(model, x.to(device), mask.to(device))
+    weights = out["mag_weights"].float().cpu().numpy()
+    if attn is None:
+        log("explain: this model has no spatial attention maps; attention_maps/ is left empty")
+    rows = []
+    for i, row in enumerate(picks.to_dict("records")):
+        stem = f"{row['category']}_{row['rank']}_{safe(row['patient_id'])}"
+        captions = [f"CMF weight {w:.2f}" if m else "" for w, m in zip(weights[i], mask[i].tolist())]
+        target = plots.CLASS_NAMES[int(row["pred"])]
+        gc = plots.overlay_panels(images[i].numpy(), cams[i], mask[i].tolist(), used, mags,
+                              sample_title(row, f"Grad-CAM for '{target}'"), plots_dir(cfg) / "gradcam" / f"{stem}.png",
+                              "Grad-CAM (scaled per image)", captions)
+        at = None
+        if attn is not None:
+            at = plots.overlay_panels(images[i].numpy(), attn[i].cpu().numpy(), mask[i].tolist(), used, mags,
+                                  sample_title(row, "Spatial attention"),
+                                  plots_dir(cfg) / "attention_maps" / f"{stem}.png",
+                                  "attention (scaled per image)", captions)
+        rows.append(dict(category=row["category"], patient_id=row["patient_id"], tuple_id=row["tuple_id"],
+                         label=int(row["label"]), pred=int(row["pred"]), prob_malignant=row["prob_malignant"],
+                         gradcam=relative(cfg, gc), attention_map=relative(cfg, at), note=""))
+    return rows
+
+
+def relative(cfg, path):
+    return str(path.relative_to(plots_dir(cfg))) if path else ""
+
+
+def safe(text):
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(text))
+
+
+def run_explain(cfg):
+    """Stage: Grad-CAM, spatial attention and magnification importance of best_model.pth on fixed-split test tuples."""
+    path = require(models_dir(cfg) / "best_model.pth", "fixed")
+    plots.setup_style()
+    device = resolve_device(cfg.device)
+    model, ckpt = load_model(path, device)
+    cfg = replace(cfg, magnifications=tuple(ckpt["magnifications"]), image_size=int(ckpt["image_size"]))
+    tuples = test_tuples(cfg, cfg.magnifications)
+    if tuples.empty:
+        raise PipelineError("the fixed split has no test tuples to explain. "
+                            "Rerun: python main.py --stages split,fixed,explain")
+    threshold = fixed_threshold(cfg)
+    bank = image_bank(cfg, load_index(cfg)["path"].astype(str).tolist())
+    frame = predict_all(cfg, model, tuples, bank, device)
+    plots.importance_plot(frame, cfg.magnifications, "Best model: magnification importance on the fixed-split test tuples",
+                          plots_dir(cfg) / "magnification_importance" / "best_model_fixed_test.png")
+    picks, empty = pick_samples(frame, threshold, cfg.explain_samples)
+    rows = explain_figures(cfg, model, picks, bank, device) if len(picks) else []
+    for kind in empty:
+        cls, verdict = kind.split("_")
+        rows.append(dict(category=kind, note=f"no {verdict} predictions for true {cls} tuples in the fixed test set"))
+        log(f"explain: no {verdict} predictions for true {cls} tuples in the fixed test set (threshold {threshold:.3f})")
+    listing = pd.DataFrame(rows).astype({"label": "Int64", "pred": "Int64"})
+    for folder in ("gradcam", "attention_maps"):
+        (plots_dir(cfg) / folder).mkdir(parents=True, exist_ok=True)
+        write_csv(listing, plots_dir(cfg) / folder / "index.csv", index=False)
+    log(f"Explained {len(picks)} test tuples (threshold {threshold:.3f}, {cfg.explain_samples} per class x correct/wrong) "
+        f"-> {plots_dir(cfg) / 'gradcam'}, {plots_dir(cfg) / 'attention_maps'}")
+

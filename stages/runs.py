@@ -1,0 +1,60 @@
+"""The one list of runs: every model the pipeline trains, the stage that trains it and the tables that show it."""
+from dataclasses import dataclass, field
+
+from backbones import REFERENCE_MODEL
+
+REFERENCE = REFERENCE_MODEL
+PARTS = ("spatial", "channel", "hma", "cmf")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run name under output/runs/, the registry model it builds and the model flags it changes."""
+    name: str
+    model: str
+    stage: str
+    flags: dict = field(default_factory=dict, hash=False, compare=False)
+    tables: tuple = ()
+    mag: str = ""
+
+    @property
+    def reference(self):
+        return REFERENCE
+
+
+def reference_runs():
+    return [RunSpec(REFERENCE, REFERENCE, "cv", tables=("cv",)), RunSpec(REFERENCE, REFERENCE, "fixed", tables=("fixed",))]
+
+
+def baseline_runs(cfg):
+    runs = [RunSpec("simple_concat", "simple_concat", "baselines", tables=("baseline", "ablation"))]
+    runs += [RunSpec(f"single_{m}", "single_mag", "baselines", {"mag": m}, ("baseline", "magnification"), m)
+             for m in cfg.magnifications]
+    flags = {"mag": cfg.magnifications[0], "backbone": cfg.resnet_backbone}
+    return runs + [RunSpec("resnet50_transfer", "resnet50_transfer", "baselines", flags, ("baseline",))]
+
+
+def ablation_runs(cfg):
+    runs = [RunSpec(f"{REFERENCE}_no_{part}", REFERENCE, "ablations", {f"use_{part}": False}, ("ablation",))
+            for part in PARTS]
+    return runs + [RunSpec(f"{REFERENCE}_only_{m}", REFERENCE, "ablations", {"use_mags": (m,)},
+                           ("ablation", "magnification"), m) for m in cfg.magnifications]
+
+
+def all_runs(cfg):
+    return reference_runs() + baseline_runs(cfg) + ablation_runs(cfg)
+
+
+def stage_runs(cfg, stage):
+    return [r for r in all_runs(cfg) if r.stage == stage]
+
+
+def table_runs(cfg, table):
+    """Run names a comparison table lists after the reference, in table order."""
+    order = {"ablation": ablation_runs(cfg) + baseline_runs(cfg)[:1]}
+    runs = order.get(table, all_runs(cfg))
+    return list(dict.fromkeys(r.name for r in runs if table in r.tables))
+
+
+def magnification_runs(cfg, mag):
+    return [r.name for r in all_runs(cfg) if "magnification" in r.tables and r.mag == mag]

@@ -1,0 +1,67 @@
+"""Training stages: the reference model on the CV folds and the fixed split, baselines and ablations, same tuples."""
+from preprocess.preprocess import cv_split_names
+from stages.engine.run import copy_best, summary_line
+from stages.runs import REFERENCE, stage_runs
+from stages.schedule import run_units, world_size
+from utils.helpers import log, models_dir, read_json, require, run_dir, split_path
+
+
+def checked_cv_names(cfg):
+    """CV split names, after checking the 'split' stage has written them."""
+    names = list(cv_split_names(cfg))
+    for name in names:
+        require(split_path(cfg, name), "split")
+    return names
+
+
+def stage_splits(cfg, stage):
+    if stage == "fixed":
+        return [require(split_path(cfg, "fixed"), "split").stem]
+    return checked_cv_names(cfg)
+
+
+def keep_best(cfg, spec, split):
+    """The reference model's best checkpoints: per fold under models/checkpoints, the fixed split's as best_model.pth."""
+    if spec.name != REFERENCE:
+        return
+    target = models_dir(cfg) / ("best_model.pth" if split == "fixed" else f"checkpoints/{REFERENCE}_{split}.pth")
+    copy_best(cfg, spec.name, split, target)
+
+
+def run_stage(cfg, stage):
+    """This process's share of the (run, split) units of one training stage, in the fixed order of the run list;
+    alone (no torchrun) it also finishes the stage, under torchrun main.py does once every rank is done."""
+    splits = stage_splits(cfg, stage)
+    run_units(cfg, [(spec, split) for spec in stage_runs(cfg, stage) for split in splits])
+    if world_size() == 1:
+        finish_stage(cfg, stage)
+
+
+def finish_stage(cfg, stage):
+    """After every rank's runs: the reference model's best checkpoints and one summary line per run."""
+    splits = stage_splits(cfg, stage)
+    for spec in stage_runs(cfg, stage):
+        results = [read_json(run_dir(cfg, spec.name, split) / "metrics.json") for split in splits]
+        for split in splits:
+            keep_best(cfg, spec, split)
+        log(summary_line(spec.name if stage != "fixed" else f"{spec.name} fixed", results))
+
+
+def run_cv(cfg):
+    """The reference model on every selected cross-validation fold."""
+    run_stage(cfg, "cv")
+
+
+def run_fixed(cfg):
+    """The reference model on the fixed 70/15/15 split; its best checkpoint becomes output/models/best_model.pth."""
+    run_stage(cfg, "fixed")
+
+
+def run_baselines(cfg):
+    """Simple concatenation, one model per magnification and the ResNet50 transfer baseline, on the CV folds."""
+    run_stage(cfg, "baselines")
+
+
+def run_ablations(cfg):
+    """The reference model without each component, and on each magnification alone, on the CV folds."""
+    run_stage(cfg, "ablations")

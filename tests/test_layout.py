@@ -1,0 +1,87 @@
+"""The house: imports run only downward through the floors, no cycles, no project import hidden in a function."""
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("config", "utils", "preprocess", "backbones", "stages", "main")
+
+
+def floor(module):
+    """config 0, utils 1, preprocess and backbones 2, the one-run engine 3, the stages 4, main 5."""
+    top = module.split(".")[0]
+    if module.startswith("stages.engine"):
+        return 3
+    return {"config": 0, "utils": 1, "preprocess": 2, "backbones": 2, "stages": 4, "main": 5}[top]
+
+
+def modules():
+    files = [p for p in ROOT.rglob("*.py") if p.parts[len(ROOT.parts)] in {f"{n}.py" for n in PACKAGES} | set(PACKAGES)]
+    return {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in files}
+
+
+def imports(path, name):
+    """(imported project module, inside a function?) for every import statement of one file."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = name.split(".")[: len(name.split(".")) - node.level + (path.name == "__init__.py")]
+                base = ".".join(package + ([node.module] if node.module else []))
+            targets = [base]
+        found += [(t, node.col_offset > 0) for t in targets if t.split(".")[0] in PACKAGES]
+    return found
+
+
+def graph():
+    mods = modules()
+    return {name: imports(path, name) for name, path in mods.items()}
+
+
+def test_no_import_runs_upward_or_sideways_between_packages():
+    wrong = []
+    for name, targets in graph().items():
+        for target, _ in targets:
+            same_package = target.split(".")[0] == name.split(".")[0]
+            if floor(target) > floor(name) or (floor(target) == floor(name) and not same_package):
+                wrong.append(f"{name} -> {target}")
+    assert not wrong
+
+
+def test_no_project_import_inside_a_function():
+    hidden = [f"{name} -> {target}" for name, targets in graph().items() for target, nested in targets if nested]
+    assert not hidden
+
+
+def test_no_cycle():
+    edges = {name: {t for t, _ in targets} for name, targets in graph().items()}
+    seen, stack = set(), []
+
+    def visit(node):
+        assert node not in stack, " -> ".join(stack + [node])
+        if node in seen:
+            return
+        stack.append(node)
+        for nxt in edges.get(node, ()):
+            visit(nxt)
+        stack.pop()
+        seen.add(node)
+
+    for node in edges:
+        visit(node)
+
+
+def test_the_reference_model_name_is_spelled_once():
+    spelled = [f"{name}:{i}" for name, path in modules().items()
+               for i, line in enumerate(path.read_text().splitlines(), 1) if re.search(r"[\"']mmnet[\"']", line)]
+    assert len(spelled) == 1, spelled
+
+
+def test_every_file_is_short():
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) >= 350}
+    assert not long

@@ -1,0 +1,193 @@
+"""Start-up checks of every config field, and resource errors (memory, disk) turned into messages that name a fix."""
+import errno
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from config import MAGNIFICATIONS, config_fields
+from utils.helpers import PipelineError
+
+STRIDE = 32  # timm CNN backbones downsample by 32 at their last stage, so sizes that are multiples of 32 always fit
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one flag accepts: a test, its wording (for messages and --help) and one value it rejects."""
+    ok: Callable[[Any], bool]
+    allowed: str
+    bad: Any
+    problem: str = "is not valid"
+
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(lo, hi=None):
+    if hi is None:
+        return Rule(lambda v: is_int(v) and v >= lo, f"an integer >= {lo}", lo - 1, "is out of range")
+    return Rule(lambda v: is_int(v) and lo <= v <= hi, f"an integer in [{lo}, {hi}]", lo - 1, "is out of range")
+
+
+def number(lo, hi=None, low_open=False, high_open=False):
+    """A finite number above lo (and below hi); open ends exclude the bound."""
+    def ok(v):
+        if not is_number(v):
+            return False
+        above = v > lo if low_open else v >= lo
+        below = hi is None or (v < hi if high_open else v <= hi)
+        return above and below
+    if hi is None:
+        return Rule(ok, f"a number {'>' if low_open else '>='} {lo}", lo if low_open else lo - 1, "is out of range")
+    ends = f"{'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
+    return Rule(ok, f"a number in {ends}", lo if low_open else lo - 1, "is out of range")
+
+
+def fraction():
+    return number(0, 1, low_open=True, high_open=True)
+
+
+def image_size():
+    return Rule(lambda v: is_int(v) and v >= STRIDE and v % STRIDE == 0,
+                f"an integer >= {STRIDE} and a multiple of {STRIDE} (the output stride of timm CNN backbones)",
+                STRIDE + STRIDE // 2, "is out of range")
+
+
+def boolean():
+    return Rule(lambda v: isinstance(v, bool), "true or false (--flag / --no-flag)", "yes")
+
+
+def text(empty=False):
+    return Rule(lambda v: isinstance(v, str) and (empty or v.strip() != ""),
+                "a text (may be empty)" if empty else "a non-empty text", None if empty else "")
+
+
+def device():
+    return Rule(lambda v: isinstance(v, str) and DEVICE.fullmatch(v) is not None,
+                "one of auto, cpu, cuda, cuda:N, mps", "gpu")
+
+
+def timm_model():
+    """A backbone name timm knows (timm.is_model; no weights are loaded)."""
+    def ok(v):
+        import timm
+        return isinstance(v, str) and timm.is_model(v)
+    return Rule(ok, "a timm model name, see timm.list_models()", "no_such_backbone", "is unknown")
+
+
+def file_or_empty():
+    return Rule(lambda v: isinstance(v, str) and (v == "" or Path(v).is_file()),
+                "empty (weights from the hub) or an existing weights file", "missing/weights.pth", "is not a file")
+
+
+def distinct(items):
+    return isinstance(items, tuple) and len(set(items)) == len(items)
+
+
+def magnifications():
+    return Rule(lambda v: distinct(v) and len(v) > 0 and all(m in MAGNIFICATIONS for m in v),
+                f"a non-empty subset of {','.join(MAGNIFICATIONS)} without repeats", ("40X", "40X"))
+
+
+def fold_list():
+    return Rule(lambda v: distinct(v) and all(is_int(k) and k >= 0 for k in v),
+                "fold numbers >= 0 without repeats (empty: all folds)", (-1,))
+
+
+def stage_list():
+    return Rule(lambda v: distinct(v) and all(isinstance(s, str) and s for s in v),
+                "stage names without repeats (empty: all stages)", ("cv", "cv"))
+
+
+def three_fractions():
+    """Train/val/test shares of the fixed split: three numbers in (0, 1) summing to 1."""
+    def ok(v):
+        if not isinstance(v, tuple) or len(v) != 3 or not all(fraction().ok(x) for x in v):
+            return False
+        return math.isclose(sum(v), 1.0, abs_tol=1e-6)
+    return Rule(ok, "three fractions in (0, 1) that sum to 1, e.g. 0.7,0.15,0.15", (0.7, 0.2, 0.2))
+
+
+RULES = dict(
+    data_root=text(), output_dir=text(), demo=boolean(), synthetic=boolean(), seed=integer(0, 2**32 - 1),
+    device=device(),
+    magnifications=magnifications(), image_size=image_size(), cache_dir=text(empty=True),
+    subtype_min_images=integer(0),
+    n_folds=integer(2), val_fraction=fraction(), fixed_split=three_fractions(), folds=fold_list(),
+    backbone=timm_model(), pretrained=boolean(), pretrained_path=file_or_empty(), shared_backbone=boolean(),
+    drop_rate=number(0, 1, high_open=True),
+    epochs=integer(1), batch_size=integer(1), accum_steps=integer(1), lr=number(0, low_open=True),
+    backbone_lr_scale=number(0, low_open=True), weight_decay=number(0), warmup_epochs=integer(0),
+    grad_clip=number(0), patience=integer(1), tuples_per_patient=integer(1), focal_gamma=number(0),
+    subtype_loss_weight=number(0), amp=boolean(), compile=boolean(), jobs=integer(0), stain_norm=boolean(), tta=boolean(),
+    smote=boolean(), max_bad_steps=integer(1),
+    resume=boolean(), force=boolean(), stages=stage_list(),
+    bootstrap=integer(0), explain_samples=integer(0), resnet_backbone=timm_model(),
+)
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def shown(value):
+    """A value as it is typed on the command line."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "''" if value == "" else str(value)
+
+
+def fail(name, value, allowed, problem="is not valid"):
+    raise PipelineError(f"{flag(name)} {shown(value)} {problem}: must be {allowed}")
+
+
+def check_field(name, value):
+    rule = RULES.get(name)
+    if rule is None:
+        raise PipelineError(f"config field '{name}' has no rule in utils/checks.py RULES; add one")
+    if not rule.ok(value):
+        fail(name, value, rule.allowed, rule.problem)
+
+
+def check_config(cfg, stage_names=None):
+    """Every field against its rule, then the rules that tie fields together; the first problem is raised."""
+    for name in config_fields():
+        check_field(name, getattr(cfg, name))
+    bad_folds = [k for k in cfg.folds if k >= cfg.n_folds]
+    if bad_folds:
+        fail("folds", cfg.folds, f"fold numbers in 0..{cfg.n_folds - 1} (--n-folds {cfg.n_folds})", "is out of range")
+    unknown = [s for s in cfg.stages if stage_names is not None and s not in stage_names]
+    if unknown:
+        fail("stages", cfg.stages, f"stage names among {','.join(stage_names)}")
+    return cfg
+
+
+def is_disk_full(e):
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def resource_errors(what, batch_flag="--batch-size", folder=None):
+    """Out of memory -> PipelineError naming the flags to lower; disk full -> one naming the folder to free."""
+    import torch
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        kind = "GPU" if isinstance(e, torch.OutOfMemoryError) else "CPU"
+        raise PipelineError(f"{what} ran out of {kind} memory. Lower {batch_flag} (keep the effective batch with "
+                            f"--accum-steps) or --image-size, then continue with --resume.") from None
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        where = folder or (Path(e.filename).parent if e.filename else "the output and cache folders")
+        raise PipelineError(f"{what}: no space left on the disk holding {where}. Free space there (old runs under "
+                            f"--output-dir, stale images_*.npy under --cache-dir) or point --output-dir / "
+                            f"--cache-dir at a bigger disk, then continue with --resume.") from None

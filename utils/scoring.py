@@ -1,0 +1,187 @@
+"""Scoring in one place: predictions (tuple and patient rows) -> thresholds and every metric, with patient CIs."""
+import numpy as np
+import pandas as pd
+
+from utils.helpers import read_json
+from utils.metrics import (binary_metrics, bootstrap_ci, key_metric, patient_level, safe_auc, sensitivity_threshold,
+                           subtype_metrics, youden_threshold)
+
+LEVELS = ("tuple", "patient")
+BINARY = ["accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auc"]
+KEY = ["accuracy", "balanced_accuracy", "f1", "auc"]
+SUBTYPE = ["subtype_macro_f1", "subtype_micro_f1", "subtype_balanced_accuracy"]
+RULES = {"fixed_0.5": None, "val_youden": youden_threshold, "val_sens95": sensitivity_threshold}
+
+
+def validation_thresholds(y, p):
+    return dict(youden=youden_threshold(y, p), sens95=sensitivity_threshold(y, p, 0.95))
+
+
+def class_index(names, classes):
+    return np.array([classes.index(n) if n in classes else -1 for n in names])
+
+
+def binary_block(frame, thresholds, column="prob_malignant"):
+    """binary_metrics at 0.5 and at the validation thresholds."""
+    y, p = frame["label"].to_numpy(), frame[column].to_numpy()
+    return {"t0.5": binary_metrics(y, p, 0.5), "youden": binary_metrics(y, p, thresholds["youden"]),
+            "sens95": binary_metrics(y, p, thresholds["sens95"])}
+
+
+def subtype_block(frame, classes, column):
+    """subtype_metrics of one prediction column; None when fewer than two subtype classes make it undefined."""
+    if len(classes) < 2:
+        return None
+    return subtype_metrics(class_index(frame["subtype_label"], classes), class_index(frame[column], classes), classes)
+
+
+def levels(tuples, patients, fn):
+    return {"tuple": fn(tuples), "patient": fn(patients)}
+
+
+def patient_rows(tuples, subtype_columns=(), extra=()):
+    """One row per patient: mean malignant probability, the most common label, mean of `extra` columns."""
+    pl = patient_level(tuples)
+    at = tuples.groupby("patient_id", sort=True).indices
+    pl.insert(0, "role", tuples["role"].iloc[0])
+    pl.insert(0, "level", "patient")
+    pl["group"] = [" + ".join(sorted(tuples["group"].iloc[at[p]].unique())) for p in pl["patient_id"]]
+    pl["tuple_id"] = ""
+    pl["subtype_label"] = [tuples["subtype_label"].iloc[at[p]].mode().iloc[0] for p in pl["patient_id"]]
+    for column, probs, classes in subtype_columns:
+        pl[column] = [classes[probs[at[p]].mean(0).argmax()] for p in pl["patient_id"]] if probs is not None else ""
+    for column in extra:
+        pl[column] = [tuples[column].iloc[at[p]].mean() for p in pl["patient_id"]]
+    return pl.drop(columns="n_tuples")
+
+
+def load_run(folder):
+    """predictions, history and metrics.json of one run folder."""
+    metrics = read_json(folder / "metrics.json") if (folder / "metrics.json").exists() else {}
+    history = folder / "history.csv"
+    pred = pd.read_csv(folder / "predictions.csv", dtype={"patient_id": str, "group": str})
+    classes = metrics.get("classes") or sorted(set(pred.get("subtype_label", pd.Series(dtype=str)).dropna()))
+    return dict(
+        folder=folder, pred=pred, metrics=metrics, classes=list(classes), cache={},
+        history=pd.read_csv(history) if history.exists() else None,
+        checkpoint=folder / "checkpoints" / "best.pth",
+    )
+
+
+def split_order(name):
+    return (name == "fixed", int(name.split("_")[-1]) if name.startswith("fold_") else 0, name)
+
+
+def load_runs(runs_folder):
+    """{run_name: {split_name: run}} for every run folder holding predictions.csv."""
+    runs = {}
+    for path in sorted(runs_folder.glob("*/*/predictions.csv")):
+        runs.setdefault(path.parent.parent.name, {})[path.parent.name] = load_run(path.parent)
+    return {name: dict(sorted(splits.items(), key=lambda kv: split_order(kv[0]))) for name, splits in runs.items()}
+
+
+def cv_splits(splits):
+    return [s for s in splits if s.startswith("fold_")]
+
+
+def level_frame(pred, level, role):
+    """Rows of one level and role; patient rows are built from the tuples when the file has none."""
+    rows = pred[(pred["level"] == level) & (pred["role"] == role)]
+    if len(rows) or level == "tuple":
+        return rows.reset_index(drop=True)
+    tuples = pred[(pred["level"] == "tuple") & (pred["role"] == role)]
+    return patient_level(tuples) if len(tuples) else rows
+
+
+def threshold(run, rule):
+    """The rule's threshold, chosen on the validation tuples and applied unchanged at both levels."""
+    if RULES[rule] is None:
+        return 0.5
+    val = level_frame(run["pred"], "tuple", "val")
+    if len(val) == 0:
+        saved = run["metrics"].get("threshold", {}).get(rule.replace("val_", ""))
+        return float(saved) if saved is not None else 0.5
+    return RULES[rule](val["label"].to_numpy(), val["prob_malignant"].to_numpy())
+
+
+def scored_frame(run, level, rule):
+    """Test rows of one level with the rule's threshold in a `thr` column."""
+    key = (level, rule)
+    if key not in run["cache"]:
+        frame = level_frame(run["pred"], level, "test").copy()
+        frame["thr"] = threshold(run, rule)
+        run["cache"][key] = frame
+    return run["cache"][key]
+
+
+def confidence_intervals(frame, n, seed):
+    """95 % percentile CIs of the key metrics when patients are resampled."""
+    row = {}
+    frame = frame[["patient_id", "label", "prob_malignant", "thr"]]
+    for name in KEY:
+        low, high = bootstrap_ci(frame, key_metric(name), n=n, seed=seed)
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = low, high
+    return row
+
+
+def binary_scores(frame):
+    """binary_metrics of a test frame at its threshold; pooled folds keep each fold's own threshold."""
+    if len(frame) == 0:
+        return {}
+    y, p = frame["label"].to_numpy().astype(int), frame["prob_malignant"].to_numpy(dtype=float)
+    thr = frame["thr"].to_numpy()
+    if np.ptp(thr) == 0:
+        m = binary_metrics(y, p, float(thr[0]))
+        return {k: m[k] for k in BINARY + ["threshold", "n"]}
+    m = binary_metrics(y, (p >= thr).astype(float), 0.5)
+    m.update(auc=safe_auc(y, p), threshold=float("nan"))
+    return {k: m[k] for k in BINARY + ["threshold", "n"]}
+
+
+def subtype_frame(run, level, role="test"):
+    frame = level_frame(run["pred"], level, role)
+    if "subtype_label" not in frame or frame["subtype_label"].isna().all():
+        return frame.iloc[:0]
+    return frame
+
+
+def subtype_result(run, level, column="subtype_pred"):
+    """subtype_metrics of the test rows for one prediction column; None when undefined (no column, < 2 classes)."""
+    frame = subtype_frame(run, level)
+    classes = run["classes"]
+    if column not in frame or frame[column].isna().all() or len(classes) < 2:
+        return None
+    frame = frame[frame["subtype_label"].isin(classes) & frame[column].isin(classes)]
+    index = {c: i for i, c in enumerate(classes)}
+    return subtype_metrics(frame["subtype_label"].map(index), frame[column].map(index), classes)
+
+
+def subtype_summary(run, level):
+    m = subtype_result(run, level)
+    if m is None:
+        return {}
+    return dict(subtype_macro_f1=m["macro_f1"], subtype_micro_f1=m["micro_f1"],
+                subtype_balanced_accuracy=m["balanced_accuracy"])
+
+
+def fold_scores(splits, names, level, rule="val_youden"):
+    return pd.DataFrame([binary_scores(scored_frame(splits[s], level, rule)) for s in names])
+
+
+def pooled_run(splits, names):
+    """A run-like dict whose predictions are the concatenated test rows of several splits."""
+    first = splits[names[0]]
+    pred = pd.concat([splits[s]["pred"][splits[s]["pred"]["role"] == "test"] for s in names], ignore_index=True)
+    return dict(pred=pred, classes=first["classes"], metrics={}, cache={})
+
+
+def pooled_frames(splits, names, level, rule="val_youden"):
+    return pd.concat([scored_frame(splits[s], level, rule) for s in names], ignore_index=True)
+
+
+def shared_splits(splits, reference):
+    """CV folds both runs finished; the fixed split when they share no fold."""
+    folds = [s for s in cv_splits(splits) if s in reference]
+    if folds:
+        return folds
+    return ["fixed"] if "fixed" in splits and "fixed" in reference else []

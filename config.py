@@ -57,6 +57,10 @@ class Config:
     explain_samples: int = 2
     resnet_backbone: str = "resnet50"
 
+    input: tuple = ()
+    checkpoint: str = ""
+    ensemble: bool = False
+
 
 def demo_overrides():
     """CPU-sized settings for the synthetic demo."""

@@ -25,6 +25,8 @@ STAGES = {
     "explain": "stages.explain:run_explain",
     "report": "stages.report:run_report",
 }
+ON_REQUEST = {"predict": "stages.predict:run_predict"}
+ALL_STAGES = {**STAGES, **ON_REQUEST}
 TRAINING = ("cv", "fixed", "baselines", "ablations")
 DEMO_ROOT = "data/synthetic"
 
@@ -61,7 +63,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = Parser(description=__doc__, allow_abbrev=False, epilog=f"Stages, in order: {', '.join(STAGES)}. "
-                    "--demo runs them all on synthetic data with CPU-sized settings.")
+                    "--demo runs them all on synthetic data with CPU-sized settings. On request: "
+                    "--stages predict --input PATH scores new patients.")
     for f in config_fields().values():
         add_flag(parser, f)
     return parser
@@ -73,10 +76,10 @@ def resolve_config(argv=None):
     if args.get("demo"):
         cfg = replace(cfg, data_root=DEMO_ROOT, **demo_overrides())
     cfg = replace(cfg, **args)
-    unknown = [s for s in cfg.stages if s not in STAGES]
+    unknown = [s for s in cfg.stages if s not in ALL_STAGES]
     if unknown:
-        raise PipelineError(f"unknown stage(s) {', '.join(unknown)}. Valid stages, in order: {', '.join(STAGES)}")
-    return check_config(cfg, list(STAGES))
+        raise PipelineError(f"unknown stage(s) {', '.join(unknown)}. Valid stages, in order: {', '.join(ALL_STAGES)}")
+    return check_config(cfg, list(ALL_STAGES))
 
 
 def check_writable(cfg):
@@ -111,7 +114,7 @@ def run_stage(name, cfg):
     """Training stages run on every torchrun rank (each its share of the runs); the others on rank 0 alone."""
     if name not in TRAINING and rank() != 0:
         return
-    module, fn = STAGES[name].split(":")
+    module, fn = ALL_STAGES[name].split(":")
     getattr(importlib.import_module(module), fn)(cfg)
 
 
@@ -128,9 +131,16 @@ class StageFailed(Exception):
     """A stage stopped with a message already shown (on this rank or another)."""
 
 
+def stage_list(cfg):
+    """The stages named by --stages in pipeline order; else predict alone with --input, the whole pipeline without."""
+    if not cfg.stages and cfg.input:
+        return list(ON_REQUEST)
+    return [s for s in ALL_STAGES if s in cfg.stages] or list(STAGES)
+
+
 def run_stages(cfg):
     times = []
-    for name in [s for s in STAGES if s in cfg.stages] or STAGES:
+    for name in stage_list(cfg):
         log(f"\n>>> stage: {name}")
         seed_everything(cfg.seed)
         start = time.time()

@@ -10,6 +10,7 @@ import torch
 import torchstain
 
 from utils.helpers import PipelineError, log, output_path, warn
+from utils.lock import alive
 
 STAIN = torchstain.normalizers.MacenkoNormalizer(backend="torch")
 _OPEN = {}
@@ -80,10 +81,15 @@ def build_cache(cfg, paths, target, threads=None):
 
 
 def drop_stale(target):
+    """Caches of the same size for older source files, and half-built ones whose builder process is gone."""
     prefix = target.name.rsplit("_", 1)[0] + "_"
     for old in target.parent.glob(prefix + "*.npy"):
         if old != target and "_" not in old.name[len(prefix):] and "." not in old.stem:
             old.unlink(missing_ok=True)
+    for tmp in target.parent.glob(prefix + "*.tmp.npy"):
+        pid = tmp.name.split(".")[-3]
+        if pid.isdigit() and not alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def image_cache(cfg, paths):

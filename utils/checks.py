@@ -88,6 +88,16 @@ def file_or_empty():
                 "empty (weights from the hub) or an existing weights file", "missing/weights.pth", "is not a file")
 
 
+def checkpoint_file():
+    return Rule(lambda v: isinstance(v, str) and (v == "" or Path(v).is_file()),
+                "empty (models/best_model.pth under --output-dir) or an existing checkpoint file", "missing/model.pth", "is not a file")
+
+
+def path_list():
+    return Rule(lambda v: distinct(v) and all(isinstance(p, str) and p.strip() for p in v),
+                "image files or folders, comma-separated (empty: none)", ("",))
+
+
 def distinct(items):
     return isinstance(items, tuple) and len(set(items)) == len(items)
 
@@ -131,6 +141,7 @@ RULES = dict(
     smote=boolean(), max_bad_steps=integer(1),
     resume=boolean(), force=boolean(), stages=stage_list(),
     bootstrap=integer(0), explain_samples=integer(0), resnet_backbone=timm_model(),
+    input=path_list(), checkpoint=checkpoint_file(), ensemble=boolean(),
 )
 
 

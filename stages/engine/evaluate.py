@@ -28,11 +28,11 @@ def tuple_predictions(run, role, res, cfg, smote_prob):
     return df
 
 
-def smote_head(cfg, run, res):
+def smote_head(cfg, run, res, device):
     """Subtype head refit on SMOTE-balanced training embeddings: (probabilities per role, class counts)."""
     y = class_index(run.tuples["train"]["subtype_label"], run.classes)
     sets = {role: res[role]["embedding"] for role in ("val", "test")}
-    probs, counts = refit_subtype_head(res["train"]["embedding"], y, sets, len(run.classes), cfg.seed)
+    probs, counts = refit_subtype_head(res["train"]["embedding"], y, sets, len(run.classes), cfg.seed, device)
     named = {k: {run.classes[c]: n for c, n in sorted(v.items())} for k, v in counts.items()}
     return probs, named
 
@@ -64,7 +64,7 @@ def evaluate(cfg, model, run, device, state):
     roles = ("train", "val", "test") if cfg.smote else ("val", "test")
     res = {role: predict(model, run.bank, run.batches[role], device, dtype, tta=cfg.tta and role != "train")
            for role in roles}
-    smote_probs, counts = smote_head(cfg, run, res) if cfg.smote else ({}, None)
+    smote_probs, counts = smote_head(cfg, run, res, device) if cfg.smote else ({}, None)
     thresholds = validation_thresholds(run.tuples["val"]["label"].to_numpy(), res["val"]["prob"])
     frames, metrics = {}, {}
     for role in ("val", "test"):

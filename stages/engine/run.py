@@ -6,7 +6,7 @@ import numpy as np
 
 from backbones import build_model
 from config import to_dict
-from stages.engine.checkpoint import slim_last
+from stages.engine.checkpoint import read_checkpoint, save, slim_last
 from stages.engine.data import prepare_run
 from stages.engine.evaluate import evaluate
 from stages.engine.train import fit
@@ -80,11 +80,22 @@ def train_and_score(cfg, spec, split_name, folder, callback=None):
         f"tuples/epoch | val {len(run.tuples['val'])} / test {len(run.tuples['test'])} tuples | device {device}")
     state = fit(cfg, model, run, device, callback)
     predictions, metrics = evaluate(cfg, model, run, device, state)
+    store_thresholds(folder, metrics["threshold"])
     write_csv(predictions, folder / "predictions.csv", index=False)
     write_json(folder / "metrics.json", metrics)
     slim_last(folder)
     log(fold_line(run.tag, metrics))
     return metrics
+
+
+def store_thresholds(folder, thresholds):
+    """The validation thresholds go into best.pth, so the checkpoint alone can decide on new patients."""
+    best = folder / "checkpoints" / "best.pth"
+    if not best.exists():
+        return
+    ckpt = read_checkpoint(best)
+    ckpt["threshold"] = {k: float(v) for k, v in thresholds.items()}
+    save(ckpt, best)
 
 
 def mean_std(values):

@@ -5,9 +5,10 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from config import MAGNIFICATIONS
-from utils.helpers import PipelineError
+from utils.helpers import PipelineError, log, warn
 
 
 @dataclass
@@ -49,14 +50,7 @@ def create_backbone(name, pretrained=True, pretrained_path="", **kwargs):
     if not timm.is_model(name):
         raise PipelineError(f"unknown timm backbone '{name}'. Pick a name from timm.list_models(), e.g. mobilenetv4_conv_small.")
     if pretrained_path:
-        path = Path(pretrained_path)
-        if not path.is_file():
-            raise PipelineError(f"--pretrained-path {path} does not exist (weights file for backbone '{name}').")
-        try:
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-        except (RuntimeError, KeyError, ValueError, OSError) as e:
-            raise PipelineError(f"--pretrained-path {path} is not a weights file for backbone '{name}' "
-                                f"({type(e).__name__}: {str(e)[:200]}).") from None
+        return from_file(name, Path(pretrained_path), **kwargs)
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
     try:
@@ -67,6 +61,44 @@ def create_backbone(name, pretrained=True, pretrained_path="", **kwargs):
             f"Either train from random init with --no-pretrained, or download the timm weights for '{name}' "
             f"on a machine with network and pass --pretrained-path FILE (config field pretrained_path)."
         ) from None
+
+
+def from_file(name, path, **kwargs):
+    """timm model with weights from a local file, checked to have arrived: timm skips names it does not know."""
+    if not path.is_file():
+        raise PipelineError(f"--pretrained-path {path} does not exist (weights file for backbone '{name}').")
+    try:
+        net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        share = loaded_share(net, timm.models.load_state_dict(str(path)))
+    except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as e:
+        raise PipelineError(f"--pretrained-path {path} is not a weights file for backbone '{name}' "
+                            f"({type(e).__name__}: {str(e)[:200]}).") from None
+    if share < 0.5:
+        raise PipelineError(f"--pretrained-path {path} is not a weights file for backbone '{name}': only {share:.0%} "
+                            f"of its weight tensors are in the file. Pass the file made for '{name}'.")
+    if share < 1:
+        warn(f"--pretrained-path {path}: {share:.0%} of backbone '{name}' weight tensors found in the file; the rest "
+             f"keep their random init")
+    norm = normalization(name)
+    log(f"backbone {name}: weights from {path}; inputs normalised with mean {norm['mean']} std {norm['std']} "
+        f"(timm's pretrained config of {name})")
+    return net
+
+
+def loaded_share(net, state):
+    """Share of the network's float tensors equal (by shape and checksum) to one in the state dict."""
+    def key(t):
+        return tuple(t.shape), float(t.double().sum()), float(t.double().abs().sum())
+    have = {key(t) for t in state.values() if torch.is_tensor(t) and t.is_floating_point()}
+    mine = [key(t) for t in net.state_dict().values() if t.is_floating_point()]
+    return sum(k in have for k in mine) / max(1, len(mine))
+
+
+def normalization(name):
+    """Input mean and std of the backbone's timm pretrained config (ImageNet's where timm has none)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    mean, std = (cfg.mean, cfg.std) if cfg is not None else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    return dict(mean=[float(v) for v in mean], std=[float(v) for v in std])
 
 
 def feature_backbone(cfg):
@@ -142,6 +174,7 @@ class MagnificationModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.magnifications = cfg.magnifications
+        self.normalization = normalization(cfg.backbone)
         self.feature_tap = nn.Identity()
 
     def init_heads(self, dim):

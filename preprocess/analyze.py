@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from config import MAGNIFICATIONS
+from config import MAGNIFICATIONS, Config
 from utils.helpers import PipelineError, index_path, log, plots_dir, require, tables_dir, warn, write_csv
 
 SUBTYPES = {
@@ -27,6 +27,7 @@ NAME_RE = re.compile(
     r"\.(?:png|jpe?g|tiff?|bmp)$", re.IGNORECASE)
 STEM_RE = re.compile(r"^\d+-\d+")
 MARKER = "SYNTHETIC.txt"
+BREAKHIS_IMAGES = 7909
 COLUMNS = ["path", "file", "label", "class_name", "subtype_code", "subtype", "subtype_group", "slide_id",
            "patient_id", "magnification", "seq"]
 DOWNLOAD_HINT = ("Get the data with `bash setup.sh` (downloads and extracts BreaKHis_v1.tar.gz from "
@@ -121,6 +122,31 @@ def group_subtypes(index, min_images):
     counts = index["subtype"].value_counts()
     keep = set(counts[counts >= min_images].index)
     return index["subtype"].where(index["subtype"].isin(keep), "Other")
+
+
+def suggested_min_images(n_images):
+    """--subtype-min-images for a dataset of `n_images`: the default's share of BreakHis, scaled."""
+    return max(2, round(Config.subtype_min_images * n_images / BREAKHIS_IMAGES))
+
+
+def subtype_warning(index, min_images):
+    """Why --subtype-min-images makes the subtype head degenerate on this data, with a value to try; '' if not."""
+    n_classes, present = index["subtype_group"].nunique(), index["subtype"].nunique()
+    folded = index.loc[index["subtype_group"] == "Other", "subtype"].nunique()
+    value = suggested_min_images(len(index))
+    collapsed = len(index) < BREAKHIS_IMAGES / 4 and folded > present / 2 and value < min_images
+    if n_classes >= 2 and not collapsed:
+        return ""
+    if n_classes < 2:
+        why = (f"the subtype head has one class ({index['subtype_group'].iloc[0]}): subtypes with fewer than "
+               f"--subtype-min-images {min_images} images become Other, so subtype metrics are n/a")
+    else:
+        why = (f"--subtype-min-images {min_images} folds {folded} of {present} subtypes into Other on "
+               f"{len(index)} images (BreakHis has {BREAKHIS_IMAGES})")
+    if value >= min_images:
+        return f"{why}. Lower --subtype-min-images and rerun from the analyze stage."
+    return (f"{why}. Try --subtype-min-images {value} ({Config.subtype_min_images} scaled from BreakHis's "
+            f"{BREAKHIS_IMAGES} images to these {len(index)}) and rerun from the analyze stage.")
 
 
 def check_patients(index):
@@ -301,5 +327,8 @@ def run_analyze(cfg):
     write_csv(index, path, index=False)
     save_tables(index, excluded, cfg)
     print_summary(index, excluded, cfg.subtype_min_images)
+    warning = subtype_warning(index, cfg.subtype_min_images)
+    if warning:
+        warn(warning)
     plot_distribution(index, plots_dir(cfg) / "dataset_distribution.png")
     log(f"Index of {len(index)} images written to {path}")

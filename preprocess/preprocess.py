@@ -4,7 +4,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from preprocess.analyze import load_index, stem_of
-from utils.helpers import PipelineError, log, require, split_path, splits_dir, tables_dir, write_csv
+from utils.helpers import PipelineError, log, require, split_path, splits_dir, tables_dir, warn, write_csv
 
 ROLES = ("train", "val", "test")
 SPLIT_COLUMNS = ["patient_id", "label", "role", "n_images", "n_slides", "subtypes"]
@@ -124,6 +124,14 @@ def split_summary(splits, index):
     return pd.DataFrame(rows)
 
 
+def dominant_patients(patients, share=0.25):
+    """Warn about patients holding more than `share` of the images: they dominate the tuples of the fold testing them."""
+    total = patients["n_images"].sum()
+    for row in patients[patients["n_images"] > share * total].itertuples(index=False):
+        warn(f"patient {row.patient_id} holds {row.n_images} of {total} images ({row.n_images / total:.0%}); "
+             f"tuple-level metrics of the split that tests it mostly measure that one patient, read the patient level")
+
+
 def split_names(cfg):
     return [f"fold_{k}" for k in range(cfg.n_folds)] + ["fixed"]
 
@@ -147,6 +155,7 @@ def run_split(cfg):
     """Stage: compute, check and save every split, print patients/images per class and role."""
     index = load_index(cfg)
     patients = patient_table(index)
+    dominant_patients(patients)
     splits = make_splits(patients, cfg.n_folds, cfg.val_fraction, cfg.fixed_split, cfg.seed)
     for name, split in splits.items():
         check_split(name, split, index)

@@ -24,9 +24,9 @@ def to_float(images, device):
     return x.float().div_(255)
 
 
-def normalize(x):
-    mean = x.new_tensor(MEAN).view(1, 1, 3, 1, 1)
-    std = x.new_tensor(STD).view(1, 1, 3, 1, 1)
+def normalize(x, mean=MEAN, std=STD):
+    mean = x.new_tensor(mean).view(1, 1, 3, 1, 1)
+    std = x.new_tensor(std).view(1, 1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -48,12 +48,13 @@ def augment(x):
     return flat.reshape(x.shape)
 
 
-def prepare(images, mask, device, train=False):
-    """Cached uint8 tuples -> normalised float batch on the device; absent magnifications are zero."""
+def prepare(images, mask, device, train=False, mean=MEAN, std=STD):
+    """Cached uint8 tuples -> float batch on the device normalised with the backbone's mean and std; absent
+    magnifications are zero."""
     x = to_float(images, device)
     if train:
         x = augment(x)
-    x = normalize(x)
+    x = normalize(x, mean, std)
     mask = mask.to(device, non_blocking=True)
     return x * mask.view(*mask.shape, 1, 1, 1).to(x.dtype), mask
 

@@ -70,6 +70,8 @@ def write_plots(cfg, book):
     if not splits:
         notes.append(f"plots: no {REFERENCE} run; confusion matrices, ROC, calibration and CMF plots left out.")
     summary = summary_parts(parts)
+    if splits and len(next(iter(splits.values()))["classes"]) < 2:
+        notes.append("plots: subtype confusion matrices left out; the subtype head has one class (n/a).")
     for name, members in parts.items():
         confusion_plots(cfg, splits, name, members, smote=name in summary)
     for name in summary:
@@ -100,7 +102,7 @@ def confusion_plots(cfg, splits, name, members, smote=True):
     heads = (("subtype_pred", "subtype"), ("subtype_pred_smote", "subtype_smote"))[: 2 if smote else 1]
     for column, tag in heads:
         frame = pd.concat([scoring.subtype_frame(splits[s], "tuple") for s in members])
-        if column not in frame or frame[column].isna().all() or not classes:
+        if column not in frame or frame[column].isna().all() or len(classes) < 2:
             continue
         frame = frame[frame["subtype_label"].isin(classes) & frame[column].isin(classes)]
         index = {c: i for i, c in enumerate(classes)}

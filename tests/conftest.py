@@ -22,10 +22,10 @@ TEST_SETTINGS = dict(
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
-    """A tiny synthetic BreakHis tree in the original tarball layout, built once per session."""
+    """A tiny, clearly learnable (easy) synthetic BreakHis tree in the tarball layout, built once per session."""
     from preprocess.synthetic import make_synthetic
     root = tmp_path_factory.mktemp("breakhis")
-    make_synthetic(root, preset="tiny", seed=0)
+    make_synthetic(root, preset="tiny", seed=0, difficulty="easy")
     return root
 
 

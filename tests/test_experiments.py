@@ -1,5 +1,4 @@
 """Experiment stages on the tiny synthetic tree: learning, run folders, checkpoints, SMOTE, stage order."""
-from collections import Counter
 from dataclasses import replace
 
 import numpy as np

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocess.analyze import build_index, parse_name
-from preprocess.synthetic import make_synthetic, plan, render
+from preprocess.analyze import MARKER, build_index, parse_name
+from preprocess.synthetic import DIFFICULTY, main, make_synthetic, plan, render
+from utils.helpers import PipelineError
 
 PRD_MAG_CLASS = {("malignant", "40X"): 1370, ("malignant", "100X"): 1437, ("malignant", "200X"): 1390,
                  ("malignant", "400X"): 1232, ("benign", "40X"): 625, ("benign", "100X"): 644,
@@ -60,8 +61,10 @@ def test_layouts_and_overrides(tmp_path):
     assert len(list(flat.glob("SOB_*.png"))) == 8
     kaggle = make_synthetic(tmp_path / "kaggle", preset="tiny", layout="kaggle", **small)
     assert len(list((kaggle / "BreaKHis_v1" / "BreaKHis_v1" / "histology_slides" / "breast").rglob("*.png"))) == 8
-    with pytest.raises(ValueError):
+    with pytest.raises(PipelineError, match="layout"):
         make_synthetic(tmp_path / "bad", preset="tiny", layout="zip", **small)
+    with pytest.raises(PipelineError, match="difficulty"):
+        make_synthetic(tmp_path / "bad", preset="tiny", difficulty="extreme", **small)
 
 
 def test_render_is_deterministic_by_seed():
@@ -77,7 +80,54 @@ def hematoxylin_share(img):
 
 
 def test_malignant_fields_are_denser_in_nuclei_at_every_magnification():
-    files = plan("tiny", seed=0).groupby(["class_name", "magnification"]).head(4)
+    files = plan("tiny", seed=0, difficulty="easy").groupby(["class_name", "magnification"]).head(4)
     files["nuclei"] = [hematoxylin_share(render(r, seed=0)) for r in files.to_dict("records")]
     share = files.groupby(["magnification", "class_name"])["nuclei"].mean().unstack()
     assert (share["malignant"] > 1.5 * share["benign"]).all(), share
+
+
+def test_presets_default_difficulty_and_cli_flag(tmp_path):
+    assert plan("tiny")["difficulty"].unique().tolist() == ["easy"]
+    assert plan("demo")["difficulty"].unique().tolist() == ["default"]
+    assert plan("full")["difficulty"].unique().tolist() == ["default"]
+    main(["--root", str(tmp_path), "--preset", "tiny", "--difficulty", "hard", "--workers", "1"])
+    assert "difficulty=hard" in (tmp_path / MARKER).read_text()
+    assert len(list(tmp_path.rglob("*.png"))) == len(plan("tiny"))
+
+
+def test_difficulty_changes_latents_not_files():
+    easy, hard = plan("demo", seed=3, difficulty="easy"), plan("demo", seed=3, difficulty="hard")
+    assert easy["relpath"].tolist() == hard["relpath"].tolist()
+    assert easy.equals(plan("demo", seed=3, difficulty="easy"))
+    malignant = easy["class_name"].eq("malignant")
+    assert (easy.loc[malignant, "expression"] > 0).all() and (easy.loc[~malignant, "expression"] == 0).all()
+    assert (hard.loc[malignant, "expression"] == 0).mean() > 0.3
+    assert hard["hematoxylin"].std() > 2 * easy["hematoxylin"].std()
+
+
+def test_default_cue_follows_each_patients_focus():
+    files = plan("full", seed=0)
+    malignant = files[files["class_name"] == "malignant"]
+    patients = malignant.groupby("patient_id")["focus"].first().value_counts(normalize=True)
+    p_low, p_high = DIFFICULTY["default"]["focus"]
+    assert patients["low"] == pytest.approx(p_low, abs=0.05) and patients["high"] == pytest.approx(p_high, abs=0.05)
+    shows = malignant.assign(low=malignant["magnification"].isin(["40X", "100X"]), shows=malignant["expression"] > 0)
+    share = shows.groupby(["focus", "low"])["shows"].mean()
+    assert share["low", True] > 0.9 and share["low", False] < 0.2
+    assert share["high", False] > 0.9 and share["high", True] < 0.2
+    assert share["all", True] > 0.9 and share["all", False] > 0.9
+    benign = files[files["class_name"] == "benign"]
+    assert 0 < (benign["expression"] > 0).mean() < 0.05
+
+
+def test_nuisance_is_unrelated_to_the_class():
+    files = plan("full", seed=0).groupby("patient_id").first()
+    for column in ("density", "hematoxylin", "eosin"):
+        by_class = files.groupby("class_name")[column]
+        assert abs(by_class.mean().diff().iloc[-1]) < 0.5 * files[column].std(), column
+
+
+def test_expression_sets_the_tumour_share_of_a_field():
+    row = plan("demo", seed=0).query("class_name == 'malignant' and magnification == '100X'").iloc[0].to_dict()
+    share = [hematoxylin_share(render(dict(row, expression=e), seed=0)) for e in (0.0, 0.4, 0.9)]
+    assert share[0] < share[1] < share[2], share

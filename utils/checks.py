@@ -90,7 +90,8 @@ def file_or_empty():
 
 def checkpoint_file():
     return Rule(lambda v: isinstance(v, str) and (v == "" or Path(v).is_file()),
-                "empty (models/best_model.pth under --output-dir) or an existing checkpoint file", "missing/model.pth", "is not a file")
+                "empty (models/best_model.pth under --output-dir) or an existing checkpoint file", "missing/model.pth",
+                "is not a file")
 
 
 def path_list():

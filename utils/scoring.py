@@ -28,11 +28,20 @@ def binary_block(frame, thresholds, column="prob_malignant"):
             "sens95": binary_metrics(y, p, thresholds["sens95"])}
 
 
-def subtype_block(frame, classes, column):
-    """subtype_metrics of one prediction column; None when fewer than two subtype classes make it undefined."""
+def defined_subtype_metrics(y, pred, classes):
+    """subtype_metrics where defined: None under two classes; macro scores NaN when the truth holds one class."""
     if len(classes) < 2:
         return None
-    return subtype_metrics(class_index(frame["subtype_label"], classes), class_index(frame[column], classes), classes)
+    m = subtype_metrics(y, pred, classes)
+    if len(set(np.asarray(y).tolist()) & set(range(len(classes)))) < 2:
+        m.update(macro_f1=float("nan"), balanced_accuracy=float("nan"))
+    return m
+
+
+def subtype_block(frame, classes, column):
+    """Defined subtype metrics of one prediction column (None when the head has fewer than two classes)."""
+    return defined_subtype_metrics(class_index(frame["subtype_label"], classes), class_index(frame[column], classes),
+                                   classes)
 
 
 def levels(tuples, patients, fn):
@@ -153,15 +162,14 @@ def subtype_result(run, level, column="subtype_pred"):
         return None
     frame = frame[frame["subtype_label"].isin(classes) & frame[column].isin(classes)]
     index = {c: i for i, c in enumerate(classes)}
-    return subtype_metrics(frame["subtype_label"].map(index), frame[column].map(index), classes)
+    return defined_subtype_metrics(frame["subtype_label"].map(index), frame[column].map(index), classes)
 
 
 def subtype_summary(run, level):
-    m = subtype_result(run, level)
-    if m is None:
-        return {}
-    return dict(subtype_macro_f1=m["macro_f1"], subtype_micro_f1=m["micro_f1"],
-                subtype_balanced_accuracy=m["balanced_accuracy"])
+    """Subtype table columns of the test rows; NaN (n/a) where undefined."""
+    m = subtype_result(run, level) or {}
+    return dict(subtype_macro_f1=m.get("macro_f1", np.nan), subtype_micro_f1=m.get("micro_f1", np.nan),
+                subtype_balanced_accuracy=m.get("balanced_accuracy", np.nan))
 
 
 def fold_scores(splits, names, level, rule="val_youden"):

@@ -75,7 +75,7 @@ def mean_std_rows(book, rows, frames, pooled_subtype):
 
 def mean_std_text(mean, std):
     if not np.isfinite(mean):
-        return ""
+        return "n/a"
     return f"{mean:.4f}" if not np.isfinite(std) else f"{mean:.4f} ± {std:.4f}"
 
 
@@ -228,14 +228,21 @@ def per_class_rows(name, split, run_or_frame, level, classes):
         base = dict(model=name, split=split, level=level, smote=smote)
         present = [c for c in classes if m["per_class"][c]["support"] > 0]
         for c in classes:
-            rows.append(dict(base, subtype=c, **m["per_class"][c]))
-        macro = {k: float(np.mean([m["per_class"][c][k] for c in present])) if present else np.nan
+            rows.append(dict(base, subtype=c, **per_class_scores(m["per_class"][c])))
+        macro = {k: float(np.mean([m["per_class"][c][k] for c in present])) if len(present) > 1 else np.nan
                  for k in ("precision", "recall")}
         rows.append(dict(base, subtype="macro avg", **macro, f1=m["macro_f1"], support=m["n"]))
         micro = m["micro_f1"]
         rows.append(dict(base, subtype="micro avg", precision=micro, recall=micro, f1=micro, support=m["n"]))
     return rows
 
+
+
+def per_class_scores(scores):
+    """One class's precision/recall/F1; recall and F1 n/a (NaN) for a class absent from the rows."""
+    if scores["support"] > 0:
+        return scores
+    return dict(scores, recall=np.nan, f1=np.nan)
 
 
 def subtype_table(book):
@@ -252,8 +259,18 @@ def subtype_table(book):
         for level in LEVELS:
             rows += per_class_rows(book.reference, split, run, level, run["classes"])
     if not rows:
-        book.notes.append("subtype table: the reference predictions carry no defined subtype metrics.")
+        why = one_class_note(parts) or "the reference predictions carry no subtype predictions"
+        book.notes.append(f"subtype table: n/a, {why}.")
     return pd.DataFrame(rows)
+
+
+def one_class_note(runs):
+    """Why subtype metrics are n/a when a run's subtype head has one class, naming the flag; '' otherwise."""
+    single = sorted({c for run in runs.values() for c in run["classes"] if len(run["classes"]) == 1})
+    if not single:
+        return ""
+    return (f"the subtype head has one class ({', '.join(single)}): every subtype has fewer images than "
+            f"--subtype-min-images; lower it and rerun from the analyze stage for subtype metrics")
 
 
 def tidy(table):
@@ -288,12 +305,12 @@ def render(title, table):
         return
     cols = list(dict.fromkeys(c for c in CONSOLE if c in table))
     with pd.option_context("display.width", 250, "display.max_columns", 40, "display.max_rows", 200):
-        log(table[cols].to_string(index=False))
+        log(table[cols].to_string(index=False, na_rep="n/a"))
 
 
 def write_table(cfg, key, table):
     path = tables_dir(cfg) / TABLE_NAMES[key]
     table = tidy(table)
-    write_csv(table, path, index=False)
+    write_csv(table, path, index=False, na_rep="n/a")
     render(f"{TABLE_NAMES[key]} -> {path}", table)
     return table

@@ -9,7 +9,6 @@ import torch
 
 from backbones import build_model
 from config import to_dict
-from preprocess.transforms import MEAN, STD
 from utils.helpers import PipelineError, write_bytes
 
 CHECKED_KWARGS = ("backbone", "magnifications", "num_subtypes", "shared_backbone", "use_spatial", "use_channel",
@@ -22,7 +21,7 @@ def checkpoint(model, meta, cfg, epoch, best_auc):
         model=model.state_dict(), model_name=meta.model_name, model_kwargs=dict(meta.model_kwargs),
         config=to_dict(cfg), classes={"binary": ["benign", "malignant"], "subtype": list(meta.classes)},
         magnifications=list(cfg.magnifications), image_size=cfg.image_size,
-        normalization={"mean": list(MEAN), "std": list(STD)}, epoch=epoch, best_auc=best_auc,
+        normalization=dict(model.normalization), epoch=epoch, best_auc=best_auc,
     )
 
 

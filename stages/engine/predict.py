@@ -33,7 +33,7 @@ def predict(model, bank, batches, device, dtype=None, criterion=None, tta=False)
     parts = {k: [] for k in keys}
     total, seen = 0.0, 0
     for rows, labels, subtypes in batches:
-        x, mask = prepare(*bank.gather(rows, device), device)
+        x, mask = prepare(*bank.gather(rows, device), device, **model.normalization)
         n, m = mask.shape
         with autocast(device, dtype):
             out = model(x, mask)

@@ -19,7 +19,9 @@ WAIT_S = 2.0
 
 
 def macro_f1(block):
-    return block["tuple"]["macro_f1"] if block and block.get("tuple") else float("nan")
+    """Tuple-level subtype macro-F1 as text; n/a where undefined (a one-class subtype head)."""
+    value = block["tuple"]["macro_f1"] if block and block.get("tuple") else float("nan")
+    return f"{value:.3f}" if np.isfinite(value) else "n/a"
 
 
 def fold_line(tag, m):
@@ -27,8 +29,8 @@ def fold_line(tag, m):
     return (f"[{tag}] TEST patient AUC {p['youden']['auc']:.3f} acc {p['youden']['accuracy']:.3f} "
             f"F1 {p['youden']['f1']:.3f} sens {p['youden']['recall']:.3f} spec {p['youden']['specificity']:.3f} "
             f"(t={m['threshold']['youden']:.2f}; acc@0.5 {p['t0.5']['accuracy']:.3f}) | tuple AUC {t['t0.5']['auc']:.3f} "
-            f"acc {t['youden']['accuracy']:.3f} | subtype macro-F1 {macro_f1(m['subtype']):.3f} "
-            f"(SMOTE {macro_f1(m.get('subtype_smote')):.3f}) | {m['epochs']} epochs, best {m['best_epoch']}, "
+            f"acc {t['youden']['accuracy']:.3f} | subtype macro-F1 {macro_f1(m['subtype'])} "
+            f"(SMOTE {macro_f1(m.get('subtype_smote'))}) | {m['epochs']} epochs, best {m['best_epoch']}, "
             f"{m['train_seconds']:.0f}s")
 
 

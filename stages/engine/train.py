@@ -120,7 +120,7 @@ def train_epoch(model, forward, run, opt, cfg, device, state, epoch):
     opt.optimizer.zero_grad(set_to_none=True)
     pending = 0
     for step, (rows, labels, subtypes) in enumerate(bar, 1):
-        x, mask = prepare(*run.bank.gather(rows, device), device, train=True)
+        x, mask = prepare(*run.bank.gather(rows, device), device, train=True, **model.normalization)
         labels, subtypes = targets(labels, device), targets(subtypes, device, torch.long)
         with autocast(device, opt.dtype):
             out = forward(x, mask)

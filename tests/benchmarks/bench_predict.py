@@ -1,0 +1,143 @@
+"""Per-patient latency of the predict stage: PNG files to decision, and the model alone, on CPU and on the GPU.
+
+python tests/benchmarks/bench_predict.py [--patients 4] [--per-mag 24] [--backbone NAME] [--image-size 224]
+                                         [--batch-size 32] [--threads 2] [--repeats 3] [--root DIR] [--min-images 8]
+                                         [--csv PATH]
+Patients are synthetic 700x460 PNGs (the BreakHis size), per-mag images at each of the four magnifications
+(BreakHis averages about 24), or the BreakHis-named PNGs under --root (real ones, say). One patient at a time:
+list + check the files, decode + resize, the model over the patient's evaluation tuples, the patient row.
+The model is randomly initialised (timing only). The PRD asks < 50 ms per patient.
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from backbones import REFERENCE_MODEL, build_model  # noqa: E402
+from config import MAGNIFICATIONS, Config  # noqa: E402
+from preprocess.analyze import parse_name  # noqa: E402
+from preprocess.synthetic import make_synthetic  # noqa: E402
+from preprocess.tuples import ImageBank, eval_batches, eval_tuples  # noqa: E402
+from stages.engine.predict import predict  # noqa: E402
+from stages.predict import Predictor, patient_table, score  # noqa: E402
+from stages.predict_inputs import collect, decode_all, index_frame  # noqa: E402
+from utils.env import amp_dtype  # noqa: E402
+
+CLASSES = ["ductal_carcinoma", "fibroadenoma", "Other"]
+
+
+def patients(root, n, per_mag, min_images):
+    """{patient: [files]} with at least min_images files under root; a flat synthetic tree is written when empty."""
+    if not any(root.rglob("*.png")):
+        print(f"writing {n} synthetic patients x {4 * per_mag} images at 700x460 under {root} ...", file=sys.stderr)
+        make_synthetic(root, "full", layout="flat", slides=dict(DC=(n + 1) // 2, F=n // 2), counts=None,
+                       per_mag=per_mag, extras=False, missing=False)
+    files = pd.DataFrame({"path": sorted(map(str, root.rglob("SOB_*.png")))})
+    files["patient"] = [parse_name(Path(f).name)["patient_id"] for f in files["path"]]
+    return {p: g["path"].tolist() for p, g in files.groupby("patient") if len(g) >= min_images}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def one_patient(p, files, device, dtype, batch_size):
+    """Seconds of each step for one patient, PNG files to the patient row."""
+    times, start = {}, time.perf_counter()
+    rows, problems, _ = collect(files, p.mags)
+    times["check"] = time.perf_counter() - start
+    images, _ = decode_all([r["path"] for r in rows], p.image_size, p.stain_norm)
+    times["decode"] = time.perf_counter() - start - sum(times.values())
+    frame = index_frame(rows, p.classes)
+    bank = ImageBank(images, {r["path"]: i for i, r in enumerate(rows)})
+    tuples, subtype = score(p, frame, bank, batch_size, device, dtype)
+    sync(device)
+    times["model"] = time.perf_counter() - start - sum(times.values())
+    patient_table(tuples, subtype, frame, p)
+    times["post"] = time.perf_counter() - start - sum(times.values())
+    assert not problems, problems
+    return times, len(rows), len(tuples)
+
+
+def model_alone(p, files, device, dtype, batch_size):
+    """Seconds of the prediction path alone (gather, normalise, forward) over one patient's decoded tuples."""
+    rows, _, _ = collect(files, p.mags)
+    images, _ = decode_all([r["path"] for r in rows], p.image_size, p.stain_norm)
+    bank = ImageBank(images, {r["path"]: i for i, r in enumerate(rows)})
+    frame = index_frame(rows, p.classes)
+    batches = eval_batches(eval_tuples(frame, p.mags), p.mags, bank.row_of, [], batch_size)
+    predict(p.models[0], bank, batches, device, dtype)
+    sync(device)
+    start = time.perf_counter()
+    predict(p.models[0], bank, batches, device, dtype)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bench(p, groups, device, args):
+    dtype = amp_dtype(device)
+    p.models = [m.to(device) for m in p.models]
+    first = next(iter(groups.values()))
+    one_patient(p, first, device, dtype, args.batch_size)
+    steps, alone, sizes = [], [], []
+    for _ in range(args.repeats):
+        for files in groups.values():
+            times, n_images, n_tuples = one_patient(p, files, device, dtype, args.batch_size)
+            steps.append(times)
+            sizes.append((n_images, n_tuples))
+            alone.append(model_alone(p, files, device, dtype, args.batch_size))
+    ms = {k: 1000 * statistics.median(t[k] for t in steps) for k in steps[0]}
+    return dict(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+                threads=torch.get_num_threads(), amp=str(dtype).replace("torch.", "") if dtype else "fp32",
+                images=statistics.median(n for n, _ in sizes), tuples=statistics.median(t for _, t in sizes),
+                batch_size=args.batch_size,
+                **{f"{k}_ms": v for k, v in ms.items()},
+                total_ms=1000 * statistics.median(sum(t.values()) for t in steps),
+                model_alone_ms=1000 * statistics.median(alone))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--patients", type=int, default=4)
+    parser.add_argument("--per-mag", type=int, default=24)
+    parser.add_argument("--backbone", default=Config().backbone)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=Config().batch_size)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--root", default="", help="folder of BreakHis-named PNGs, e.g. real ones; synthetic patients "
+                        "are written there when it has none (default: a temporary folder)")
+    parser.add_argument("--min-images", type=int, default=8, help="time only patients with this many images")
+    parser.add_argument("--csv", default="")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    root = Path(args.root or tempfile.mkdtemp(prefix="bench_predict_"))
+    root.mkdir(parents=True, exist_ok=True)
+    groups = patients(root, args.patients, args.per_mag, args.min_images)
+    if not groups:
+        sys.exit(f"no patient with {args.min_images} or more BreakHis-named PNGs under {root}")
+    model = build_model(REFERENCE_MODEL, magnifications=MAGNIFICATIONS, num_subtypes=len(CLASSES),
+                        backbone=args.backbone, pretrained=False).eval()
+    p = Predictor([model], MAGNIFICATIONS, args.image_size, False, CLASSES, dict(youden=0.5, sens95=0.5), "benchmark",
+                  model.normalization)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    table = pd.DataFrame([bench(p, groups, device, args) for device in devices])
+    print(f"Per patient, one patient at a time ({args.backbone}, {args.image_size} px, median of {args.repeats} x "
+          f"{len(groups)} patients); total = check + decode + model + post; model_alone = the prediction path on "
+          f"decoded images. PRD target: < 50 ms per patient.")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+
+
+if __name__ == "__main__":
+    main()

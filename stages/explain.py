@@ -79,7 +79,7 @@ def explain_figures(cfg, model, picks, bank, device):
     mags = list(cfg.magnifications)
     used = [j in set(model.used_mags) for j in range(len(mags))]
     images, mask = bank.gather(tuple_rows(picks, mags, bank.row_of), device)
-    x, mask = prepare(images, mask, device)
+    x, mask = prepare(images, mask, device, **model.normalization)
     images = images.cpu()
     cams = gradcam(model, x.to(device), mask.to(device)).cpu().numpy()
     attn, out = attention_maps(model, x.to(device), mask.to(device))

@@ -17,10 +17,6 @@ class RunSpec:
     tables: tuple = ()
     mag: str = ""
 
-    @property
-    def reference(self):
-        return REFERENCE
-
 
 def reference_runs():
     return [RunSpec(REFERENCE, REFERENCE, "cv", tables=("cv",)), RunSpec(REFERENCE, REFERENCE, "fixed", tables=("fixed",))]

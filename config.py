@@ -2,6 +2,7 @@
 from dataclasses import dataclass, asdict, fields
 
 MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
+SELECTIONS = ("auc", "smooth", "loss", "ema", "swa")
 
 
 @dataclass
@@ -22,12 +23,16 @@ class Config:
     val_fraction: float = 0.15
     fixed_split: tuple = (0.70, 0.15, 0.15)
     folds: tuple = ()
+    runs: tuple = ()
 
     backbone: str = "mobilenetv4_conv_small"
     pretrained: bool = True
     pretrained_path: str = ""
     shared_backbone: bool = True
     drop_rate: float = 0.3
+    freeze_backbone: bool = False
+    frozen_epochs: int = 0
+    feature_stage: int = -1
 
     epochs: int = 30
     batch_size: int = 32
@@ -38,6 +43,7 @@ class Config:
     warmup_epochs: int = 2
     grad_clip: float = 1.0
     patience: int = 8
+    selection: str = "auc"
     tuples_per_patient: int = 32
     focal_gamma: float = 2.0
     subtype_loss_weight: float = 0.5

@@ -10,6 +10,7 @@ from pathlib import Path
 from config import Config, config_fields, demo_overrides, to_dict
 from preprocess.synthetic import make_synthetic
 from stages.schedule import all_ok, close_distributed, init_distributed, rank, world_size
+from stages.runs import check_run_names
 from stages.training import finish_stage
 from utils.checks import check_config
 from utils.env import environment, seed_everything
@@ -79,6 +80,7 @@ def resolve_config(argv=None):
     unknown = [s for s in cfg.stages if s not in ALL_STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(unknown)}. Valid stages, in order: {', '.join(ALL_STAGES)}")
+    check_run_names(cfg)
     return check_config(cfg, list(ALL_STAGES))
 
 

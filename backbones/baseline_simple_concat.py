@@ -6,6 +6,7 @@ class SimpleConcat(MagnificationModel):
     """Shared backbone, global average pooling per magnification, zeros for absent ones, concat -> MLP -> two heads."""
 
     name = "simple_concat"
+    takes_features = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -17,7 +18,7 @@ class SimpleConcat(MagnificationModel):
 
     def forward_features(self, x, mask=None):
         present = present_mask(x, mask)
-        feats = self.feature_tap(magnification_features([self.backbone], x, present))
+        feats = self.feature_tap(magnification_features([self.backbone], x, present, self.on_features))
         pooled = feats.mean((2, 3)).unflatten(0, present.shape) * present.unsqueeze(-1)
         return self.mlp(pooled.flatten(1)), present
 

@@ -6,6 +6,7 @@ class SingleMag(SingleMagnificationModel):
     """Backbone -> global average pooling -> MLP -> two heads, reading only magnification `cfg.mag`."""
 
     name = "single_mag"
+    takes_features = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -15,5 +16,5 @@ class SingleMag(SingleMagnificationModel):
         self.init_heads(cfg.embed_dim)
 
     def embed(self, images):
-        feats = self.feature_tap(self.backbone(images)[-1])
+        feats = self.feature_tap(images if self.on_features else self.backbone(images)[-1])
         return self.mlp(feats.mean((2, 3)))

@@ -1,14 +1,16 @@
-"""Pieces every model shares: the model config, timm backbones, masked feature extraction, MLP, heads, base class."""
+"""Pieces every model shares: the model config, masked feature extraction, MLP, heads, base class."""
 from dataclasses import dataclass, fields
-from pathlib import Path
 
-import timm
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from config import MAGNIFICATIONS
-from utils.helpers import PipelineError, log, warn
+from utils.helpers import PipelineError
+
+from .encoders import create_backbone, feature_backbone, normalization
+
+__all__ = ["ModelConfig", "MagnificationModel", "SingleMagnificationModel", "create_backbone", "feature_backbone",
+           "normalization"]
 
 
 @dataclass
@@ -29,6 +31,7 @@ class ModelConfig:
     use_mags: tuple | None = None
     mag: str = "40X"
     freeze: bool = True
+    feature_stage: int = -1
 
     def __post_init__(self):
         self.magnifications = tuple(self.magnifications)
@@ -43,67 +46,6 @@ def config_from(defaults, kwargs):
     if unknown:
         raise PipelineError(f"unknown model setting(s) {', '.join(unknown)}. Valid settings: {', '.join(sorted(known))}")
     return ModelConfig(**dict(defaults, **kwargs))
-
-
-def create_backbone(name, pretrained=True, pretrained_path="", **kwargs):
-    """timm model with ImageNet weights from the hub, a local file, or random init; clear errors otherwise."""
-    if not timm.is_model(name):
-        raise PipelineError(f"unknown timm backbone '{name}'. Pick a name from timm.list_models(), e.g. mobilenetv4_conv_small.")
-    if pretrained_path:
-        return from_file(name, Path(pretrained_path), **kwargs)
-    if not pretrained:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    try:
-        return timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as e:
-        raise PipelineError(
-            f"could not load ImageNet weights for backbone '{name}' ({type(e).__name__}: {str(e)[:200]}). "
-            f"Either train from random init with --no-pretrained, or download the timm weights for '{name}' "
-            f"on a machine with network and pass --pretrained-path FILE (config field pretrained_path)."
-        ) from None
-
-
-def from_file(name, path, **kwargs):
-    """timm model with weights from a local file, checked to have arrived: timm skips names it does not know."""
-    if not path.is_file():
-        raise PipelineError(f"--pretrained-path {path} does not exist (weights file for backbone '{name}').")
-    try:
-        net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-        share = loaded_share(net, timm.models.load_state_dict(str(path)))
-    except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as e:
-        raise PipelineError(f"--pretrained-path {path} is not a weights file for backbone '{name}' "
-                            f"({type(e).__name__}: {str(e)[:200]}).") from None
-    if share < 0.5:
-        raise PipelineError(f"--pretrained-path {path} is not a weights file for backbone '{name}': only {share:.0%} "
-                            f"of its weight tensors are in the file. Pass the file made for '{name}'.")
-    if share < 1:
-        warn(f"--pretrained-path {path}: {share:.0%} of backbone '{name}' weight tensors found in the file; the rest "
-             f"keep their random init")
-    norm = normalization(name)
-    log(f"backbone {name}: weights from {path}; inputs normalised with mean {norm['mean']} std {norm['std']} "
-        f"(timm's pretrained config of {name})")
-    return net
-
-
-def loaded_share(net, state):
-    """Share of the network's float tensors equal (by shape and checksum) to one in the state dict."""
-    def key(t):
-        return tuple(t.shape), float(t.double().sum()), float(t.double().abs().sum())
-    have = {key(t) for t in state.values() if torch.is_tensor(t) and t.is_floating_point()}
-    mine = [key(t) for t in net.state_dict().values() if t.is_floating_point()]
-    return sum(k in have for k in mine) / max(1, len(mine))
-
-
-def normalization(name):
-    """Input mean and std of the backbone's timm pretrained config (ImageNet's where timm has none)."""
-    cfg = timm.models.get_pretrained_cfg(name)
-    mean, std = (cfg.mean, cfg.std) if cfg is not None else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    return dict(mean=[float(v) for v in mean], std=[float(v) for v in std])
-
-
-def feature_backbone(cfg):
-    """The config's timm backbone returning its last-stage feature map only."""
-    return create_backbone(cfg.backbone, cfg.pretrained, cfg.pretrained_path, features_only=True, out_indices=(-1,))
 
 
 def present_mask(x, mask):
@@ -122,8 +64,11 @@ def masked_forward(net, images, present):
     return net(images.masked_fill(absent, 0))[-1].masked_fill(absent, 0)
 
 
-def magnification_features(backbones, images, present):
-    """Feature maps (B*m, C, h, w), batch-major, of (B, m, 3, H, W) images on one shared or m separate backbones."""
+def magnification_features(backbones, images, present, given=False):
+    """Feature maps (B*m, C, h, w), batch-major, of (B, m, 3, H, W) images on one shared or m separate backbones;
+    `given`: the inputs are already backbone feature maps (B, m, C, h, w) from the frozen-backbone cache."""
+    if given:
+        return images.flatten(0, 1).masked_fill(~present.flatten().view(-1, 1, 1, 1), 0)
     if len(backbones) == 1:
         return masked_forward(backbones[0], images.flatten(0, 1), present.flatten())
     feats = [masked_forward(net, images[:, j], present[:, j]) for j, net in enumerate(backbones)]
@@ -169,6 +114,7 @@ class MagnificationModel(nn.Module):
 
     name = ""
     defaults = {}
+    takes_features = False
 
     def __init__(self, cfg):
         super().__init__()
@@ -176,6 +122,19 @@ class MagnificationModel(nn.Module):
         self.magnifications = cfg.magnifications
         self.normalization = normalization(cfg.backbone)
         self.feature_tap = nn.Identity()
+        self.on_features = False
+
+    def read_features(self, on=True):
+        """Take cached backbone feature maps instead of images (frozen backbone); the backbone stays in the model."""
+        if on and not self.takes_features:
+            raise PipelineError(f"model '{self.name}' cannot train on cached backbone features")
+        self.on_features = on
+        for p in self.backbone_parameters():
+            p.requires_grad_(not on)
+        return self
+
+    def backbone_parameters(self):
+        return list(self.backbone_modules().parameters())
 
     def init_heads(self, dim):
         self.embed_dim = dim

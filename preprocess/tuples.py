@@ -4,6 +4,7 @@ import pandas as pd
 import torch
 
 from preprocess.cache import image_cache
+from preprocess.transforms import prepare
 
 
 def group_of(rows):
@@ -112,9 +113,10 @@ def clean_path(value):
 class ImageBank:
     """The decoded uint8 cache (N, S, S, 3) held once: on the GPU when it fits, else pinned host memory or RAM."""
 
-    def __init__(self, images, row_of):
+    def __init__(self, images, row_of, source=""):
         self.host = torch.from_numpy(np.array(images))
         self.row_of = row_of
+        self.source = source
         self.placed = {}
 
     def on(self, device):
@@ -140,6 +142,10 @@ class ImageBank:
         x[index < 0] = 0
         return x.to(device, non_blocking=True), (index >= 0).to(device, non_blocking=True)
 
+    def batch(self, rows, device, train, normalization):
+        """Model inputs (B, M, 3, S, S) normalised for the backbone, augmented when training, and the mask."""
+        return prepare(*self.gather(rows, device), device, train=train, **normalization)
+
 
 _BANKS = {}
 
@@ -149,5 +155,5 @@ def image_bank(cfg, paths):
     arr, target, row_of = image_cache(cfg, paths)
     if str(target) not in _BANKS:
         _BANKS.clear()
-        _BANKS[str(target)] = ImageBank(arr, row_of)
+        _BANKS[str(target)] = ImageBank(arr, row_of, str(target))
     return _BANKS[str(target)]

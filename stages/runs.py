@@ -2,6 +2,8 @@
 from dataclasses import dataclass, field
 
 from backbones import REFERENCE_MODEL
+from stages.engine.probe import NAME as LINEAR_PROBE
+from utils.helpers import PipelineError
 
 REFERENCE = REFERENCE_MODEL
 PARTS = ("spatial", "channel", "hma", "cmf")
@@ -27,7 +29,8 @@ def baseline_runs(cfg):
     runs += [RunSpec(f"single_{m}", "single_mag", "baselines", {"mag": m}, ("baseline", "magnification"), m)
              for m in cfg.magnifications]
     flags = {"mag": cfg.magnifications[0], "backbone": cfg.resnet_backbone}
-    return runs + [RunSpec("resnet50_transfer", "resnet50_transfer", "baselines", flags, ("baseline",))]
+    runs.append(RunSpec("resnet50_transfer", "resnet50_transfer", "baselines", flags, ("baseline",)))
+    return runs + [RunSpec(LINEAR_PROBE, LINEAR_PROBE, "baselines", tables=("baseline",))]
 
 
 def ablation_runs(cfg):
@@ -42,7 +45,15 @@ def all_runs(cfg):
 
 
 def stage_runs(cfg, stage):
-    return [r for r in all_runs(cfg) if r.stage == stage]
+    """The stage's runs, or those of them named by --runs."""
+    return [r for r in all_runs(cfg) if r.stage == stage and (not cfg.runs or r.name in cfg.runs)]
+
+
+def check_run_names(cfg):
+    names = list(dict.fromkeys(r.name for r in all_runs(cfg)))
+    unknown = [n for n in cfg.runs if n not in names]
+    if unknown:
+        raise PipelineError(f"--runs: unknown run name(s) {', '.join(unknown)}. Valid names: {', '.join(names)}")
 
 
 def table_runs(cfg, table):

@@ -1,6 +1,7 @@
 """Training stages: the reference model on the CV folds and the fixed split, baselines and ablations, same tuples."""
 from preprocess.preprocess import cv_split_names
 from stages.engine.run import copy_best, summary_line
+from stages.ensemble import fold_ensemble
 from stages.runs import REFERENCE, stage_runs
 from stages.schedule import run_units, world_size
 from utils.helpers import log, models_dir, read_json, require, run_dir, split_path
@@ -45,6 +46,8 @@ def finish_stage(cfg, stage):
         for split in splits:
             keep_best(cfg, spec, split)
         log(summary_line(spec.name if stage != "fixed" else f"{spec.name} fixed", results))
+    if stage == "fixed" and any(spec.name == REFERENCE for spec in stage_runs(cfg, stage)):
+        fold_ensemble(cfg, checked_cv_names(cfg))
 
 
 def run_cv(cfg):

@@ -14,6 +14,7 @@ from config import Config
 from stages.engine.checkpoint import checkpoint
 from stages.engine.data import model_kwargs
 from stages.engine.predict import predict
+from preprocess.tuples import ImageBank
 from stages.engine.train import build_optimizer
 from utils.helpers import PipelineError
 
@@ -65,7 +66,7 @@ def test_a_file_for_another_backbone_is_refused(tmp_path):
 def test_a_partial_file_loads_with_a_warning(weights, tmp_path, monkeypatch):
     path, source = weights
     warnings = []
-    monkeypatch.setattr("backbones.common.warn", warnings.append)
+    monkeypatch.setattr("backbones.encoders.warn", warnings.append)
     keys = list(source)
     partial = {k: v for k, v in source.items() if k not in keys[-len(keys) // 4:]}
     torch.save(partial, tmp_path / "partial.pth")
@@ -103,6 +104,8 @@ class Probe(torch.nn.Module):
 
 class Bank:
     """One white image in the first of two magnification slots."""
+
+    batch = ImageBank.batch
 
     def gather(self, rows, device):
         images = torch.zeros(len(rows), 2, 4, 4, 3, dtype=torch.uint8)

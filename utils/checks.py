@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from config import MAGNIFICATIONS, config_fields
+from config import MAGNIFICATIONS, SELECTIONS, config_fields
 from utils.helpers import PipelineError
 
 STRIDE = 32  # timm CNN backbones downsample by 32 at their last stage, so sizes that are multiples of 32 always fit
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+HUB_MODEL = re.compile(r"hf[-_]hub:[\w.-]+/[\w.-]+(@[\w./-]+)?")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,14 @@ def timm_model():
     return Rule(ok, "a timm model name, see timm.list_models()", "no_such_backbone", "is unknown")
 
 
+def backbone_name():
+    """A timm model name (timm.is_model) or a timm model on the Hugging Face hub, hf-hub:ORG/NAME[@REVISION]."""
+    def ok(v):
+        import timm
+        return isinstance(v, str) and (timm.is_model(v) or HUB_MODEL.fullmatch(v) is not None)
+    return Rule(ok, "a timm model name (see timm.list_models()) or hf-hub:ORG/NAME", "no_such_backbone", "is unknown")
+
+
 def file_or_empty():
     return Rule(lambda v: isinstance(v, str) and (v == "" or Path(v).is_file()),
                 "empty (weights from the hub) or an existing weights file", "missing/weights.pth", "is not a file")
@@ -118,6 +127,19 @@ def stage_list():
                 "stage names without repeats (empty: all stages)", ("cv", "cv"))
 
 
+def choice(options):
+    return Rule(lambda v: v in options, f"one of {', '.join(options)}", "none")
+
+
+def name_list():
+    return Rule(lambda v: distinct(v) and all(isinstance(s, str) and s for s in v),
+                "run names without repeats (empty: every run of the stage)", ("a", "a"))
+
+
+def stage_index():
+    return Rule(is_int, "a backbone stage index (0 = first, -1 = last)", "last")
+
+
 def three_fractions():
     """Train/val/test shares of the fixed split: three numbers in (0, 1) summing to 1."""
     def ok(v):
@@ -133,11 +155,12 @@ RULES = dict(
     magnifications=magnifications(), image_size=image_size(), cache_dir=text(empty=True),
     subtype_min_images=integer(0),
     n_folds=integer(2), val_fraction=fraction(), fixed_split=three_fractions(), folds=fold_list(),
-    backbone=timm_model(), pretrained=boolean(), pretrained_path=file_or_empty(), shared_backbone=boolean(),
+    backbone=backbone_name(), pretrained=boolean(), pretrained_path=file_or_empty(), shared_backbone=boolean(),
     drop_rate=number(0, 1, high_open=True),
     epochs=integer(1), batch_size=integer(1), accum_steps=integer(1), lr=number(0, low_open=True),
     backbone_lr_scale=number(0, low_open=True), weight_decay=number(0), warmup_epochs=integer(0),
-    grad_clip=number(0), patience=integer(1), tuples_per_patient=integer(1), focal_gamma=number(0),
+    grad_clip=number(0), patience=integer(1), selection=choice(SELECTIONS), freeze_backbone=boolean(),
+    frozen_epochs=integer(0), feature_stage=stage_index(), runs=name_list(), tuples_per_patient=integer(1), focal_gamma=number(0),
     subtype_loss_weight=number(0), amp=boolean(), compile=boolean(), jobs=integer(0), stain_norm=boolean(), tta=boolean(),
     smote=boolean(), max_bad_steps=integer(1),
     resume=boolean(), force=boolean(), stages=stage_list(),
@@ -179,7 +202,21 @@ def check_config(cfg, stage_names=None):
     unknown = [s for s in cfg.stages if stage_names is not None and s not in stage_names]
     if unknown:
         fail("stages", cfg.stages, f"stage names among {','.join(stage_names)}")
+    check_modes(cfg)
     return cfg
+
+
+def check_modes(cfg):
+    """Frozen backbone, probe-then-fine-tune and the selection rule must agree with each other."""
+    if cfg.freeze_backbone and cfg.frozen_epochs:
+        raise PipelineError("--freeze-backbone trains on frozen features throughout; --frozen-epochs N freezes only "
+                            "the first N epochs. Pass one of them.")
+    if cfg.frozen_epochs >= cfg.epochs:
+        fail("frozen_epochs", cfg.frozen_epochs, f"below --epochs {cfg.epochs} (use --freeze-backbone to never "
+             f"unfreeze)", "is out of range")
+    if cfg.tta and cfg.freeze_backbone:
+        raise PipelineError("--tta turns images; cached backbone features cannot be turned. Drop --tta or "
+                            "--freeze-backbone.")
 
 
 def is_disk_full(e):

@@ -99,6 +99,11 @@ def fixed_table(book):
         book.notes.append(f"table 2: no fixed-split run of {book.reference} (run the 'fixed' stage).")
         return pd.DataFrame()
     rows, _ = split_rows(book, book.reference, {"fixed": run}, list(RULES))
+    ensemble = book.runs.get(f"{book.reference}_fold_ensemble", {}).get("fixed")
+    if ensemble is None:
+        book.notes.append("table 2: no fold-ensemble row (it needs every CV fold model; run 'cv' before 'fixed').")
+    else:
+        rows += split_rows(book, f"{book.reference}_fold_ensemble", {"fixed": ensemble}, list(RULES))[0]
     return pd.DataFrame(rows)
 
 

@@ -130,6 +130,7 @@ class MMNet(MagnificationModel):
     """
 
     name = "mmnet"
+    takes_features = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -155,7 +156,7 @@ class MMNet(MagnificationModel):
     def forward_features(self, x, mask=None):
         """Per-magnification branch vectors (B, m, D), present mask (B, m) and spatial maps (B, m, h, w)."""
         present = present_mask(x, mask)[:, self.used_mags]
-        feats = self.feature_tap(magnification_features(self.backbones, x[:, self.used_mags], present))
+        feats = self.feature_tap(magnification_features(self.backbones, x[:, self.used_mags], present, self.on_features))
         feats = feats.unflatten(0, present.shape)
         vectors, maps = [], []
         for j, branch in enumerate(self.branches):

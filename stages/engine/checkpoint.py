@@ -96,7 +96,7 @@ def slim_last(folder):
     ckpt = read_checkpoint(last)
     if best.exists() and ckpt.get("state", {}).get("best_epoch") == ckpt["epoch"] and link(best, last):
         return
-    for key in ("optimizer", "scheduler", "scaler", "rng"):
+    for key in ("optimizer", "scheduler", "scaler", "rng", "average"):
         ckpt.pop(key, None)
     save(ckpt, last)
 

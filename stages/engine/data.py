@@ -3,12 +3,15 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from backbones import REFERENCE_MODEL
+from backbones import MODELS, REFERENCE_MODEL
 from preprocess.analyze import load_index, subtype_classes
 from preprocess.cache import cache_folder
 from preprocess.preprocess import load_split
 from preprocess.tuples import ImageBank, TrainBatches, eval_batches, eval_tuples, groups, image_bank
+from stages.engine.features import FeatureBank, feature_bank
+from stages.engine.probe import NAME as PROBE
 from utils.checks import resource_errors
+from utils.env import resolve_device
 from utils.helpers import PipelineError, run_dir, warn
 from utils.losses import Criterion, class_balanced_weights, focal_alpha
 
@@ -27,6 +30,7 @@ class RunData:
     tuples: dict
     batches: dict
     criterion: Criterion
+    features: FeatureBank | None = None
 
     @property
     def tag(self):
@@ -35,12 +39,21 @@ class RunData:
 
 def model_kwargs(cfg, model_name, n_classes, flags):
     kwargs = dict(magnifications=tuple(cfg.magnifications), num_subtypes=n_classes, backbone=cfg.backbone,
-                  pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path, drop_rate=cfg.drop_rate)
+                  pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path, drop_rate=cfg.drop_rate,
+                  feature_stage=cfg.feature_stage)
     if model_name == REFERENCE_MODEL:
         kwargs["shared_backbone"] = cfg.shared_backbone
     if flags.get("backbone", cfg.backbone) != cfg.backbone:
-        kwargs["pretrained_path"] = ""
+        kwargs.update(pretrained_path="", feature_stage=-1)
     return dict(kwargs, **flags)
+
+
+def reads_features(cfg, model_name):
+    """Whether a run needs the frozen-backbone feature cache: the linear probe always, models that can read cached
+    maps under --freeze-backbone or --frozen-epochs."""
+    if model_name == PROBE:
+        return True
+    return MODELS[model_name].takes_features and (cfg.freeze_backbone or cfg.frozen_epochs > 0)
 
 
 def split_frames(cfg, split_name):
@@ -77,8 +90,12 @@ def prepare_run(cfg, name, split_name, model_name, flags):
     sampler = TrainBatches(parts["train"], mags, bank.row_of, classes, cfg.tuples_per_patient, cfg.batch_size, cfg.seed)
     tuples = {role: eval_tuples(rows, mags) for role, rows in parts.items()}
     batches = {role: eval_batches(t, mags, bank.row_of, classes, cfg.batch_size) for role, t in tuples.items()}
+    features = None
+    if reads_features(cfg, model_name):
+        with resource_errors("the frozen-backbone feature cache", folder=cache_folder(cfg)):
+            features = feature_bank(cfg, bank, resolve_device(cfg.device))
     return RunData(name=name, split=split_name, folder=run_dir(cfg, name, split_name), model_name=model_name,
                    model_kwargs=model_kwargs(cfg, model_name, len(classes), flags), classes=classes, bank=bank,
                    train_sampler=sampler, tuples=tuples, batches=batches,
-                   criterion=make_criterion(cfg, groups(parts["train"], mags), classes))
+                   criterion=make_criterion(cfg, groups(parts["train"], mags), classes), features=features)
 

@@ -62,8 +62,14 @@ def evaluate(cfg, model, run, device, state):
     start = time.time()
     dtype, _ = amp_settings(cfg, device)
     roles = ("train", "val", "test") if cfg.smote else ("val", "test")
-    res = {role: predict(model, run.bank, run.batches[role], device, dtype, tta=cfg.tta and role != "train")
+    bank = run.features if model.on_features else run.bank
+    res = {role: predict(model, bank, run.batches[role], device, dtype, tta=cfg.tta and role != "train")
            for role in roles}
+    return score(cfg, run, res, device, state, start)
+
+
+def score(cfg, run, res, device, state, start):
+    """Metrics and prediction rows from per-role outputs (prob, subtype_prob, embedding, mag_weights, hma_weights)."""
     smote_probs, counts = smote_head(cfg, run, res, device) if cfg.smote else ({}, None)
     thresholds = validation_thresholds(run.tuples["val"]["label"].to_numpy(), res["val"]["prob"])
     frames, metrics = {}, {}

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from preprocess.transforms import prepare, tta_views
+from preprocess.transforms import tta_views
 from utils.env import amp_dtype
 
 
@@ -33,7 +33,7 @@ def predict(model, bank, batches, device, dtype=None, criterion=None, tta=False)
     parts = {k: [] for k in keys}
     total, seen = 0.0, 0
     for rows, labels, subtypes in batches:
-        x, mask = prepare(*bank.gather(rows, device), device, **model.normalization)
+        x, mask = bank.batch(rows, device, False, model.normalization)
         n, m = mask.shape
         with autocast(device, dtype):
             out = model(x, mask)

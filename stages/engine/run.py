@@ -9,6 +9,8 @@ from config import to_dict
 from stages.engine.checkpoint import read_checkpoint, save, slim_last
 from stages.engine.data import prepare_run
 from stages.engine.evaluate import evaluate
+from stages.engine.probe import NAME as PROBE
+from stages.engine.probe import probe_run
 from stages.engine.train import fit
 from utils.checks import resource_errors
 from utils.env import resolve_device, seed_everything
@@ -77,17 +79,24 @@ def train_and_score(cfg, spec, split_name, folder, callback=None):
     write_json(folder / "config.json", dict(run=spec.name, split=split_name, model_name=spec.model,
                                             model_kwargs=run.model_kwargs, config=to_dict(cfg)))
     device = resolve_device(cfg.device)
-    model = build_model(spec.model, **run.model_kwargs)
-    log(f"[{run.tag}] {spec.model} | {len(run.train_sampler.group_list)} train groups x {cfg.tuples_per_patient} "
-        f"tuples/epoch | val {len(run.tuples['val'])} / test {len(run.tuples['test'])} tuples | device {device}")
-    state = fit(cfg, model, run, device, callback)
-    predictions, metrics = evaluate(cfg, model, run, device, state)
+    if spec.model == PROBE:
+        predictions, metrics = probe_run(cfg, run, device)
+    else:
+        predictions, metrics = train_model(cfg, spec, run, device, callback)
     store_thresholds(folder, metrics["threshold"])
     write_csv(predictions, folder / "predictions.csv", index=False)
     write_json(folder / "metrics.json", metrics)
     slim_last(folder)
     log(fold_line(run.tag, metrics))
     return metrics
+
+
+def train_model(cfg, spec, run, device, callback=None):
+    model = build_model(spec.model, **run.model_kwargs)
+    log(f"[{run.tag}] {spec.model} | {len(run.train_sampler.group_list)} train groups x {cfg.tuples_per_patient} "
+        f"tuples/epoch | val {len(run.tuples['val'])} / test {len(run.tuples['test'])} tuples | device {device}")
+    state = fit(cfg, model, run, device, callback)
+    return evaluate(cfg, model, run, device, state)
 
 
 def store_thresholds(folder, thresholds):

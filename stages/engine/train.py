@@ -1,18 +1,19 @@
-"""Training one run: AdamW, warmup + cosine, AMP, accumulation, clipping, early stopping on validation patient AUC."""
+"""Training one run: AdamW, warmup + cosine, AMP, accumulation, clipping, early stopping and weight selection on the
+validation patients, frozen-backbone epochs on cached features."""
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from preprocess.transforms import prepare
 from stages.engine.checkpoint import (check_checkpoint, checkpoint, load_state, read_checkpoint, rng_state, save,
                                       set_rng_state)
+from stages.engine.features import install_backbone
 from stages.engine.predict import amp_settings, autocast, predict, targets
+from stages.engine.selection import Selection, recompute_batchnorm
 from utils.helpers import PipelineError, log, warn, write_csv
 from utils.metrics import binary_metrics, patient_level, safe_auc, youden_threshold
 
@@ -110,9 +111,9 @@ def bad_step(state, cfg, epoch, step):
             f"{cfg.max_bad_steps}). Lower --lr, keep --grad-clip on, or try --no-amp.")
 
 
-def train_epoch(model, forward, run, opt, cfg, device, state, epoch):
-    """One pass over fresh training tuples through `forward` (the model, or its compiled twin); returns (mean loss,
-    accuracy at 0.5)."""
+def train_epoch(model, forward, run, bank, opt, selection, cfg, device, state, epoch):
+    """One pass over fresh training tuples from `bank` (images or cached features) through `forward` (the model, or
+    its compiled twin); returns (mean loss, accuracy at 0.5)."""
     model.train()
     total, correct, seen, accum = 0.0, 0, 0, max(1, cfg.accum_steps)
     batches = list(run.train_sampler)
@@ -120,7 +121,7 @@ def train_epoch(model, forward, run, opt, cfg, device, state, epoch):
     opt.optimizer.zero_grad(set_to_none=True)
     pending = 0
     for step, (rows, labels, subtypes) in enumerate(bar, 1):
-        x, mask = prepare(*run.bank.gather(rows, device), device, train=True, **model.normalization)
+        x, mask = bank.batch(rows, device, True, model.normalization)
         labels, subtypes = targets(labels, device), targets(subtypes, device, torch.long)
         with autocast(device, opt.dtype):
             out = forward(x, mask)
@@ -132,6 +133,7 @@ def train_epoch(model, forward, run, opt, cfg, device, state, epoch):
         pending += 1
         if pending == accum:
             opt.step(model, cfg)
+            selection.after_step(model)
             pending = 0
         n = len(labels)
         total += loss.item() * n
@@ -140,6 +142,7 @@ def train_epoch(model, forward, run, opt, cfg, device, state, epoch):
         bar.set_postfix(loss=f"{total / seen:.4f}")
     if pending:
         opt.step(model, cfg)
+        selection.after_step(model)
     return (total / seen if seen else float("nan")), (correct / seen if seen else float("nan"))
 
 
@@ -154,14 +157,7 @@ def validation_row(tuples, res):
                 threshold=youden_threshold(y, res["prob"]))
 
 
-def score_of(row):
-    """Early-stopping score: patient AUC, ties broken by tuple AUC, then lower loss."""
-    def finite(v, default=-1.0):
-        return float(v) if v is not None and np.isfinite(v) else default
-    return (finite(row["val_auc"]), finite(row["val_auc_tuple"]), -finite(row["val_loss"], 1e9))
-
-
-def resume(folder, model, opt, run, cfg):
+def resume(folder, model, opt, selection, run, cfg):
     """Training state from checkpoints/last.pth when --resume and it exists, else a fresh state."""
     path = Path(folder) / "checkpoints" / "last.pth"
     if not cfg.resume or not path.exists():
@@ -173,6 +169,7 @@ def resume(folder, model, opt, run, cfg):
         return TrainState()
     load_state(model, ckpt, path)
     opt.load(ckpt)
+    selection.load(ckpt.get("average"))
     set_rng_state(ckpt["rng"])
     log(f"Resuming from {path} after epoch {ckpt['state']['epoch']}")
     return TrainState(**ckpt["state"])
@@ -186,52 +183,84 @@ def epoch_line(tag, epoch, cfg, row, best):
             f"t {row['threshold']:.2f} | lr {row['lr']:.2e} | {row['seconds']:.1f}s{' *' if best else ''}")
 
 
-def end_epoch(model, run, opt, cfg, state, row):
-    """Early-stopping bookkeeping, best/last checkpoints and history.csv after one epoch."""
+def end_epoch(model, run, opt, selection, cfg, state, row):
+    """Selection bookkeeping, best/last checkpoints and history.csv after one epoch."""
     ckpt_dir = Path(run.folder) / "checkpoints"
-    improved = state.best_score is None or score_of(row) > tuple(state.best_score)
+    score = selection.score(state.history, row)
+    improved = state.best_score is None or score > tuple(state.best_score)
     if improved:
-        state.best_score, state.best_epoch, state.best_auc = list(score_of(row)), row["epoch"], row["val_auc"]
+        state.best_score, state.best_epoch, state.best_auc = list(score), row["epoch"], row["val_auc"]
         state.bad_epochs = 0
-        save(checkpoint(model, run, cfg, row["epoch"], row["val_auc"]), ckpt_dir / "best.pth")
+        if selection.early_stop:
+            save(checkpoint(selection.kept(model), run, cfg, row["epoch"], row["val_auc"]), ckpt_dir / "best.pth")
     else:
         state.bad_epochs += 1
+    selection.after_epoch(model, row["epoch"])
     state.history.append(row)
     state.epoch, state.seconds = row["epoch"], state.seconds + row["seconds"]
-    state.stopped = state.bad_epochs >= cfg.patience
+    state.stopped = selection.early_stop and state.bad_epochs >= cfg.patience
     log(epoch_line(run.tag, row["epoch"], cfg, row, improved))
     write_csv(pd.DataFrame(state.history), Path(run.folder) / "history.csv", index=False)
     last = checkpoint(model, run, cfg, row["epoch"], state.best_auc)
-    last.update(opt.state_dict(), rng=rng_state(), state=asdict(state))
+    last.update(opt.state_dict(), rng=rng_state(), state=asdict(state), average=selection.state_dict())
     save(last, ckpt_dir / "last.pth")
     if state.stopped:
-        log(f"[{run.tag}] early stop: validation AUC not better for {cfg.patience} epochs (best epoch {state.best_epoch})")
+        log(f"[{run.tag}] early stop: validation {cfg.selection} score not better for {cfg.patience} epochs "
+            f"(best epoch {state.best_epoch})")
+
+
+def input_bank(cfg, run, model, epoch):
+    """Cached features while the backbone is frozen (--freeze-backbone, or the first --frozen-epochs), else images."""
+    frozen = run.features is not None and (cfg.freeze_backbone or epoch <= cfg.frozen_epochs)
+    if model.on_features != frozen:
+        model.read_features(frozen)
+        log(f"[{run.tag}] epoch {epoch}: backbone {'frozen, cached features' if frozen else 'unfrozen, images'}")
+    return run.features if frozen else run.bank
+
+
+def finish_average(model, run, selection, cfg, state, device):
+    """SWA: the averaged weights, with BatchNorm statistics from one training pass, become best.pth."""
+    if selection.rule != "swa" or not state.history:
+        return
+    averaged = selection.average.module
+    averaged.on_features = model.on_features
+    bank = run.features if model.on_features else run.bank
+    batches = (bank.batch(rows, device, True, model.normalization) for rows, _, _ in run.train_sampler)
+    recompute_batchnorm(averaged, batches)
+    state.best_epoch = state.epoch
+    save(checkpoint(averaged, run, cfg, state.epoch, float("nan")), Path(run.folder) / "checkpoints" / "best.pth")
 
 
 def fit(cfg, model, run, device, callback=None):
-    """Train with early stopping; writes history.csv, checkpoints/best.pth and last.pth; returns the final state."""
+    """Train and select weights on the validation patients; writes history.csv, checkpoints/best.pth and last.pth;
+    returns the final state with the kept weights loaded."""
     model.to(device)
+    if run.features is not None:
+        install_backbone(model, run.features.backbone_state)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         model.to(memory_format=torch.channels_last)
     opt = optimisation(model, cfg, device, len(run.train_sampler))
+    selection = Selection(cfg, model, len(run.train_sampler) // max(1, cfg.accum_steps))
     forward = torch.compile(model) if cfg.compile and device.type == "cuda" else model
-    state = resume(run.folder, model, opt, run, cfg)
+    state = resume(run.folder, model, opt, selection, run, cfg)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         if state.stopped:
             break
         start = time.time()
+        bank = input_bank(cfg, run, model, epoch)
         run.train_sampler.set_epoch(epoch)
-        loss, acc = train_epoch(model, forward, run, opt, cfg, device, state, epoch)
+        loss, acc = train_epoch(model, forward, run, bank, opt, selection, cfg, device, state, epoch)
         row = dict(epoch=epoch, train_loss=loss, train_acc=acc)
-        val = predict(model, run.bank, run.batches["val"], device, opt.dtype, run.criterion)
+        val = predict(selection.kept(model), bank, run.batches["val"], device, opt.dtype, run.criterion)
         row.update(validation_row(run.tuples["val"], val))
         row.update(lr=opt.optimizer.param_groups[-1]["lr"], seconds=time.time() - start)
-        end_epoch(model, run, opt, cfg, state, row)
+        end_epoch(model, run, opt, selection, cfg, state, row)
         if callback is not None:
             callback(epoch, state)
+    input_bank(cfg, run, model, max(1, state.epoch))
+    finish_average(model, run, selection, cfg, state, device)
     best = Path(run.folder) / "checkpoints" / "best.pth"
     if best.exists():
         load_state(model, read_checkpoint(best, device), best)
     return state
-

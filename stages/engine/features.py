@@ -1,0 +1,155 @@
+"""Frozen-backbone features: each cached image's backbone feature map in 8 fixed views (flips and quarter turns),
+computed once per backbone, weights, image size and stage, and kept as an fp16 memory map beside the image cache."""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backbones import ModelConfig
+from backbones.common import feature_backbone, normalization
+from preprocess.cache import cache_folder
+from preprocess.transforms import normalize, to_float
+from stages.engine.predict import autocast
+from utils.env import amp_dtype
+from utils.helpers import PipelineError, log
+from utils.lock import alive
+
+VIEWS = 8
+CHUNK = 64
+
+
+def view(x, k):
+    """The k-th of the 8 dihedral views of (N, C, H, W) images: k mod 4 quarter turns, mirrored for k >= 4."""
+    x = torch.rot90(x, k % 4, (2, 3))
+    return x.flip(3) if k >= 4 else x
+
+
+def extractor_config(cfg):
+    return ModelConfig(backbone=cfg.backbone, pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path,
+                       feature_stage=cfg.feature_stage)
+
+
+def extractor(cfg):
+    """The frozen backbone; a random-init one is drawn from --seed, so every run of the process gets the same."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        try:
+            net = feature_backbone(extractor_config(cfg))
+        except IndexError:
+            raise PipelineError(f"--feature-stage {cfg.feature_stage} is not a stage of backbone '{cfg.backbone}'. "
+                                f"Pick an index from 0 to n-1 or -1 for the last stage.") from None
+    return net.eval().requires_grad_(False)
+
+
+def weights_key(cfg):
+    if cfg.pretrained_path:
+        st = os.stat(cfg.pretrained_path)
+        return f"{Path(cfg.pretrained_path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return "hub" if cfg.pretrained else f"random|{cfg.seed}"
+
+
+def feature_path(cfg, source):
+    key = json.dumps([cfg.backbone, weights_key(cfg), cfg.image_size, cfg.feature_stage, VIEWS, Path(source).name])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    return cache_folder(cfg) / f"features_{cfg.backbone.replace('/', '_')}_{cfg.image_size}_{digest}.npy"
+
+
+@torch.no_grad()
+def embed_views(net, images, device, norm):
+    """(n, VIEWS, C, h, w) fp16 feature maps of uint8 (n, S, S, 3) images."""
+    x = normalize(to_float(images[:, None], device), **norm)[:, 0]
+    with autocast(device, amp_dtype(device) if device.type == "cuda" else None):
+        maps = [net(view(x, k))[-1] for k in range(VIEWS)]
+    return torch.stack(maps, 1).half().cpu().numpy()
+
+
+def build_features(net, norm, bank, target, device):
+    """Every image of the bank through the frozen backbone, written to a temp .npy and renamed into place."""
+    net = net.to(device)
+    first = embed_views(net, bank.host[:1], device, norm)
+    tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.npy")
+    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(bank.host),) + first.shape[1:])
+    for start in range(0, len(bank.host), CHUNK):
+        store[start:start + CHUNK] = embed_views(net, bank.host[start:start + CHUNK], device, norm)
+    store.flush()
+    del store
+    os.replace(tmp, target)
+    net.cpu()
+
+
+def drop_stale_tmp(folder):
+    for tmp in folder.glob("features_*.tmp.npy"):
+        pid = tmp.name.split(".")[-3]
+        if pid.isdigit() and not alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+class FeatureBank:
+    """Cached feature maps (N, VIEWS, C, h, w) fp16: on the GPU when they fit, else memory-mapped; a batch reads a
+    random view of each image when training and the plain view otherwise."""
+
+    def __init__(self, store, row_of, backbone_state):
+        self.store = store
+        self.row_of = row_of
+        self.backbone_state = backbone_state
+        self.placed = {}
+
+    def on(self, device):
+        key = str(device)
+        if key not in self.placed:
+            self.placed[key] = self.place(device)
+        return self.placed[key]
+
+    def place(self, device):
+        if device.type == "cuda" and self.store.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]:
+            return torch.from_numpy(np.ascontiguousarray(self.store)).to(device)
+        return self.store
+
+    def batch(self, rows, device, train, normalization=None):
+        rows = torch.as_tensor(np.asarray(rows))
+        present = rows >= 0
+        views = torch.randint(0, VIEWS, rows.shape) if train else torch.zeros_like(rows)
+        store = self.on(device)
+        flat, flat_views = rows.clamp_min(0).flatten(), views.flatten()
+        if torch.is_tensor(store):
+            maps = store[flat.to(store.device), flat_views.to(store.device)]
+        else:
+            maps = torch.from_numpy(store[flat.numpy(), flat_views.numpy()])
+        maps = maps.to(device, non_blocking=True).float().unflatten(0, rows.shape)
+        mask = present.to(device)
+        return maps * mask.view(*mask.shape, 1, 1, 1), mask
+
+    def pooled(self):
+        """Mean-pooled plain-view features (N, C) for the linear probe."""
+        parts = [self.store[i:i + 256, 0].astype(np.float32).mean((2, 3)) for i in range(0, len(self.store), 256)]
+        return np.concatenate(parts)
+
+
+def install_backbone(model, state):
+    """The frozen extractor's weights into every backbone of the model, so its checkpoint reads images as trained."""
+    nets = model.backbone_modules()
+    for net in nets if isinstance(nets, torch.nn.ModuleList) else [nets]:
+        net.load_state_dict(state)
+
+
+_FEATURES = {}
+
+
+def feature_bank(cfg, bank, device):
+    """The FeatureBank of an image bank under the config's backbone, weights, size and stage; built on first use."""
+    target = feature_path(cfg, bank.source)
+    if str(target) in _FEATURES:
+        return _FEATURES[str(target)]
+    net = extractor(cfg)
+    if not target.exists():
+        log(f"Frozen backbone {cfg.backbone}: embedding {len(bank.host)} images x {VIEWS} views at stage "
+            f"{cfg.feature_stage} -> {target}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        drop_stale_tmp(target.parent)
+        build_features(net, normalization(cfg.backbone), bank, target, device)
+    _FEATURES.clear()
+    _FEATURES[str(target)] = FeatureBank(np.load(target, mmap_mode="r"), bank.row_of, net.state_dict())
+    return _FEATURES[str(target)]

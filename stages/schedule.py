@@ -1,6 +1,8 @@
 """Where runs go: a stage's fixed list of (run, split) units, shared over torchrun ranks and --jobs processes."""
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
@@ -69,8 +71,18 @@ def run_units(cfg, units):
     run_parallel(cfg, mine, jobs)
 
 
-def worker(cfg, spec, split, threads):
+def exit_with(parent):
+    """A worker whose parent died (killed, interrupted) stops too instead of training on unseen."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def worker(cfg, spec, split, threads, parent):
     """One run in a fresh process: its log goes to the run folder, the parent prints one line when it ends."""
+    exit_with(parent)
     torch.set_num_threads(threads)
     setup_logging(run_dir(cfg, spec.name, split) / "run.log", console=False)
     return run_one(cfg, spec, split)
@@ -81,7 +93,8 @@ def run_parallel(cfg, units, jobs):
     failed = []
     log(f"{len(units)} runs in {jobs} processes; each run logs to its folder's run.log")
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(worker, cfg, spec, split, threads): f"{spec.name}/{split}" for spec, split in units}
+        futures = {pool.submit(worker, cfg, spec, split, threads, os.getpid()): f"{spec.name}/{split}"
+                   for spec, split in units}
         bar = tqdm(total=len(futures), desc="runs", disable=None, dynamic_ncols=True)
         for future in as_completed(futures):
             tag = futures[future]

@@ -1,10 +1,11 @@
 """Training stages: the reference model on the CV folds and the fixed split, baselines and ablations, same tuples."""
+from backbones import create_backbone
 from preprocess.preprocess import cv_split_names
 from stages.engine.run import copy_best, summary_line
 from stages.ensemble import fold_ensemble
 from stages.runs import REFERENCE, stage_runs
 from stages.schedule import run_units, world_size
-from utils.helpers import log, models_dir, read_json, require, run_dir, split_path
+from utils.helpers import PipelineError, log, models_dir, read_json, require, run_dir, split_path, warn
 
 
 def checked_cv_names(cfg):
@@ -29,11 +30,28 @@ def keep_best(cfg, spec, split):
     copy_best(cfg, spec.name, split, target)
 
 
+def weights_missing(cfg, spec):
+    """A baseline on its own pretrained backbone (ResNet50) whose weights cannot be had here, e.g. offline with the
+    main backbone from --pretrained-path: skipped with a warning instead of failing the stage."""
+    backbone = spec.flags.get("backbone")
+    if not cfg.pretrained or not backbone or backbone == cfg.backbone:
+        return False
+    try:
+        create_backbone(backbone, pretrained=True)
+    except PipelineError as e:
+        reason = str(e).split("(", 1)[-1].split(")", 1)[0]
+        warn(f"{spec.name} skipped: the ImageNet weights of its backbone '{backbone}' cannot be loaded here "
+             f"({reason}). Run once with network (timm caches them), or pass --no-pretrained; the other runs go on.")
+        return True
+    return False
+
+
 def run_stage(cfg, stage):
     """This process's share of the (run, split) units of one training stage, in the fixed order of the run list;
     alone (no torchrun) it also finishes the stage, under torchrun main.py does once every rank is done."""
     splits = stage_splits(cfg, stage)
-    run_units(cfg, [(spec, split) for spec in stage_runs(cfg, stage) for split in splits])
+    specs = [spec for spec in stage_runs(cfg, stage) if not weights_missing(cfg, spec)]
+    run_units(cfg, [(spec, split) for spec in specs for split in splits])
     if world_size() == 1:
         finish_stage(cfg, stage)
 
@@ -42,6 +60,8 @@ def finish_stage(cfg, stage):
     """After every rank's runs: the reference model's best checkpoints and one summary line per run."""
     splits = stage_splits(cfg, stage)
     for spec in stage_runs(cfg, stage):
+        if not all((run_dir(cfg, spec.name, split) / "metrics.json").exists() for split in splits):
+            continue
         results = [read_json(run_dir(cfg, spec.name, split) / "metrics.json") for split in splits]
         for split in splits:
             keep_best(cfg, spec, split)

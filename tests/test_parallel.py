@@ -87,3 +87,31 @@ def test_two_processes_on_one_output_folder_train_each_run_once(sequential, tmp_
     assert sorted(trained) == sorted(UNITS - {"mmnet/fixed"})
     assert finished(out) == UNITS - {"mmnet/fixed"}
     assert not list(out.glob("runs/*/*/.lock"))
+
+
+def test_a_worker_stops_when_its_parent_dies(tmp_path):
+    import os
+    import time
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import multiprocessing as mp, os, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from stages.schedule import exit_with\n"
+        "def child(parent, path):\n"
+        "    exit_with(parent)\n"
+        "    open(path, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(60)\n"
+        "if __name__ == '__main__':\n"
+        f"    p = mp.get_context('spawn').Process(target=child, args=(os.getpid(), {str(pid_file)!r}))\n"
+        "    p.start()\n"
+        f"    while not os.path.exists({str(pid_file)!r}): time.sleep(0.1)\n"
+        "    os._exit(0)\n"
+    )
+    (tmp_path / "parent.py").write_text(script)
+    subprocess.run([sys.executable, str(tmp_path / "parent.py")], timeout=60, check=True)
+    time.sleep(0.5)
+    child = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline and os.path.exists(f"/proc/{child}"):
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{child}")

@@ -3,12 +3,12 @@ ablations and the linear probe over the patient-wise CV folds, through main.py's
 
 python tests/benchmarks/bench_accuracy.py [--root DIR] [--work DIR] [--per-mag N] [--seed S] [--epochs N]
     [--tuples-per-patient N] [--image-size S] [--jobs N] [--modes finetune,frozen,lpft] [--frozen-epochs N]
-    [--runs a,b] [--bootstrap N] [-- main.py flags]
+    [--runs a,b] [--difficulty easy|default|hard] [--bootstrap N] [-- main.py flags]
 
-The tree is the `full` preset's 82 patients (default difficulty) with --per-mag images per magnification, generated
+The tree is the `full` preset's 82 patients (--difficulty, default `default`) with --per-mag images per magnification, generated
 under --work unless --root is given. Each mode is one main.py call (--demo settings unless overridden after `--`):
 finetune (the default training), frozen (--freeze-backbone) and lpft (--frozen-epochs N). Printed: patient-level
-test AUC mean ± std over the folds per run, then MMNet minus the best single magnification and minus each other run
+test AUC (and tuple-level AUC) mean ± std over the folds per run, then MMNet minus the best single magnification and minus each other run
 with a 95 % paired bootstrap CI (test patients resampled within each fold, one resample for both runs, the fold mean
 of AUCs compared). The last line reads `accuracy: mmnet A, best single B (MAG), gain G [LO, HI]`.
 """
@@ -44,6 +44,7 @@ def parse_args():
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--modes", default="finetune")
+    p.add_argument("--difficulty", default="default", choices=["easy", "default", "hard"])
     p.add_argument("--frozen-epochs", type=int, default=3)
     p.add_argument("--runs", default=",".join(RUNS))
     p.add_argument("--bootstrap", type=int, default=2000)
@@ -54,15 +55,17 @@ def parse_args():
 def data_root(args):
     if args.root:
         return Path(args.root)
-    root = Path(args.work) / f"data_full_{args.per_mag}_{args.seed}"
+    tag = "" if args.difficulty == "default" else f"_{args.difficulty}"
+    root = Path(args.work) / f"data_full_{args.per_mag}_{args.seed}{tag}"
     if not root.exists():
-        make_synthetic(root, preset="full", seed=args.seed, counts=None, per_mag=args.per_mag, size=(175, 115))
+        make_synthetic(root, preset="full", seed=args.seed, difficulty=args.difficulty, counts=None,
+                       per_mag=args.per_mag, size=(175, 115))
     return root
 
 
 def train_mode(args, mode, root):
     """One main.py call: analyze, split and every training stage for the selected runs; its wall time."""
-    out = Path(args.work) / f"out_{mode}_{args.seed}"
+    out = Path(args.work) / f"out_{mode}_{args.seed}" / root.name
     flags = MODE_FLAGS[mode] + ([str(args.frozen_epochs)] if mode == "lpft" else [])
     cmd = [sys.executable, str(REPO / "main.py"), "--demo", "--data-root", str(root), "--output-dir", str(out),
            "--stages", "analyze,split,cv,baselines,ablations", "--runs", args.runs, "--seed", str(args.seed),
@@ -77,11 +80,11 @@ def train_mode(args, mode, root):
     return out, time.time() - start
 
 
-def fold_patients(splits):
-    """{fold: (labels, probabilities)} of the test patients of each CV fold."""
+def fold_patients(splits, level="patient"):
+    """{fold: (labels, probabilities)} of the test patients (or tuples) of each CV fold."""
     out = {}
     for split in cv_splits(splits):
-        p = level_frame(splits[split]["pred"], "patient", "test").sort_values("patient_id")
+        p = level_frame(splits[split]["pred"], level, "test").sort_values(["patient_id", "tuple_id"])
         out[split] = (p["label"].to_numpy().astype(int), p["prob_malignant"].to_numpy(dtype=float))
     return out
 
@@ -110,7 +113,7 @@ def paired_gain(a, b, n, seed):
 
 def collect(args, modes, root):
     """{label: per-fold test patients} over the modes; labels carry the mode unless it is finetune."""
-    results, seconds = {}, {}
+    results, tuples, seconds = {}, {}, {}
     for mode in modes:
         out, seconds[mode] = train_mode(args, mode, root)
         for name, splits in load_runs(out / "runs").items():
@@ -118,20 +121,22 @@ def collect(args, modes, root):
             if name == "linear_probe" and mode != "finetune" and "linear_probe" in results:
                 continue
             results[label] = fold_patients(splits)
-    return results, seconds
+            tuples[label] = fold_aucs(fold_patients(splits, "tuple"))
+    return results, tuples, seconds
 
 
 def main():
     args = parse_args()
     modes = [m for m in args.modes.split(",") if m]
     root = data_root(args)
-    results, seconds = collect(args, modes, root)
+    results, tuples, seconds = collect(args, modes, root)
     print(f"\ndata {root} | seed {args.seed} | {args.image_size} px | {args.epochs} epochs | "
           f"{args.tuples_per_patient} tuples/patient | wall " + ", ".join(f"{m} {s:.0f}s" for m, s in seconds.items()))
-    print(f"{'run':<28} {'folds':>5} {'patient AUC':>16}")
+    print(f"{'run':<28} {'folds':>5} {'patient AUC':>16} {'tuple AUC':>16}")
     for label, patients in results.items():
-        aucs = fold_aucs(patients)
-        print(f"{label:<28} {len(aucs):>5} {np.nanmean(aucs):>8.3f} ± {np.nanstd(aucs):.3f}")
+        aucs, t = fold_aucs(patients), tuples[label]
+        print(f"{label:<28} {len(aucs):>5} {np.nanmean(aucs):>8.3f} ± {np.nanstd(aucs):.3f} "
+              f"{np.nanmean(t):>8.3f} ± {np.nanstd(t):.3f}")
     ref = results[REFERENCE]
     singles = {k: v for k, v in results.items() if k.startswith("single_") and "[" not in k}
     best = max(singles, key=lambda k: np.nanmean(fold_aucs(singles[k])))

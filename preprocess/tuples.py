@@ -110,7 +110,22 @@ def eval_batches(tuples, magnifications, row_of, classes, batch_size):
 def clean_path(value):
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
-class ImageBank:
+class Resident:
+    """Data held once per device: `place(device)` decides where (the device when it has room), `on` remembers it."""
+
+    placed: dict
+
+    def on(self, device):
+        key = str(device)
+        if key not in self.placed:
+            self.placed[key] = self.place(device)
+        return self.placed[key]
+
+    def place(self, device):
+        raise NotImplementedError
+
+
+class ImageBank(Resident):
     """The decoded uint8 cache (N, S, S, 3) held once: on the GPU when it fits, else pinned host memory or RAM."""
 
     def __init__(self, images, row_of, source=""):
@@ -118,13 +133,6 @@ class ImageBank:
         self.row_of = row_of
         self.source = source
         self.placed = {}
-
-    def on(self, device):
-        """The images where batches for `device` are gathered: the device itself when it has room."""
-        key = str(device)
-        if key not in self.placed:
-            self.placed[key] = self.place(device)
-        return self.placed[key]
 
     def place(self, device):
         if device.type != "cuda":

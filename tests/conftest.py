@@ -36,3 +36,14 @@ def make_cfg(tmp_path, tiny_root):
         settings = dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(tmp_path / "output"))
         return replace(Config(), **dict(settings, **overrides))
     return make
+
+
+def prepared_output(tmp_path_factory, tiny_root, name, **overrides):
+    """Config on the tiny tree with its index and splits written once into a fresh output folder."""
+    from preprocess.analyze import run_analyze
+    from preprocess.preprocess import run_split
+    out = tmp_path_factory.mktemp(name) / "output"
+    cfg = replace(Config(), **dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(out), **overrides))
+    run_analyze(cfg)
+    run_split(cfg)
+    return cfg

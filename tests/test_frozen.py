@@ -6,18 +6,12 @@ import pytest
 import torch
 
 from config import Config
-from tests.conftest import TEST_SETTINGS
+from tests.conftest import prepared_output
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_root):
-    from preprocess.analyze import run_analyze
-    from preprocess.preprocess import run_split
-    out = tmp_path_factory.mktemp("frozen") / "output"
-    cfg = replace(Config(), **dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(out), epochs=3))
-    run_analyze(cfg)
-    run_split(cfg)
-    return cfg
+    return prepared_output(tmp_path_factory, tiny_root, "frozen", epochs=3)
 
 
 def spec(name, model="mmnet", **flags):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from config import SELECTIONS, Config
-from stages.engine.selection import (SCORES, Selection, ema_decay, recompute_batchnorm)
+from stages.engine.selection import SCORES, Selection, ema_decay, recompute_batchnorm
+from tests.conftest import prepared_output
 
 
 def row(auc, loss=1.0):
@@ -62,14 +63,7 @@ def test_swa_averages_the_second_half_and_recomputes_only_the_used_batchnorm():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_root):
-    from preprocess.analyze import run_analyze
-    from preprocess.preprocess import run_split
-    from tests.conftest import TEST_SETTINGS
-    out = tmp_path_factory.mktemp("selection") / "output"
-    cfg = replace(Config(), **dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(out), epochs=2))
-    run_analyze(cfg)
-    run_split(cfg)
-    return cfg
+    return prepared_output(tmp_path_factory, tiny_root, "selection", epochs=2)
 
 
 @pytest.mark.parametrize("rule", [s for s in SELECTIONS if s != "auc"])

@@ -7,8 +7,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from config import Config
-from tests.conftest import TEST_SETTINGS
+from tests.conftest import prepared_output
 from utils import metrics as M
 from utils.helpers import PipelineError
 
@@ -16,14 +15,7 @@ from utils.helpers import PipelineError
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_root):
-    """Index and splits of the tiny tree, written once for this module."""
-    from preprocess.analyze import run_analyze
-    from preprocess.preprocess import run_split
-    out = tmp_path_factory.mktemp("trainer") / "output"
-    cfg = replace(Config(), **dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(out), epochs=3))
-    run_analyze(cfg)
-    run_split(cfg)
-    return cfg
+    return prepared_output(tmp_path_factory, tiny_root, "trainer", epochs=3)
 
 
 def test_metrics_equal_scikit_learn():

@@ -12,6 +12,7 @@ from backbones import ModelConfig
 from backbones.common import feature_backbone, normalization
 from preprocess.cache import cache_folder
 from preprocess.transforms import normalize, to_float
+from preprocess.tuples import Resident
 from stages.engine.predict import autocast
 from utils.env import amp_dtype
 from utils.helpers import PipelineError, log
@@ -87,7 +88,7 @@ def drop_stale_tmp(folder):
             tmp.unlink(missing_ok=True)
 
 
-class FeatureBank:
+class FeatureBank(Resident):
     """Cached feature maps (N, VIEWS, C, h, w) fp16: on the GPU when they fit, else memory-mapped; a batch reads a
     random view of each image when training and the plain view otherwise."""
 
@@ -96,12 +97,6 @@ class FeatureBank:
         self.row_of = row_of
         self.backbone_state = backbone_state
         self.placed = {}
-
-    def on(self, device):
-        key = str(device)
-        if key not in self.placed:
-            self.placed[key] = self.place(device)
-        return self.placed[key]
 
     def place(self, device):
         if device.type == "cuda" and self.store.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]:

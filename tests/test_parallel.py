@@ -12,6 +12,7 @@ from tests.test_pipeline import flags
 
 STAGES = "analyze,split,cv,fixed"
 UNITS = {"mmnet/fold_0", "mmnet/fold_1", "mmnet/fold_2", "mmnet/fixed"}
+ENSEMBLE = "mmnet_fold_ensemble/fixed"
 
 
 def command(cfg, out, *extra):
@@ -52,7 +53,7 @@ def test_jobs_run_every_unit_once_with_one_line_each(sequential, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(result_lines(done.stdout)) == sorted(UNITS)
-    assert finished(out) == finished(reference) == UNITS
+    assert finished(out) == finished(reference) == UNITS | {ENSEMBLE}
     assert same_splits(out, reference)
     for unit in ("mmnet/fold_0", "mmnet/fold_1"):
         assert len(result_lines((out / "runs" / unit / "run.log").read_text())) == 1
@@ -67,7 +68,7 @@ def test_torchrun_two_ranks_share_the_runs(sequential, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     logs = (out / "logs" / "pipeline.log").read_text() + (out / "logs" / "pipeline.rank1.log").read_text()
     assert sorted(result_lines(logs)) == sorted(UNITS)
-    assert finished(out) == finished(reference) == UNITS
+    assert finished(out) == finished(reference) == UNITS | {ENSEMBLE}
     assert same_splits(out, reference)
     assert (out / "models" / "best_model.pth").exists()
 

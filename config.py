@@ -43,7 +43,7 @@ class Config:
     warmup_epochs: int = 2
     grad_clip: float = 1.0
     patience: int = 8
-    selection: str = "auc"
+    selection: str = "swa"
     tuples_per_patient: int = 32
     focal_gamma: float = 2.0
     subtype_loss_weight: float = 0.5

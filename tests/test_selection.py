@@ -66,7 +66,7 @@ def prepared(tmp_path_factory, tiny_root):
     return prepared_output(tmp_path_factory, tiny_root, "selection", epochs=2)
 
 
-@pytest.mark.parametrize("rule", [s for s in SELECTIONS if s != "auc"])
+@pytest.mark.parametrize("rule", SELECTIONS)
 def test_every_rule_trains_resumes_and_keeps_a_checkpoint(prepared, rule):
     from stages.engine.run import run_one
     from stages.runs import RunSpec

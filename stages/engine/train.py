@@ -224,6 +224,7 @@ def finish_average(model, run, selection, cfg, state, device):
         return
     averaged = selection.average.module
     averaged.on_features = model.on_features
+    run.train_sampler.set_epoch(state.epoch)
     bank = run.features if model.on_features else run.bank
     batches = (bank.batch(rows, device, True, model.normalization) for rows, _, _ in run.train_sampler)
     recompute_batchnorm(averaged, batches)

@@ -88,8 +88,9 @@ def test_ensemble_averages_the_fold_models(trained, tmp_path):
     cfg, run = trained
     models = Path(cfg.output_dir) / "models"
     ckpt = torch.load(models / "best_model.pth", weights_only=False)
-    other = dict(ckpt, model={k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
-                              for k, v in ckpt["model"].items()}, threshold={"youden": 0.3, "sens95": 0.1})
+    weights = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() and "running_" not in k else v
+               for k, v in ckpt["model"].items()}
+    other = dict(ckpt, model=weights, threshold={"youden": 0.3, "sens95": 0.1})
     (models / "checkpoints").mkdir(exist_ok=True)
     torch.save(ckpt, models / "checkpoints" / f"{REFERENCE}_fold_0.pth")
     torch.save(other, models / "checkpoints" / f"{REFERENCE}_fold_1.pth")

@@ -86,7 +86,12 @@ def drop_stale(target):
     for old in target.parent.glob(prefix + "*.npy"):
         if old != target and "_" not in old.name[len(prefix):] and "." not in old.stem:
             old.unlink(missing_ok=True)
-    for tmp in target.parent.glob(prefix + "*.tmp.npy"):
+    drop_dead_tmp(target.parent, prefix + "*.tmp.npy")
+
+
+def drop_dead_tmp(folder, pattern):
+    """Half-built `<name>.<pid>.tmp.npy` files whose builder process is gone."""
+    for tmp in folder.glob(pattern):
         pid = tmp.name.split(".")[-3]
         if pid.isdigit() and not alive(int(pid)):
             tmp.unlink(missing_ok=True)

@@ -32,6 +32,10 @@ class RunData:
     criterion: Criterion
     features: FeatureBank | None = None
 
+    def inputs(self, model):
+        """Where the model's batches come from: cached features while it reads them, else images."""
+        return self.features if model.on_features else self.bank
+
     @property
     def tag(self):
         return f"{self.name}/{self.split}"

@@ -62,7 +62,7 @@ def evaluate(cfg, model, run, device, state):
     start = time.time()
     dtype, _ = amp_settings(cfg, device)
     roles = ("train", "val", "test") if cfg.smote else ("val", "test")
-    bank = run.features if model.on_features else run.bank
+    bank = run.inputs(model)
     res = {role: predict(model, bank, run.batches[role], device, dtype, tta=cfg.tta and role != "train")
            for role in roles}
     return score(cfg, run, res, device, state, start)

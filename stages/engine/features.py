@@ -10,13 +10,12 @@ import torch
 
 from backbones import ModelConfig
 from backbones.common import feature_backbone, normalization
-from preprocess.cache import cache_folder
+from preprocess.cache import cache_folder, drop_dead_tmp
 from preprocess.transforms import normalize, to_float
 from preprocess.tuples import Resident
 from stages.engine.predict import autocast
 from utils.env import amp_dtype
 from utils.helpers import PipelineError, log
-from utils.lock import alive
 
 VIEWS = 8
 CHUNK = 64
@@ -81,13 +80,6 @@ def build_features(net, norm, bank, target, device):
     net.cpu()
 
 
-def drop_stale_tmp(folder):
-    for tmp in folder.glob("features_*.tmp.npy"):
-        pid = tmp.name.split(".")[-3]
-        if pid.isdigit() and not alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
 class FeatureBank(Resident):
     """Cached feature maps (N, VIEWS, C, h, w) fp16: on the GPU when they fit, else memory-mapped; a batch reads a
     random view of each image when training and the plain view otherwise."""
@@ -143,7 +135,7 @@ def feature_bank(cfg, bank, device):
         log(f"Frozen backbone {cfg.backbone}: embedding {len(bank.host)} images x {VIEWS} views at stage "
             f"{cfg.feature_stage} -> {target}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        drop_stale_tmp(target.parent)
+        drop_dead_tmp(target.parent, "features_*.tmp.npy")
         build_features(net, normalization(cfg.backbone), bank, target, device)
     _FEATURES.clear()
     _FEATURES[str(target)] = FeatureBank(np.load(target, mmap_mode="r"), bank.row_of, net.state_dict())

@@ -225,7 +225,7 @@ def finish_average(model, run, selection, cfg, state, device):
     averaged = selection.average.module
     averaged.on_features = model.on_features
     run.train_sampler.set_epoch(state.epoch)
-    bank = run.features if model.on_features else run.bank
+    bank = run.inputs(model)
     batches = (bank.batch(rows, device, True, model.normalization) for rows, _, _ in run.train_sampler)
     recompute_batchnorm(averaged, batches)
     state.best_epoch = state.epoch

@@ -3,6 +3,9 @@ from dataclasses import dataclass, asdict, fields
 
 MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
 SELECTIONS = ("auc", "smooth", "loss", "ema", "swa")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SWITCHES = ("auto", "on", "off")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 @dataclass
@@ -48,7 +51,11 @@ class Config:
     focal_gamma: float = 2.0
     subtype_loss_weight: float = 0.5
     amp: bool = True
+    precision: str = "auto"
+    channels_last: str = "auto"
+    fused_adamw: str = "auto"
     compile: bool = False
+    compile_backend: str = "inductor"
     jobs: int = 0
     stain_norm: bool = False
     tta: bool = False

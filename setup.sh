@@ -12,6 +12,7 @@ INSTALL=1
 GET_DATA=1
 GPU_INFO=1
 ASKED=0
+CHECK_TORCH=0
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 
 usage() {
@@ -28,12 +29,14 @@ Options:
   --tarball FILE     extract a local BreaKHis_v1.tar.gz instead of downloading (env: BREAKHIS_TARBALL)
   --data-dir DIR     use an already extracted copy at DIR: only count its images
   --skip-gpu-info    do not print the torch/CUDA/GPU facts
+  --check-torch      only say whether the installed torch/torchvision are in the tested range, then exit
   --dest DIR         where the data goes (default: data, env: BREAKHIS_DEST); the tarball extracts to DIR/BreaKHis_v1
   -h, --help         show this help
 
-Packages: requirements.txt on a plain machine; requirements.runpod (keeps the preinstalled torch) when
-torch with CUDA already works. A failed package install exits non-zero. A failed download says so and exits
-0, unless the data was asked for explicitly (--url, --tarball, --data-dir), then it exits 1.
+Packages: requirements.lock (every package pinned) on a plain machine; requirements.runpod (the same pins, keeps
+the preinstalled torch, warns when its version is outside the tested range) when torch with CUDA already works.
+A failed package install exits non-zero. A failed download says so and exits 0, unless the data was asked for
+explicitly (--url, --tarball, --data-dir), then it exits 1.
 Without the data, try the whole pipeline on synthetic images: python main.py --demo
 EOF
 }
@@ -45,6 +48,7 @@ while [ $# -gt 0 ]; do
         --skip-install) INSTALL=0 ;;
         --skip-data) GET_DATA=0 ;;
         --skip-gpu-info) GPU_INFO=0 ;;
+        --check-torch) CHECK_TORCH=1 ;;
         --url) URL="${2:?--url needs a value}"; ASKED=1; shift ;;
         --tarball) TARBALL="${2:?--tarball needs a value}"; ASKED=1; shift ;;
         --data-dir) DATA_DIR="${2:?--data-dir needs a value}"; ASKED=1; shift ;;
@@ -61,13 +65,30 @@ DATA_DIR=$(absolute "$DATA_DIR")
 [ "$DEST" = data ] || DEST=$(absolute "$DEST")
 cd "$(dirname "$0")" || exit 1
 
+TESTED_TORCH="${SETUP_TESTED_TORCH:-2.14}"    # the torch and torchvision series the suite passed with (the lock)
+TESTED_VISION="${SETUP_TESTED_VISION:-0.29}"
+
+torch_range() {
+    "$PYTHON" - "$TESTED_TORCH" "$TESTED_VISION" <<'EOF' || true
+import sys
+import torch, torchvision
+def series(v): return ".".join(v.split("+")[0].split(".")[:2])
+found = {"torch": torch.__version__, "torchvision": torchvision.__version__}
+for (name, version), tested in zip(found.items(), sys.argv[1:]):
+    if series(version) != tested:
+        print(f"[setup] WARNING: the image's {name} {version} is outside the tested range {tested}.x; "
+              f"continuing with it. If something fails, check with: python -m pytest -q tests")
+EOF
+}
+
 install_packages() {
-    local file=requirements.txt
+    local file=requirements.lock
     if "$PYTHON" -c "import torch; assert torch.cuda.is_available()" >/dev/null 2>&1; then
         file=requirements.runpod
-        say "torch with CUDA already works: installing $file (keeps the installed torch/torchvision)"
+        say "torch with CUDA already works: installing $file (every package pinned; keeps the image's torch/torchvision)"
+        torch_range
     else
-        say "installing $file"
+        say "installing $file (every package pinned)"
     fi
     "$PYTHON" -m pip install -r "$file" || { say "ERROR: pip install -r $file failed"; return 1; }
 }
@@ -171,6 +192,11 @@ for i in range(torch.cuda.device_count()):
 EOF
 }
 
+if [ "$CHECK_TORCH" -eq 1 ]; then
+    torch_range
+    say "tested range: torch $TESTED_TORCH.x, torchvision $TESTED_VISION.x"
+    exit 0
+fi
 status=0
 mkdir -p output/logs
 if [ "$INSTALL" -eq 1 ]; then

@@ -5,6 +5,7 @@ import torch
 
 from preprocess.cache import image_cache
 from preprocess.transforms import prepare
+from utils.env import fits_on_gpu
 
 
 def group_of(rows):
@@ -137,10 +138,7 @@ class ImageBank(Resident):
     def place(self, device):
         if device.type != "cuda":
             return self.host
-        free, _ = torch.cuda.mem_get_info(device)
-        if self.host.nbytes < 0.5 * free:
-            return self.host.to(device)
-        return self.host.pin_memory()
+        return self.host.to(device) if fits_on_gpu(self.host.nbytes, device) else self.host.pin_memory()
 
     def gather(self, rows, device):
         """Images (B, M, S, S, 3) uint8 and presence mask (B, M) of a batch of cache rows (-1 = missing) on `device`."""

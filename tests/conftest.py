@@ -38,6 +38,11 @@ def make_cfg(tmp_path, tiny_root):
     return make
 
 
+def same_normalisation(actual, expected, tol=1e-6):
+    """Mean and std lists equal within tol (pytest.approx refuses nested dictionaries)."""
+    return actual.keys() == expected.keys() and all(actual[k] == pytest.approx(expected[k], abs=tol) for k in expected)
+
+
 def prepared_output(tmp_path_factory, tiny_root, name, **overrides):
     """Config on the tiny tree with its index and splits written once into a fresh output folder."""
     from preprocess.analyze import run_analyze

@@ -73,3 +73,21 @@ def test_a_bad_tarball_fails_without_leaving_a_tree(tmp_path):
     code, text = setup_sh("--tarball", bad, "--dest", tmp_path / "data")
     assert code == 1
     assert not (tmp_path / "data" / "BreaKHis_v1").exists()
+
+
+def test_torch_outside_the_tested_range_warns_and_goes_on():
+    code, text = setup_sh("--check-torch")
+    assert code == 0 and "WARNING" not in text and "tested range" in text
+    code, text = setup_sh("--check-torch", env={"SETUP_TESTED_TORCH": "1.0"})
+    assert code == 0 and "WARNING: the image's torch" in text and "outside the tested range 1.0.x" in text
+    assert "torchvision" not in text.split("WARNING")[1].split("\n")[0]
+
+
+def test_the_runpod_file_pins_everything_the_lock_does_except_torch():
+    pins = lambda name: {l.split("==")[0]: l.split()[0] for l in (ROOT / name).read_text().splitlines() if "==" in l}  # noqa: E731
+    lock, runpod, direct = pins("requirements.lock"), pins("requirements.runpod"), pins("requirements.txt")
+    assert {"torch", "torchvision", "triton"} & set(runpod) == set()
+    assert {k: v for k, v in lock.items() if k in runpod} == runpod
+    assert set(lock) - set(runpod) <= {k for k in lock if k in ("torch", "torchvision", "triton")
+                                       or k.startswith(("nvidia-", "cuda-"))}
+    assert all(direct[k] == lock[k.lower()] for k in direct), "requirements.txt and the lock disagree: bash .ci/lock"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from config import MAGNIFICATIONS, SELECTIONS, config_fields
+from config import COMPILE_BACKENDS, MAGNIFICATIONS, PRECISIONS, SELECTIONS, SWITCHES, config_fields
 from utils.helpers import PipelineError
 
 STRIDE = 32  # timm CNN backbones downsample by 32 at their last stage, so sizes that are multiples of 32 always fit
@@ -161,7 +161,9 @@ RULES = dict(
     backbone_lr_scale=number(0, low_open=True), weight_decay=number(0), warmup_epochs=integer(0),
     grad_clip=number(0), patience=integer(1), selection=choice(SELECTIONS), freeze_backbone=boolean(),
     frozen_epochs=integer(0), feature_stage=stage_index(), runs=name_list(), tuples_per_patient=integer(1), focal_gamma=number(0),
-    subtype_loss_weight=number(0), amp=boolean(), compile=boolean(), jobs=integer(0), stain_norm=boolean(), tta=boolean(),
+    subtype_loss_weight=number(0), amp=boolean(), precision=choice(PRECISIONS),
+    channels_last=choice(SWITCHES), fused_adamw=choice(SWITCHES), compile=boolean(),
+    compile_backend=choice(COMPILE_BACKENDS), jobs=integer(0), stain_norm=boolean(), tta=boolean(),
     smote=boolean(), max_bad_steps=integer(1),
     resume=boolean(), force=boolean(), stages=stage_list(),
     bootstrap=integer(0), explain_samples=integer(0), resnet_backbone=timm_model(),

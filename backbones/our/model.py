@@ -77,7 +77,8 @@ class MultiScaleAttentionPool(nn.Module):
         self.scale_bias = nn.Parameter(torch.zeros(len(scales)))
 
     def pool_scale(self, x, size):
-        cells = F.adaptive_avg_pool2d(x, size).flatten(2).transpose(1, 2)
+        # contiguous: under channels_last the CPU kernel and torch.compile disagree on the pooled strides
+        cells = F.adaptive_avg_pool2d(x, size).contiguous().flatten(2).transpose(1, 2)
         weights = self.cell_score(cells).softmax(1)
         return (weights * cells).sum(1)
 

@@ -14,7 +14,7 @@ from preprocess.cache import cache_folder, drop_dead_tmp
 from preprocess.transforms import normalize, to_float
 from preprocess.tuples import Resident
 from stages.engine.predict import autocast
-from utils.env import amp_dtype
+from utils.env import amp_dtype, fits_on_gpu
 from utils.helpers import PipelineError, log
 
 VIEWS = 8
@@ -91,7 +91,7 @@ class FeatureBank(Resident):
         self.placed = {}
 
     def place(self, device):
-        if device.type == "cuda" and self.store.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]:
+        if fits_on_gpu(self.store.nbytes, device):
             return torch.from_numpy(np.ascontiguousarray(self.store)).to(device)
         return self.store
 

@@ -3,13 +3,14 @@ import numpy as np
 import torch
 
 from preprocess.transforms import tta_views
-from utils.env import amp_dtype
+from utils.env import precision_dtype
 
 
 def amp_settings(cfg, device):
-    """(autocast dtype or None, GradScaler or None): bf16 or fp16 AMP on CUDA, fp32 on CPU."""
-    dtype = amp_dtype(device) if cfg.amp else None
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    """(autocast dtype or None, GradScaler or None): --precision (auto: bf16 or fp16 AMP on CUDA, fp32 on CPU); fp16
+    trains with a loss scaler on any device."""
+    dtype = precision_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return dtype, scaler
 
 

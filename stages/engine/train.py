@@ -14,6 +14,7 @@ from stages.engine.checkpoint import (check_checkpoint, checkpoint, load_state, 
 from stages.engine.features import install_backbone
 from stages.engine.predict import amp_settings, autocast, predict, targets
 from stages.engine.selection import Selection, recompute_batchnorm
+from utils.env import switch
 from utils.helpers import PipelineError, log, warn, write_csv
 from utils.metrics import binary_metrics, patient_level, safe_auc, youden_threshold
 
@@ -72,7 +73,7 @@ def optimisation(model, cfg, device, batches_per_epoch):
 
 
 def build_optimizer(model, cfg, device):
-    """AdamW (fused on CUDA); a pretrained backbone at lr * backbone_lr_scale (random init at lr); no decay on biases
+    """AdamW (fused on CUDA, or with --fused-adamw on); a pretrained backbone at lr * backbone_lr_scale (random init at lr); no decay on biases
     and norms."""
     if hasattr(model, "param_groups"):
         backbone, head = model.param_groups()
@@ -85,7 +86,8 @@ def build_optimizer(model, cfg, device):
         decay = [p for p in params if p.dim() >= 2]
         plain = [p for p in params if p.dim() < 2]
         groups += [dict(params=decay, lr=lr, weight_decay=cfg.weight_decay), dict(params=plain, lr=lr, weight_decay=0.0)]
-    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999), fused=device.type == "cuda")
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999),
+                             fused=switch(cfg.fused_adamw, device))
 
 
 def lr_factor(step, warmup, total, floor=0.01):
@@ -238,12 +240,12 @@ def fit(cfg, model, run, device, callback=None):
     model.to(device)
     if run.features is not None:
         install_backbone(model, run.features.backbone_state)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    if switch(cfg.channels_last, device):
         model.to(memory_format=torch.channels_last)
     opt = optimisation(model, cfg, device, len(run.train_sampler))
     selection = Selection(cfg, model, len(run.train_sampler) // max(1, cfg.accum_steps))
-    forward = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    forward = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
     state = resume(run.folder, model, opt, selection, run, cfg)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         if state.stopped:

@@ -20,14 +20,20 @@ GIB_PER_RUN = 12
 WAIT_S = 2.0
 
 
+def launched_by_torchrun():
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def init_distributed():
-    """Join the torchrun process group (nccl on GPU, gloo on CPU) when launched with WORLD_SIZE > 1."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    """Join the torchrun process group (nccl on GPU, gloo on CPU); under torchrun even a single rank joins one."""
+    if not launched_by_torchrun() or dist.is_initialized():
         return
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() == 0:
+        log(f"torch.distributed: {dist.get_backend()} backend, {dist.get_world_size()} rank(s)")
 
 
 def rank():
@@ -58,9 +64,12 @@ def job_count(cfg):
         return cfg.jobs
     device = resolve_device(cfg.device)
     if device.type != "cuda":
+        log("--jobs 0: 1 process (no GPU)")
         return 1
     free, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(4, free // (GIB_PER_RUN * GIB)))
+    jobs = max(1, min(4, free // (GIB_PER_RUN * GIB)))
+    log(f"--jobs 0: {jobs} process(es) for {free / GIB:.0f} GiB of free GPU memory")
+    return jobs
 
 
 def run_units(cfg, units):

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from stages.engine.run import fold_line, holder, run_one
+from stages.engine.run import fold_line, holder, run_one, trained_by
 from utils.env import resolve_device
 from utils.helpers import PipelineError, log, run_dir, setup_logging
 
@@ -158,6 +158,6 @@ def run_pass(pool, cfg, units, threads, failed, bar, wait):
         if skipped(cfg, unit, result):
             busy.append(unit)
             continue
-        log(fold_line(tag(unit), result))
+        log(f"{fold_line(tag(unit), result)} | by {trained_by(run_dir(cfg, unit[0].name, unit[1])) or 'an earlier run'}")
         bar.update()
     return busy

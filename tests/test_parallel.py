@@ -110,11 +110,13 @@ def test_two_processes_on_one_output_folder_each_train_a_share(sequential, tmp_p
         assert all(trainer(out, unit) == other for unit in held)
 
 
-def test_a_held_run_is_taken_up_after_the_free_ones(tmp_path_factory, tiny_root, monkeypatch):
+def held_and_stale(tmp_path_factory, tiny_root, monkeypatch, name, jobs):
+    """fold_0 held by a live process elsewhere (finished once this process has trained fold_2), fold_1 by a dead
+    one (old heartbeat), fold_2 free; run_units over the three: (config, the pipeline's log lines)."""
     import stages.schedule as schedule
     from stages.runs import stage_runs
     from utils.helpers import logger, run_dir
-    cfg = replace(prepared_output(tmp_path_factory, tiny_root, "held", n_folds=3), epochs=1)
+    cfg = replace(prepared_output(tmp_path_factory, tiny_root, name, n_folds=3), epochs=1, jobs=jobs)
     monkeypatch.setattr(schedule, "WAIT_S", 0.1)
     spec = stage_runs(cfg, "cv")[0]
     live, dead, free = (run_dir(cfg, spec.name, f"fold_{k}") for k in range(3))
@@ -136,25 +138,47 @@ def test_a_held_run_is_taken_up_after_the_free_ones(tmp_path_factory, tiny_root,
         logger.removeHandler(handler)
         logger.setLevel(level)
     elsewhere.join(timeout=10)
-    text = "\n".join(messages)
-    assert json.loads((live / "metrics.json").read_text())["marker"] == "trained elsewhere"
     out = Path(cfg.output_dir)
+    assert json.loads((live / "metrics.json").read_text())["marker"] == "trained elsewhere"
+    assert not list(out.glob("runs/*/*/.lock"))
+    return out, "\n".join(messages)
+
+
+def in_order(text, lines):
+    places = [text.find(line) for line in lines]
+    return -1 not in places and places == sorted(places)
+
+
+def test_a_held_run_is_taken_up_after_the_free_ones(tmp_path_factory, tiny_root, monkeypatch):
+    out, text = held_and_stale(tmp_path_factory, tiny_root, monkeypatch, "held", jobs=1)
     assert trainer(out, "mmnet/fold_1") == trainer(out, "mmnet/fold_2") == str(os.getpid())
-    order = ["[mmnet/fold_0] is being trained by 1@elsewhere", "taking over the stale lock of 2@gone",
-             "[mmnet/fold_1] trained by", "[mmnet/fold_2] trained by", "back to 1 held by other processes: mmnet/fold_0",
-             "[mmnet/fold_0] finished earlier by 1@elsewhere"]
-    places = [text.find(line) for line in order]
-    assert -1 not in places and places == sorted(places), text
-    assert not list(dead.parent.glob("*/.lock"))
+    assert in_order(text, ["[mmnet/fold_0] is being trained by 1@elsewhere", "taking over the stale lock of 2@gone",
+                           "[mmnet/fold_1] trained by", "[mmnet/fold_2] trained by",
+                           "back to 1 held by other processes: mmnet/fold_0",
+                           "[mmnet/fold_0] finished earlier by 1@elsewhere"]), text
+    assert "waiting for it" not in text
+
+
+def test_jobs_take_up_a_held_run_after_the_free_ones(tmp_path_factory, tiny_root, monkeypatch):
+    out, text = held_and_stale(tmp_path_factory, tiny_root, monkeypatch, "held_jobs", jobs=2)
+    workers = {trainer(out, "mmnet/fold_1"), trainer(out, "mmnet/fold_2")}
+    assert str(os.getpid()) not in workers and "1" not in workers
+    assert "taking over the stale lock of 2@gone" in (out / "runs" / "mmnet" / "fold_1" / "run.log").read_text()
+    assert in_order(text, ["[mmnet/fold_0] is being trained by 1@elsewhere",
+                           "back to 1 held by other processes: mmnet/fold_0", "[mmnet/fold_0] TEST patient AUC"]), text
+    assert re.search(r"\[mmnet/fold_0\] TEST patient AUC .* \| by 1@elsewhere", text), text
+    assert sorted(result_lines(text)) == ["mmnet/fold_0", "mmnet/fold_1", "mmnet/fold_2"]
 
 
 def finish_elsewhere(live, free, timeout=300):
-    """The other host's process: it finishes its run once this one has trained the free runs."""
+    """The other host's process: it finishes its run (a copy of the free run's metrics, marked) once this one has
+    trained the free run."""
     deadline = time.time() + timeout
     while not (free / "metrics.json").exists() and time.time() < deadline:
         time.sleep(0.05)
+    metrics = dict(json.loads((free / "metrics.json").read_text()), marker="trained elsewhere")
     (live / "config.json").write_text(json.dumps(dict(trained_by="1@elsewhere")))
-    (live / "metrics.json").write_text(json.dumps(dict(marker="trained elsewhere")))
+    (live / "metrics.json").write_text(json.dumps(metrics))
     (live / ".lock").unlink()
 
 

@@ -9,10 +9,11 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from config import Config
 from utils.helpers import PipelineError, log, read_json_or_none, warn
 
 DAMAGED_AFTER_S = 60
-STALE_AFTER_S = 600
+STALE_AFTER_S = Config.lock_stale_s
 BEATS_PER_STALE = 10
 
 

@@ -1,6 +1,7 @@
 """One run from start to finish: train, evaluate and write its folder; skipped when already finished."""
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -42,9 +43,14 @@ def finished(cfg, folder, tag):
     metrics = read_json_or_none(folder / "metrics.json")
     if metrics is None or cfg.force:
         return None
-    by = (read_json_or_none(folder / "config.json") or {}).get("trained_by")
+    by = trained_by(folder)
     log(f"[{tag}] finished earlier{f' by {by}' if by else ''}; skipped (--force reruns it)")
     return metrics
+
+
+def trained_by(folder):
+    """pid@host of the process that trained a run folder, '' when unknown (older runs)."""
+    return (read_json_or_none(Path(folder) / "config.json") or {}).get("trained_by", "")
 
 
 def holder(cfg, spec, split_name):

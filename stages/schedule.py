@@ -144,7 +144,8 @@ def run_parallel(cfg, units, jobs):
 
 def run_pass(pool, cfg, units, threads, failed, bar, wait):
     """Every unit once in the pool; returns those another process held (only when not waiting)."""
-    futures = {pool.submit(worker, cfg, spec, split, threads, os.getpid(), wait): (spec, split) for spec, split in units}
+    parent = os.getpid()
+    futures = {pool.submit(worker, cfg, spec, split, threads, parent, wait): (spec, split) for spec, split in units}
     busy = []
     for future in as_completed(futures):
         unit = futures[future]
@@ -158,6 +159,7 @@ def run_pass(pool, cfg, units, threads, failed, bar, wait):
         if skipped(cfg, unit, result):
             busy.append(unit)
             continue
-        log(f"{fold_line(tag(unit), result)} | by {trained_by(run_dir(cfg, unit[0].name, unit[1])) or 'an earlier run'}")
+        by = trained_by(run_dir(cfg, unit[0].name, unit[1])) or "an earlier run"
+        log(f"{fold_line(tag(unit), result)} | by {by}")
         bar.update()
     return busy

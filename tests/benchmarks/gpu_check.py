@@ -1,27 +1,19 @@
-"""One GPU acceptance check: the CUDA paths of the pipeline run once and timed, in at most 8 minutes on one H100/H200.
+"""One GPU acceptance check: the CUDA paths of the pipeline once, timed, in at most 8 minutes on one H100/H200.
 
 python tests/benchmarks/gpu_check.py [--work DIR] [--dry] [--deadline S]
-Parts, in this order; each runs in its own try (main.py ones in a subprocess with a timeout), so a failing part prints
-its name and the error and the others still run:
-  tree      the full-size synthetic tree (preprocess/synthetic.py `full`: the real counts at 700x460)
-  prepare   index, splits and the image cache (in this process)
-  cv        fold 0 of cv at the defaults, eager: main.py --stages cv --folds 0
-  bench     bench_pipeline's figures on fold 0: training tuples/s against the in-memory limit, evaluation/training
-  predict   latency per patient, PNG files to decision, with fold 0's checkpoint (bench_predict.one_patient)
-  torchrun  torchrun --nproc-per-node 1 on one stage (cv, fold 1, 1 epoch): the nccl process group
-  jobs      --jobs 0 on a short stage (baselines, fold 0, 1 epoch): the processes it picks from free GPU memory
-  compile   fold 0 again with --compile --force; compile C x = eager / compiled wall time of the run
-  memory    peak GPU memory in use on the device during each part (all processes), polled
-  estimate  the whole default pipeline: the run list (stages/runs.py all_runs x splits), each run costing the
-            eager fold's wall time times its model's cost relative to simple_concat in the jobs part, over the
-            jobs --jobs 0 picks, plus the prepare part; explain and report are left out
-The subprocess parts share a deadline (--deadline, 480 s after the start by default): a part cut by it fails.
---dry runs the same code on the tiny tree on CPU with tiny settings (gloo instead of nccl, compile without a speed
-expectation); tests/test_gpu_check.py runs it. The last line reads
+Parts (PARTS, in order), each in its own try so a failing one prints its name and error and the others still run:
+tree (the full-size synthetic tree), prepare (index, splits, image cache), cv (fold 0 at the defaults, eager), bench
+(bench_pipeline's figures on fold 0), predict (ms per patient, PNG files to decision), torchrun (--nproc-per-node 1,
+nccl, one stage), jobs (--jobs 0 on a short stage), compile (fold 0 with --compile), memory (peak GPU memory in use
+during each part), estimate (the default pipeline's wall time from the run list and the measured run times; README,
+Hardware, says how). The main.py parts run in subprocesses that must end by --deadline seconds after the start (480).
+--dry: the same code on the tiny tree on CPU with tiny settings (gloo instead of nccl, no compile speedup expected,
+main() in this process except under torchrun), run by tests/test_gpu_check.py. The last line reads
 `gpu: pipeline ~T min (est.), cv fold W s, compile C x, train/limit R, eval/train E, predict P ms/patient, jobs J`.
 """
 import argparse
 import gc
+import io
 import os
 import re
 import signal
@@ -31,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,7 +36,7 @@ sys.path[:0] = [str(REPO), str(HERE)]
 
 import bench_pipeline  # noqa: E402
 from bench_predict import one_patient, patients  # noqa: E402
-from main import resolve_config  # noqa: E402
+import main as pipeline  # noqa: E402
 from preprocess.analyze import load_index, run_analyze  # noqa: E402
 from preprocess.cache import image_cache  # noqa: E402
 from preprocess.preprocess import run_split  # noqa: E402
@@ -108,7 +100,7 @@ class Check:
         return [*base, *(DRY if self.dry else ()), *extra]
 
     def config(self, *extra):
-        return resolve_config(self.flags(*extra))
+        return pipeline.resolve_config(self.flags(*extra))
 
     def need(self, name):
         if self.results.get(name) is None:
@@ -152,6 +144,8 @@ def part(check, name, fn):
 
 def main_py(check, name, args, launcher=()):
     """main.py in its own process group (killed whole at the timeout); its console goes to WORK/<name>.log."""
+    if check.dry and not launcher:
+        return main_here(check, name, args)
     command = [sys.executable, *launcher, "main.py", *args]
     limit = check.timeout(name)
     env = dict(os.environ, OMP_NUM_THREADS="1") if check.dry else None
@@ -171,13 +165,21 @@ def main_py(check, name, args, launcher=()):
     return text
 
 
+def main_here(check, name, args):
+    """--dry: main.py's main() in this process (no start-up cost), its console captured alike."""
+    console = io.StringIO()
+    with redirect_stdout(console):
+        code = pipeline.main(args)
+    setup_logging(check.work / "gpu_check.log", console=False)
+    (check.work / f"{name}.log").write_text(console.getvalue())
+    if code != 0:
+        raise RuntimeError(f"main.py exited with code {code}: {' | '.join(console.getvalue().splitlines()[-3:])}")
+    return console.getvalue()
+
+
 def stage_seconds(check, stage):
     times = pd.read_csv(check.out / "logs" / "stage_times.csv")
     return float(times.set_index("stage")["seconds"][stage])
-
-
-def run_metrics(check, name, split):
-    return read_json(check.out / "runs" / name / split / "metrics.json")
 
 
 def steady_epoch_s(check):
@@ -203,8 +205,8 @@ def prepare(check):
 
 def cv(check):
     check.need("prepare")
-    main_py(check, "cv", check.flags("--stages", "cv", "--folds", "0"))
-    m = run_metrics(check, REFERENCE, "fold_0")
+    main_py(check, "cv", check.flags("--stages", "cv", "--folds", "0", "--force"))
+    m = read_json(check.out / "runs" / REFERENCE / "fold_0" / "metrics.json")
     return dict(fold_s=stage_seconds(check, "cv"), epochs=m["epochs"], epoch_s=steady_epoch_s(check),
                 test_auc=m["test"]["patient"]["youden"]["auc"])
 
@@ -219,8 +221,9 @@ def bench(check):
     result = bench_pipeline.fold_zero(cfg, args, check.device, stages, run)
     print(stages.table(), flush=True)
     peak = torch.cuda.max_memory_allocated(check.device) / GIB if check.device.type == "cuda" else float("nan")
+    eval_s = next(row["wall_s"] for row in stages.rows if row["stage"] == "evaluate")
     return dict(train=result["train"], limit=result["limit"], train_limit=result["train"] / result["limit"],
-                eval_train=result["eval_train"], allocated_gib=peak)
+                eval_train=result["eval_train"], eval_s=eval_s, allocated_gib=peak)
 
 
 def predict(check):
@@ -245,7 +248,7 @@ def compiled(check):
 def jobs(check):
     check.need("prepare")
     text = main_py(check, "jobs", check.flags("--stages", "baselines", "--folds", "0", "--epochs", "1", "--jobs", "0",
-                                              *(DRY_BASELINES if check.dry else ())))
+                                              "--force", *(DRY_BASELINES if check.dry else ())))
     picked = re.search(r"--jobs 0: (\d+) process", text)
     if picked is None:
         raise RuntimeError("main.py did not say how many processes --jobs 0 picked")
@@ -256,7 +259,8 @@ def jobs(check):
 
 def torchrun(check):
     check.need("prepare")
-    text = main_py(check, "torchrun", check.flags("--stages", "cv", "--folds", "1", "--epochs", "1"), TORCHRUN)
+    text = main_py(check, "torchrun", check.flags("--stages", "cv", "--folds", "1", "--epochs", "1", "--force"),
+                   TORCHRUN)
     backend = re.search(r"torch\.distributed: (\w+) backend", text)
     want = "nccl" if check.device.type == "cuda" else "gloo"
     if backend is None or backend.group(1) != want:

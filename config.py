@@ -74,6 +74,9 @@ class Config:
     checkpoint: str = ""
     ensemble: bool = False
 
+    # locks
+    lock_stale_s: int = 600
+
 
 def demo_overrides():
     """CPU-sized settings for the synthetic demo."""

@@ -1,30 +1,39 @@
-"""Where runs go: a stage's fixed list of (run, split) units, shared over torchrun ranks and --jobs processes."""
+"""Where runs go: a stage's fixed list of (run, split) units, shared over torchrun ranks and --jobs processes; a unit
+another process holds is skipped and taken up once the free ones are done."""
 import multiprocessing
 import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from stages.engine.run import fold_line, run_one
+from stages.engine.run import fold_line, holder, run_one, trained_by
 from utils.env import resolve_device
 from utils.helpers import PipelineError, log, run_dir, setup_logging
 
 GIB = 2**30
 GIB_PER_RUN = 12
+WAIT_S = 2.0
+
+
+def launched_by_torchrun():
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def init_distributed():
-    """Join the torchrun process group (nccl on GPU, gloo on CPU) when launched with WORLD_SIZE > 1."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    """Join the torchrun process group (nccl on GPU, gloo on CPU); under torchrun even a single rank joins one."""
+    if not launched_by_torchrun() or dist.is_initialized():
         return
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() == 0:
+        log(f"torch.distributed: {dist.get_backend()} backend, {dist.get_world_size()} rank(s)")
 
 
 def rank():
@@ -55,9 +64,12 @@ def job_count(cfg):
         return cfg.jobs
     device = resolve_device(cfg.device)
     if device.type != "cuda":
+        log("--jobs 0: 1 process (no GPU)")
         return 1
     free, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(4, free // (GIB_PER_RUN * GIB)))
+    jobs = max(1, min(4, free // (GIB_PER_RUN * GIB)))
+    log(f"--jobs 0: {jobs} process(es) for {free / GIB:.0f} GiB of free GPU memory")
+    return jobs
 
 
 def run_units(cfg, units):
@@ -65,10 +77,35 @@ def run_units(cfg, units):
     mine = units[rank()::world_size()]
     jobs = min(job_count(cfg), len(mine))
     if jobs <= 1:
-        for spec, split in mine:
-            run_one(cfg, spec, split)
+        come_back(cfg, [unit for unit in mine if skipped(cfg, unit, run_one(cfg, *unit, wait=False))])
         return
     run_parallel(cfg, mine, jobs)
+
+
+def tag(unit):
+    return f"{unit[0].name}/{unit[1]}"
+
+
+def skipped(cfg, unit, result):
+    """True (and said) when another process held the unit: this one moves on to the next free unit."""
+    if result is not None:
+        return False
+    log(f"[{tag(unit)}] is being trained by {holder(cfg, *unit)}; taking the next free run, back to it at the end")
+    return True
+
+
+def later(cfg):
+    """Settings for a unit taken up again: a result another process finished meanwhile is read, even under --force."""
+    return replace(cfg, force=False)
+
+
+def come_back(cfg, busy):
+    """Units other processes held: each read once its holder finished it, or trained here when its lock goes stale."""
+    if busy:
+        log(f"every free run is done; back to {len(busy)} held by other processes: {', '.join(map(tag, busy))}")
+    while busy:
+        time.sleep(WAIT_S)
+        busy = [unit for unit in busy if run_one(later(cfg), *unit, wait=False) is None]
 
 
 def exit_with(parent):
@@ -80,31 +117,49 @@ def exit_with(parent):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def worker(cfg, spec, split, threads, parent):
+def worker(cfg, spec, split, threads, parent, wait):
     """One run in a fresh process: its log goes to the run folder, the parent prints one line when it ends."""
     exit_with(parent)
     torch.set_num_threads(threads)
     setup_logging(run_dir(cfg, spec.name, split) / "run.log", console=False)
-    return run_one(cfg, spec, split)
+    return run_one(cfg, spec, split, wait=wait)
 
 
 def run_parallel(cfg, units, jobs):
+    """First pass without waiting; the units other processes held go round again, each worker waiting for one."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    failed = []
     log(f"{len(units)} runs in {jobs} processes; each run logs to its folder's run.log")
+    failed = []
+    bar = tqdm(total=len(units), desc="runs", disable=None, dynamic_ncols=True)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(worker, cfg, spec, split, threads, os.getpid()): f"{spec.name}/{split}"
-                   for spec, split in units}
-        bar = tqdm(total=len(futures), desc="runs", disable=None, dynamic_ncols=True)
-        for future in as_completed(futures):
-            tag = futures[future]
-            try:
-                log(fold_line(tag, future.result()))
-            except Exception as e:
-                failed.append(tag)
-                log(f"[{tag}] FAILED ({type(e).__name__}: {e}); the other runs go on")
-            bar.update()
-        bar.close()
+        busy = run_pass(pool, cfg, units, threads, failed, bar, wait=False)
+        if busy:
+            log(f"every free run is done; back to {len(busy)} held by other processes: {', '.join(map(tag, busy))}")
+            run_pass(pool, later(cfg), busy, threads, failed, bar, wait=True)
+    bar.close()
     if failed:
         raise PipelineError(f"{len(failed)} of {len(units)} runs failed ({', '.join(failed)}); the others are finished. "
                             f"Each run's run.log says why; rerun the same command to retry only those.")
+
+
+def run_pass(pool, cfg, units, threads, failed, bar, wait):
+    """Every unit once in the pool; returns those another process held (only when not waiting)."""
+    parent = os.getpid()
+    futures = {pool.submit(worker, cfg, spec, split, threads, parent, wait): (spec, split) for spec, split in units}
+    busy = []
+    for future in as_completed(futures):
+        unit = futures[future]
+        try:
+            result = future.result()
+        except Exception as e:
+            failed.append(tag(unit))
+            log(f"[{tag(unit)}] FAILED ({type(e).__name__}: {e}); the other runs go on")
+            bar.update()
+            continue
+        if skipped(cfg, unit, result):
+            busy.append(unit)
+            continue
+        by = trained_by(run_dir(cfg, unit[0].name, unit[1])) or "an earlier run"
+        log(f"{fold_line(tag(unit), result)} | by {by}")
+        bar.update()
+    return busy

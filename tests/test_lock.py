@@ -1,5 +1,6 @@
 import json
 import multiprocessing
+import time
 import os
 import signal
 import socket
@@ -42,7 +43,7 @@ def test_released_on_exception(tmp_path):
 def test_second_holder_refused(tmp_path):
     with RunLock(tmp_path):
         assert try_lock(tmp_path) is None
-        with pytest.raises(PipelineError, match=f"pid {os.getpid()}"), RunLock(tmp_path):
+        with pytest.raises(PipelineError, match=f"{os.getpid()}@{socket.gethostname()}"), RunLock(tmp_path):
             pass
     assert (tmp_path / ".lock").exists() is False
 
@@ -101,6 +102,69 @@ def test_stale_lock_of_dead_pid_taken_over(tmp_path):
 def test_lock_from_other_host_is_kept(tmp_path):
     write_lock(tmp_path, pid=dead_pid(), host="another-" + socket.gethostname(), started="2020-01-01T00:00:00")
     assert try_lock(tmp_path) is None
+
+
+def make_old(folder, seconds):
+    then = time.time() - seconds
+    os.utime(folder / ".lock", (then, then))
+
+
+def test_dead_other_host_lock_is_taken_over_once_its_heartbeat_is_old(tmp_path, monkeypatch):
+    write_lock(tmp_path, pid=dead_pid(), host="another-" + socket.gethostname(), started="2020-01-01T00:00:00")
+    make_old(tmp_path, utils.lock.STALE_AFTER_S - 30)
+    assert try_lock(tmp_path) is None
+    make_old(tmp_path, utils.lock.STALE_AFTER_S + 30)
+    messages = []
+    monkeypatch.setattr(utils.lock, "log", messages.append)
+    lock = try_lock(tmp_path)
+    assert lock is not None and lock.held_by()["host"] == socket.gethostname()
+    assert len(messages) == 1 and "another-" in messages[0] and "no heartbeat" in messages[0]
+    lock.release()
+
+
+def test_stale_time_is_a_setting(tmp_path):
+    write_lock(tmp_path, pid=1, host="elsewhere", started="now")
+    make_old(tmp_path, 120)
+    assert try_lock(tmp_path) is None
+    assert try_lock(tmp_path, stale_s=60) is not None
+
+
+def test_silent_lock_of_a_live_process_on_this_host_is_taken_over(tmp_path):
+    write_lock(tmp_path, pid=os.getpid(), host=socket.gethostname(), started="now", token="frozen")
+    make_old(tmp_path, utils.lock.STALE_AFTER_S + 1)
+    assert try_lock(tmp_path) is not None
+
+
+def test_heartbeat_keeps_a_held_lock_fresh(tmp_path):
+    with RunLock(tmp_path, stale_s=0.5):
+        make_old(tmp_path, 100)
+        time.sleep(1.0)
+        assert utils.lock.age_s(tmp_path / ".lock") < 0.5
+        assert try_lock(tmp_path, stale_s=0.5) is None
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_heartbeat_stops_with_the_lock(tmp_path):
+    lock = try_lock(tmp_path, stale_s=0.2)
+    lock.release()
+    write_lock(tmp_path, pid=1, host="elsewhere", started="now")
+    make_old(tmp_path, 100)
+    time.sleep(0.3)
+    assert utils.lock.age_s(tmp_path / ".lock") > 50
+
+
+def test_holder_warns_when_its_lock_is_taken_over(tmp_path, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(utils.lock, "warn", warnings.append)
+    lock = try_lock(tmp_path, stale_s=0.2)
+    write_lock(tmp_path, pid=1, host="elsewhere", started="now", token="other")
+    time.sleep(0.3)
+    assert len(warnings) == 1 and "1@elsewhere" in warnings[0]
+    make_old(tmp_path, 100)
+    time.sleep(0.1)
+    assert utils.lock.age_s(tmp_path / ".lock") > 50
+    lock.release()
+    assert (tmp_path / ".lock").exists()
 
 
 def test_damaged_lock_taken_over_only_when_old(tmp_path):

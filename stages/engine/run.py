@@ -1,6 +1,7 @@
 """One run from start to finish: train, evaluate and write its folder; skipped when already finished."""
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from stages.engine.train import fit
 from utils.checks import resource_errors
 from utils.env import resolve_device, seed_everything
 from utils.helpers import log, read_json_or_none, run_dir, write_csv, write_json
-from utils.lock import RunLock, describe, try_lock
+from utils.lock import RunLock, describe, me, owner, try_lock
 
 WAIT_S = 2.0
 
@@ -42,32 +43,50 @@ def finished(cfg, folder, tag):
     metrics = read_json_or_none(folder / "metrics.json")
     if metrics is None or cfg.force:
         return None
-    log(f"[{tag}] finished earlier; skipped (--force reruns it)")
+    by = trained_by(folder)
+    log(f"[{tag}] finished earlier{f' by {by}' if by else ''}; skipped (--force reruns it)")
     return metrics
 
 
-def wait_for(folder, tag):
+def trained_by(folder):
+    """pid@host of the process that trained a run folder, '' when unknown (older runs)."""
+    return (read_json_or_none(Path(folder) / "config.json") or {}).get("trained_by", "")
+
+
+def holder(cfg, spec, split_name):
+    """Who holds a run's lock, as pid@host with its start and heartbeat."""
+    lock = RunLock(run_dir(cfg, spec.name, split_name))
+    info = lock.held_by()
+    return describe(info, lock.path) if info else "another process (its lock is already released)"
+
+
+def wait_for(cfg, folder, tag):
     """The lock of a run folder, once no other live process holds it (that process may finish the run meanwhile)."""
-    lock = try_lock(folder)
+    lock = try_lock(folder, cfg.lock_stale_s)
     if lock is not None:
         return lock
     log(f"[{tag}] is being trained by {describe(RunLock(folder).held_by())}; waiting for it")
     while lock is None:
         time.sleep(WAIT_S)
-        lock = try_lock(folder)
+        lock = try_lock(folder, cfg.lock_stale_s)
     return lock
 
 
-def run_one(cfg, spec, split_name, callback=None):
-    """Train, evaluate and write one run folder under its lock; a finished run is read back unless cfg.force."""
+def run_one(cfg, spec, split_name, callback=None, wait=True):
+    """Train, evaluate and write one run folder under its lock; a finished run is read back unless cfg.force.
+    With wait=False a run another live process holds returns None at once, to be taken up later."""
     folder, tag = run_dir(cfg, spec.name, split_name), f"{spec.name}/{split_name}"
     done = finished(cfg, folder, tag)
     if done is not None:
         return done
-    with wait_for(folder, tag):
+    lock = wait_for(cfg, folder, tag) if wait else try_lock(folder, cfg.lock_stale_s)
+    if lock is None:
+        return None
+    with lock:
         done = finished(cfg, folder, tag) if not cfg.force else None
         if done is not None:
             return done
+        log(f"[{tag}] trained by {owner(lock.info)}")
         with resource_errors(f"run {tag}", folder=folder):
             return train_and_score(cfg, spec, split_name, folder, callback)
 
@@ -76,7 +95,7 @@ def train_and_score(cfg, spec, split_name, folder, callback=None):
     seed_everything(cfg.seed)
     (folder / "metrics.json").unlink(missing_ok=True)
     run = prepare_run(cfg, spec.name, split_name, spec.model, dict(spec.flags))
-    write_json(folder / "config.json", dict(run=spec.name, split=split_name, model_name=spec.model,
+    write_json(folder / "config.json", dict(run=spec.name, split=split_name, model_name=spec.model, trained_by=me(),
                                             model_kwargs=run.model_kwargs, config=to_dict(cfg)))
     device = resolve_device(cfg.device)
     if spec.model == PROBE:

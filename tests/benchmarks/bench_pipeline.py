@@ -207,9 +207,9 @@ def fit_and_evaluate(cfg, run, device, stages, clock, profile):
     return model, fit_s, eval_s
 
 
-def fold_zero(cfg, args, device, stages):
-    """Fold 0 of the cv stage, timed per stage and inside fit and evaluate; returns the summary numbers."""
-    run = prepare_fold(cfg, device, stages)
+def fold_zero(cfg, args, device, stages, run=None):
+    """Fold 0 of the cv stage timed per stage and inside fit and evaluate (a given `run` skips index, split, cache)."""
+    run = run or prepare_fold(cfg, device, stages)
     per_epoch = epoch_tuples(run)
     limit = train_limit(cfg, run, device, args.steps)
     clock = Clock(device)

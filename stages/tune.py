@@ -22,7 +22,7 @@ from config import to_dict
 from stages.schedule import all_ok, exit_with, job_count, rank, world_size
 from stages.training import checked_cv_names
 from stages.tune_space import load_space, space_key, suggest
-from stages.tune_trial import Objective, trial_config, tuning_dir
+from stages.tune_trial import INNER, Objective, inner_rows, trial_config, tuning_dir
 from utils.helpers import PipelineError, log, setup_logging, warn, write_csv, write_json
 from utils.lock import alive
 from utils.plottings import save
@@ -158,6 +158,12 @@ def best_config(cfg, space, study):
     return {**{k: keep[k] for k in values}, **keep}
 
 
+def seen_patients(cfg, splits):
+    """The patients the study trained or validated on, in the leak guard's format."""
+    _, parts = inner_rows(cfg, splits)
+    return {role: sorted(set().union(*(set(p[role]["patient_id"]) for p in parts.values()))) for role in INNER}
+
+
 def plot(path, draw, study):
     """One Optuna matplotlib figure saved as a PNG; skipped with a warning when the study cannot show it yet."""
     try:
@@ -188,6 +194,8 @@ def finish_tune(cfg):
     study = optuna.load_study(study_name=study_name(cfg, space, splits), storage=storage(cfg))
     folder = tuning_dir(cfg)
     write_csv(trials_frame(study), folder / "trials.csv", index=False)
+    write_json(folder / "seen_patients.json", dict(study=study.study_name, folds=splits,
+                                                    seen_patients=seen_patients(cfg, splits)))
     states = [t.state for t in study.trials]
     counts = ", ".join(f"{s.name.lower()} {states.count(s)}" for s in TrialState if states.count(s))
     log(f"[tune] study {study.study_name}: {len(states)} trials ({counts}) -> {folder / 'trials.csv'}")

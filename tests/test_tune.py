@@ -140,6 +140,8 @@ def test_tuning_never_reads_a_test_patient_and_resumes(make_cfg, tiny_root, tmp_
     assert main.main([*argv, "--stages", "cv", "--folds", "0"]) == 2
     assert main.main([*argv, "--stages", "tune", "--folds", "0", "--tune-trials", "2"]) == 0
     first = trials(cfg)
+    seen = json.loads((tmp_path / "output" / "tuning" / "seen_patients.json").read_text())["seen_patients"]
+    assert seen["train"] and seen["val"] and not test_ids & (set(seen["train"]) | set(seen["val"]))
     assert list(first.state) == ["COMPLETE", "COMPLETE"] and first.value.between(0, 1).all()
     best = read_config_file(f"{cfg.output_dir}/tuning/best_config.json")
     assert best["lr"] == first.sort_values("value", ascending=False).lr.iloc[0]

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -74,6 +75,16 @@ def default_arm(args, seed):
     return [test_auc(out, k) for k in range(args.folds)]
 
 
+def check_unseen(out, fold):
+    """The study of fold k never trained or validated on a test patient of fold k."""
+    split = pd.read_csv(out / "splits" / f"fold_{fold}.csv", dtype={"patient_id": str})
+    test = set(split.loc[split.role == "test", "patient_id"])
+    seen = read_json(out / "tuning" / "seen_patients.json")["seen_patients"]
+    overlap = test & (set(seen["train"]) | set(seen["val"]))
+    if overlap:
+        sys.exit(f"fold {fold}: the tuning study saw test patients {sorted(overlap)}")
+
+
 def tuned_arm(args, seed):
     """Per outer fold: tune on its training patients, keep its best_config.json, train and test the fold with it."""
     out = Path(args.work) / f"tuned_{args.difficulty}_{seed}"
@@ -84,6 +95,7 @@ def tuned_arm(args, seed):
         main_py(args, seed, out, *base_flags(args), "--stages", "tune", "--folds", str(k), "--tune-trials",
                 str(args.trials))
         seconds += time.time() - start
+        check_unseen(out, k)
         best = out / "tuning" / f"best_config_fold_{k}.json"
         shutil.copyfile(out / "tuning" / "best_config.json", best)
         main_py(args, seed, out, "--config", str(best), "--stages", "cv", "--folds", str(k), "--runs", "mmnet")

@@ -1,7 +1,10 @@
 """Tuning: the search space and its file, pruning, failed trials, the study across reruns and processes, and the
 objective never reading an outer test patient."""
 import json
+import os
 import shutil
+import socket
+import subprocess
 from dataclasses import replace
 
 import cv2
@@ -15,7 +18,7 @@ import main
 import stages.tune_trial as tune_trial
 from preprocess.analyze import load_index, run_analyze
 from preprocess.preprocess import load_split, run_split
-from stages.tune import pruner, run_tune
+from stages.tune import fail_stale, open_study, pruner, run_tune, storage
 from stages.tune_space import default_space, load_space, suggest
 from stages.tune_trial import pruning_report
 from tests.conftest import TEST_SETTINGS
@@ -179,3 +182,18 @@ def test_parallel_processes_share_one_study(make_cfg, tmp_path):
     assert set(table.worker) <= {0, 1}
     logs = list((tmp_path / "output" / "tuning").glob("*/worker*.log"))
     assert sorted(p.name for p in logs) == ["worker0.log", "worker1.log"]
+
+
+def test_a_trial_left_running_by_a_dead_process_is_marked_failed(make_cfg):
+    cfg = make_cfg()
+    store = storage(cfg)
+    study = open_study(cfg, "stale", store)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for pid in (dead.pid, os.getpid()):
+        trial = study.ask()
+        trial.set_user_attr("pid", pid)
+        trial.set_user_attr("host", socket.gethostname())
+    fail_stale(study, store)
+    states = [t.state.name for t in open_study(cfg, "stale", storage(cfg)).trials]
+    assert states == ["FAIL", "RUNNING"]

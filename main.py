@@ -142,7 +142,7 @@ class StageFailed(Exception):
 def stage_list(cfg):
     """The stages named by --stages in pipeline order; else predict alone with --input, the whole pipeline without."""
     if not cfg.stages and cfg.input:
-        return list(ON_REQUEST)
+        return ["predict"]
     return [s for s in ALL_STAGES if s in cfg.stages] or list(STAGES)
 
 

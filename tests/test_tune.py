@@ -104,6 +104,11 @@ def test_median_pruning_stops_a_trial_below_the_others(make_cfg):
         pruning_report(poor, [], 0, 4)(3, 0.2)
 
 
+def test_tune_runs_only_on_request():
+    assert "tune" not in main.stage_list(main.Config())
+    assert main.stage_list(replace(main.Config(), stages=("tune", "split"))) == ["split", "tune"]
+
+
 def test_config_file_round_trips_the_written_config(make_cfg, tmp_path):
     cfg = make_cfg(stages=("analyze",), seed=7, magnifications=("40X", "200X"), fixed_split=(0.6, 0.2, 0.2))
     argv = flags({k: getattr(cfg, k) for k in (*TEST_SETTINGS, "data_root", "output_dir", "stages", "seed",

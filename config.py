@@ -76,6 +76,10 @@ class Config:
 
     # locks
     lock_stale_s: int = 600
+    # tuning
+    tune_trials: int = 20
+    tune_minutes: float = 0.0
+    tune_space: str = ""
 
 
 def demo_overrides():
@@ -89,6 +93,14 @@ def demo_overrides():
 
 def config_fields():
     return {f.name: f for f in fields(Config)}
+
+
+def list_kind(name):
+    """The element type of a list field, as its flag and a config file read it: from its default's elements."""
+    if name == "folds":
+        return int
+    default = config_fields()[name].default
+    return type(default[0]) if default else str
 
 
 def to_dict(cfg):

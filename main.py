@@ -7,12 +7,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from config import Config, config_fields, demo_overrides, to_dict
+from config import Config, config_fields, demo_overrides, list_kind, to_dict
 from preprocess.synthetic import make_synthetic
 from stages.schedule import all_ok, close_distributed, init_distributed, rank, world_size
 from stages.runs import check_run_names
 from stages.training import finish_stage
+from stages.tune import finish_tune
 from utils.checks import check_config
+from utils.config_file import read_config_file
 from utils.env import environment, seed_everything
 from utils.helpers import PipelineError, log, output_path, setup_logging, write_json, write_text
 
@@ -26,9 +28,10 @@ STAGES = {
     "explain": "stages.explain:run_explain",
     "report": "stages.report:run_report",
 }
-ON_REQUEST = {"predict": "stages.predict:run_predict"}
+ON_REQUEST = {"predict": "stages.predict:run_predict", "tune": "stages.tune:run_tune"}
 ALL_STAGES = {**STAGES, **ON_REQUEST}
 TRAINING = ("cv", "fixed", "baselines", "ablations")
+EVERY_RANK = TRAINING + ("tune",)
 DEMO_ROOT = "data/synthetic"
 
 
@@ -46,8 +49,7 @@ def add_flag(parser, f):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         return
     if isinstance(f.default, tuple):
-        kind = {"folds": int, "fixed_split": float}.get(f.name, str)
-        parser.add_argument(flag, type=parse_list(kind), metavar="A,B", **common)
+        parser.add_argument(flag, type=parse_list(list_kind(f.name)), metavar="A,B", **common)
         return
     parser.add_argument(flag, type=type(f.default), **common)
 
@@ -65,7 +67,10 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     parser = Parser(description=__doc__, allow_abbrev=False, epilog=f"Stages, in order: {', '.join(STAGES)}. "
                     "--demo runs them all on synthetic data with CPU-sized settings. On request: "
-                    "--stages predict --input PATH scores new patients.")
+                    "--stages predict --input PATH scores new patients; --stages tune searches the training settings.")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="JSON or YAML of config fields (e.g. output/tuning/best_config.json or output/config.json); "
+                             "flags given beside it override it")
     for f in config_fields().values():
         add_flag(parser, f)
     return parser
@@ -73,10 +78,11 @@ def build_parser():
 
 def resolve_config(argv=None):
     args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    loaded = read_config_file(args.pop("config")) if "config" in args else {}
     cfg = Config()
-    if args.get("demo"):
+    if args.get("demo", loaded.get("demo")):
         cfg = replace(cfg, data_root=DEMO_ROOT, **demo_overrides())
-    cfg = replace(cfg, **args)
+    cfg = replace(cfg, **{**loaded, **args})
     unknown = [s for s in cfg.stages if s not in ALL_STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(unknown)}. Valid stages, in order: {', '.join(ALL_STAGES)}")
@@ -113,8 +119,8 @@ def prepare_demo(cfg):
 
 
 def run_stage(name, cfg):
-    """Training stages run on every torchrun rank (each its share of the runs); the others on rank 0 alone."""
-    if name not in TRAINING and rank() != 0:
+    """Training and tuning run on every torchrun rank (each its share of the runs or trials); the others on rank 0."""
+    if name not in EVERY_RANK and rank() != 0:
         return
     module, fn = ALL_STAGES[name].split(":")
     getattr(importlib.import_module(module), fn)(cfg)
@@ -136,7 +142,7 @@ class StageFailed(Exception):
 def stage_list(cfg):
     """The stages named by --stages in pipeline order; else predict alone with --input, the whole pipeline without."""
     if not cfg.stages and cfg.input:
-        return list(ON_REQUEST)
+        return ["predict"]
     return [s for s in ALL_STAGES if s in cfg.stages] or list(STAGES)
 
 
@@ -148,10 +154,18 @@ def run_stages(cfg):
         start = time.time()
         if not all_ok(stage_ok(name, cfg)):
             raise StageFailed(name)
-        if name in TRAINING and rank() == 0 and world_size() > 1:
-            finish_stage(cfg, name)
+        if name in EVERY_RANK and rank() == 0 and world_size() > 1:
+            finish(cfg, name)
         times.append((name, time.time() - start))
     return times
+
+
+def finish(cfg, name):
+    """Under torchrun, once every rank is done: the stage's summary (tables, tuning outputs) on rank 0."""
+    if name == "tune":
+        finish_tune(cfg)
+        return
+    finish_stage(cfg, name)
 
 
 def write_times(cfg, times):

@@ -103,6 +103,11 @@ def checkpoint_file():
                 "is not a file")
 
 
+def space_file():
+    return Rule(lambda v: isinstance(v, str) and (v == "" or Path(v).is_file()),
+                "empty (the default search space) or an existing JSON/YAML file", "missing/space.yaml", "is not a file")
+
+
 def path_list():
     return Rule(lambda v: distinct(v) and all(isinstance(p, str) and p.strip() for p in v),
                 "image files or folders, comma-separated (empty: none)", ("",))
@@ -169,6 +174,7 @@ RULES = dict(
     bootstrap=integer(0), explain_samples=integer(0), resnet_backbone=timm_model(),
     input=path_list(), checkpoint=checkpoint_file(), ensemble=boolean(),
     lock_stale_s=integer(10),
+    tune_trials=integer(1), tune_minutes=number(0), tune_space=space_file(),
 )
 
 

@@ -1,0 +1,210 @@
+"""Hyperparameter tuning (--stages tune): an Optuna study (TPE sampler, median pruning on the per-epoch validation AUC)
+kept in a journal file under output/tuning/, shared by --jobs processes and torchrun ranks and resumed when rerun;
+then trials.csv, best_config.json and the optimisation plots."""
+import hashlib
+import json
+import multiprocessing
+import os
+import socket
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+
+import optuna
+import torch
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.study import MaxTrialsCallback
+from optuna.trial import FixedTrial, TrialState
+
+from backbones import REFERENCE_MODEL
+from config import to_dict
+from stages.schedule import all_ok, exit_with, job_count, rank, world_size
+from stages.training import checked_cv_names
+from stages.tune_space import load_space, space_key, suggest
+from stages.tune_trial import INNER, Objective, inner_rows, trial_config, tuning_dir
+from utils.helpers import PipelineError, log, setup_logging, warn, write_csv, write_json
+from utils.lock import alive
+from utils.plottings import save
+
+STARTUP_TRIALS = 5
+NOT_SETTINGS = ("output_dir", "cache_dir", "device", "jobs", "stages", "resume", "force", "folds", "runs", "input",
+                "checkpoint", "ensemble", "explain_samples", "bootstrap", "demo", "synthetic", "tune_trials",
+                "tune_minutes", "tune_space")
+
+
+def study_name(cfg, space, splits):
+    """The reference model, the outer folds and a digest of every setting the objective depends on (the search
+    space included): a rerun with the same settings continues the same study, other settings start another."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in NOT_SETTINGS}
+    digest = hashlib.sha1(json.dumps([settings, space_key(space), splits], sort_keys=True, default=str).encode())
+    return f"{REFERENCE_MODEL}_folds{'-'.join(s.removeprefix('fold_') for s in splits)}_{digest.hexdigest()[:8]}"
+
+
+def storage(cfg):
+    path = tuning_dir(cfg) / "journal.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def sampler(cfg, offset):
+    """TPE, seeded per process and per rerun so no two draw the same start-up trials."""
+    return optuna.samplers.TPESampler(seed=cfg.seed + offset, n_startup_trials=STARTUP_TRIALS, constant_liar=True)
+
+
+def pruner(cfg):
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=max(1, cfg.epochs // 2))
+
+
+def open_study(cfg, name, store, offset=0):
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    return optuna.create_study(study_name=name, storage=store, direction="maximize", sampler=sampler(cfg, offset),
+                               pruner=pruner(cfg), load_if_exists=True)
+
+
+def fail_stale(study, store):
+    """Trials left RUNNING by a process of this host that is gone (killed, out of memory) are marked failed."""
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") != host or not isinstance(pid, int) or pid <= 0 or alive(pid):
+            continue
+        store.set_trial_user_attr(t._trial_id, "error", "interrupted: its process is gone")
+        store.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        log(f"[tune] trial {t.number} was left running by process {pid}, which is gone; marked failed")
+
+
+def trial_line(study, trial):
+    value = f"{trial.value:.4f}" if trial.value is not None else trial.user_attrs.get("error", "")
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    best = ""
+    if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        best = f" | best {study.best_value:.4f} (trial {study.best_trial.number})"
+    return f"[tune] trial {trial.number} {trial.state.name} {value}{best} | {params}"
+
+
+def optimize(cfg, space, splits, name, target, worker):
+    """Trials from this process until the study holds `target` trials or --tune-minutes have passed."""
+    study = open_study(cfg, name, storage(cfg), offset=target + worker)
+    objective = Objective(cfg, space, splits, tuning_dir(cfg) / name, worker)
+    callbacks = [MaxTrialsCallback(target, states=None), lambda s, t: log(trial_line(s, t))]
+    study.optimize(objective, timeout=cfg.tune_minutes * 60 or None, catch=(Exception,), callbacks=callbacks,
+                   gc_after_trial=True)
+
+
+def worker(cfg, space, splits, name, target, index, threads, parent):
+    """One tuning process: its own log under output/tuning/<study>/, trials through the shared journal."""
+    exit_with(parent)
+    torch.set_num_threads(threads)
+    setup_logging(tuning_dir(cfg) / name / f"worker{index}.log", console=False)
+    optimize(cfg, space, splits, name, target, index)
+
+
+def run_workers(cfg, space, splits, name, target, jobs):
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    first = rank() * jobs
+    log(f"[tune] {jobs} processes share the study; each logs to {tuning_dir(cfg) / name}/worker<N>.log")
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(worker, cfg, space, splits, name, target, first + j, threads, os.getpid())
+                   for j in range(jobs)]
+        errors = [f.exception() for f in futures]
+    errors = [e for e in errors if e is not None]
+    if errors:
+        raise PipelineError(f"{len(errors)} tuning process(es) stopped ({type(errors[0]).__name__}: {errors[0]}); "
+                            f"finished trials are kept in {tuning_dir(cfg) / 'journal.log'}: rerun to continue")
+
+
+def run_tune(cfg):
+    """Stage: this process's (or rank's) trials of the study; alone it also writes the outputs, under torchrun
+    main.py does once every rank is done."""
+    splits = checked_cv_names(cfg)
+    space = load_space(cfg)
+    name = study_name(cfg, space, splits)
+    store = storage(cfg)
+    study = open_study(cfg, name, store)
+    if rank() == 0:
+        fail_stale(study, store)
+    before = len(study.trials)
+    if not all_ok(True):
+        raise PipelineError("the torchrun ranks could not open the tuning study together")
+    target = before + cfg.tune_trials
+    log(f"[tune] study {name}: {before} earlier trial(s); {cfg.tune_trials} more on {', '.join(splits)} "
+        f"(objective: validation patient AUC on each fold's training patients; test patients unread)")
+    start = time.time()
+    jobs = job_count(cfg)
+    if jobs <= 1:
+        optimize(cfg, space, splits, name, target, rank())
+    else:
+        run_workers(cfg, space, splits, name, target, jobs)
+    log(f"[tune] {time.time() - start:.0f} s of tuning on rank {rank()}")
+    if world_size() == 1:
+        finish_tune(cfg)
+
+
+def trials_frame(study):
+    frame = study.trials_dataframe(attrs=("number", "state", "value", "datetime_start", "duration", "params",
+                                          "user_attrs"))
+    if "duration" in frame:
+        frame["duration"] = frame["duration"].dt.total_seconds().round(1)
+    names = {c: c.removeprefix("params_").removeprefix("user_attrs_") for c in frame.columns}
+    return frame.rename(columns={**names, "duration": "seconds"}).assign(study=study.study_name)
+
+
+def best_config(cfg, space, study):
+    """Every setting of the best trial (run controls such as --stages left out), readable by --config."""
+    values = suggest(FixedTrial(study.best_trial.params), space)
+    settings = to_dict(trial_config(cfg, values))
+    keep = {k: v for k, v in settings.items() if k not in NOT_SETTINGS or k in ("demo", "synthetic")}
+    return {**{k: keep[k] for k in values}, **keep}
+
+
+def seen_patients(cfg, splits):
+    """The patients the study trained or validated on, in the leak guard's format."""
+    _, parts = inner_rows(cfg, splits)
+    return {role: sorted(set().union(*(set(p[role]["patient_id"]) for p in parts.values()))) for role in INNER}
+
+
+def plot(path, draw, study):
+    """One Optuna matplotlib figure saved as a PNG; skipped with a warning when the study cannot show it yet."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ax = draw(study)
+    except (ValueError, RuntimeError, ZeroDivisionError) as e:
+        warn(f"{path.name} not drawn ({e})")
+        return
+    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+    fig.set_size_inches(8, 5)
+    save(fig, path)
+
+
+def plots(cfg, study):
+    vis = optuna.visualization.matplotlib
+    importance = optuna.importance.FanovaImportanceEvaluator(seed=cfg.seed)
+    folder = tuning_dir(cfg)
+    plot(folder / "optimization_history.png", vis.plot_optimization_history, study)
+    plot(folder / "param_importances.png", lambda s: vis.plot_param_importances(s, evaluator=importance), study)
+    plot(folder / "intermediate_values.png", vis.plot_intermediate_values, study)
+
+
+def finish_tune(cfg):
+    """trials.csv, best_config.json and the plots of the study this configuration tunes."""
+    splits = checked_cv_names(cfg)
+    space = load_space(cfg)
+    study = optuna.load_study(study_name=study_name(cfg, space, splits), storage=storage(cfg))
+    folder = tuning_dir(cfg)
+    write_csv(trials_frame(study), folder / "trials.csv", index=False)
+    write_json(folder / "seen_patients.json", dict(study=study.study_name, folds=splits,
+                                                    seen_patients=seen_patients(cfg, splits)))
+    states = [t.state for t in study.trials]
+    counts = ", ".join(f"{s.name.lower()} {states.count(s)}" for s in TrialState if states.count(s))
+    log(f"[tune] study {study.study_name}: {len(states)} trials ({counts}) -> {folder / 'trials.csv'}")
+    if TrialState.COMPLETE not in states:
+        raise PipelineError(f"no tuning trial finished (see the error column of {folder / 'trials.csv'}); "
+                            f"fix the settings it names and rerun --stages tune")
+    write_json(folder / "best_config.json", best_config(cfg, space, study))
+    plots(cfg, study)
+    best = study.best_trial
+    log(f"[tune] best trial {best.number}: mean validation patient AUC {best.value:.4f} over {len(splits)} fold(s) | "
+        + ", ".join(f"{k}={v}" for k, v in best.params.items()))
+    log(f"[tune] rerun with these settings: python main.py --config {folder / 'best_config.json'}")

@@ -67,6 +67,9 @@ class Config:
     checkpoint: str = ""
     ensemble: bool = False
 
+    # report
+    tensorboard: bool = True
+
 
 def demo_overrides():
     """CPU-sized settings for the synthetic demo."""

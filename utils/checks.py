@@ -166,6 +166,7 @@ RULES = dict(
     resume=boolean(), force=boolean(), stages=stage_list(),
     bootstrap=integer(0), explain_samples=integer(0), resnet_backbone=timm_model(),
     input=path_list(), checkpoint=checkpoint_file(), ensemble=boolean(),
+    tensorboard=boolean(),
 )
 
 

@@ -115,16 +115,18 @@ def first_figure(out, options, caption):
     return next((f for f in (figure(out, rel, caption) for rel in options) if f), None)
 
 
-def links(out, pattern):
-    return [dict(href=str(p.relative_to(out)), name=p.name) for p in sorted(out.glob(pattern)) if p.is_file()]
+def links(out, pattern, parents=0):
+    """Files matching pattern, named by the file and its `parents` folders."""
+    return [dict(href=str(p.relative_to(out)), name="/".join(p.parts[len(p.parts) - parents - 1:]))
+            for p in sorted(out.glob(pattern)) if p.is_file()]
 
 
 def csv_groups(out):
     """Every CSV under the output folder: tables and splits by name, run files per run and split."""
     groups = [("Tables", links(out, "tables/*.csv")), ("Splits", links(out, "splits/*.csv")),
               ("Index and logs", links(out, "*.csv") + links(out, "logs/*.csv")),
-              ("Grad-CAM / attention listings", links(out, "plots/*/index.csv")),
-              ("Predictions of new patients", links(out, "predictions/*/*.csv")),
+              ("Grad-CAM / attention listings", links(out, "plots/*/index.csv", 1)),
+              ("Predictions of new patients", links(out, "predictions/*/*.csv", 1)),
               ("Tuning", links(out, "tuning/*.csv"))]
     runs = {}
     for path in sorted(out.glob("runs/*/*/*.csv")):
@@ -159,13 +161,13 @@ def gallery(out):
         return None
     items, empty = [], []
     for row in listing.to_dict("records"):
-        cam = figure(out, f"plots/gradcam/{row.get('gradcam')}", "Grad-CAM") if isinstance(row.get("gradcam"), str) else None
+        cam = figure(out, f"plots/{row.get('gradcam')}", "Grad-CAM") if isinstance(row.get("gradcam"), str) else None
         if cam is None:
             empty.append(row.get("note") or f"{row.get('category')}: no figure")
             continue
         attn = row.get("attention_map")
         items.append(dict(category=str(row["category"]).replace("_", " "), patient=row.get("patient_id"),
                           prob=num(float(row.get("prob_malignant", np.nan))), gradcam=cam,
-                          attention=figure(out, f"plots/attention_maps/{attn}", "attention") if isinstance(attn, str)
+                          attention=figure(out, f"plots/{attn}", "spatial attention") if isinstance(attn, str)
                           else None))
     return dict(items=items, empty=empty)

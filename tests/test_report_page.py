@@ -60,7 +60,7 @@ def extras(out):
     Image.new("RGB", (40, 20), "white").save(out / "plots/gradcam/benign_correct_0_P01.png")
     Image.new("RGB", (40, 20), "white").save(out / "tuning/optimization_history.png")
     pd.DataFrame([dict(category="benign_correct", patient_id="P01", tuple_id="P01#0", label=0, pred=0,
-                       prob_malignant=0.1, gradcam="benign_correct_0_P01.png", attention_map="", note=""),
+                       prob_malignant=0.1, gradcam="gradcam/benign_correct_0_P01.png", attention_map="", note=""),
                   dict(category="benign_wrong", note="no wrong predictions for true benign tuples")]).to_csv(
         out / "plots/gradcam/index.csv", index=False)
     pd.DataFrame(dict(number=[0, 1], value=[0.8, 0.9])).to_csv(out / "tuning/trials.csv", index=False)

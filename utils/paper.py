@@ -10,6 +10,8 @@ from utils.helpers import write_text
 RULE_TEXT = {"val_youden": "Youden's J on the validation patients", "val_sens95":
              "sensitivity >= 0.95 on the validation patients", "fixed_0.5": "0.5"}
 METRICS = [("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced acc."), ("f1", "F1"), ("auc", "AUC")]
+MAGNIFICATION_COLUMNS = ["model", "level", "accuracy_mean", "accuracy_std", "auc_mean", "auc_std", "cmf_weight_mean",
+                         "cmf_weight_std", "cmf_rank"]
 LATEX = {"±": r"$\pm$", "Δ": r"$\Delta$", ">=": r"$\geq$", "—": "---"}
 
 
@@ -185,12 +187,14 @@ def comparison_paper(table, reference, key, title, what, synthetic=False, speed=
 
 
 def magnification_paper(table, synthetic=False):
-    if table.empty or "level" not in table:
+    if table.empty:
         return None
+    table = table.reindex(columns=list(dict.fromkeys(list(table.columns) + MAGNIFICATION_COLUMNS)))
     rows = []
-    for _, p in table[table["level"] == "patient"].iterrows():
-        t = level_row(table, "tuple", model=p["model"])
-        cells = [p["magnification"], p["model"], mean_std(float(p["accuracy_mean"]), float(p["accuracy_std"])),
+    for _, p in table[(table["level"] == "patient") | table["level"].isna()].iterrows():
+        t = level_row(table, "tuple", model=p["model"]) if isinstance(p["model"], str) else None
+        cells = [p["magnification"], p["model"] if isinstance(p["model"], str) else "— (not run)",
+                 mean_std(float(p["accuracy_mean"]), float(p["accuracy_std"])),
                  mean_std(float(p["auc_mean"]), float(p["auc_std"])),
                  mean_std(float(t["auc_mean"]), float(t["auc_std"])) if t is not None else "n/a",
                  mean_std(float(p.get("cmf_weight_mean", np.nan)), float(p.get("cmf_weight_std", np.nan))),

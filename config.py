@@ -80,6 +80,8 @@ class Config:
     tune_trials: int = 20
     tune_minutes: float = 0.0
     tune_space: str = ""
+    # report
+    tensorboard: bool = True
 
 
 def demo_overrides():

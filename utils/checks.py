@@ -175,6 +175,7 @@ RULES = dict(
     input=path_list(), checkpoint=checkpoint_file(), ensemble=boolean(),
     lock_stale_s=integer(10),
     tune_trials=integer(1), tune_minutes=number(0), tune_space=space_file(),
+    tensorboard=boolean(),
 )
 
 

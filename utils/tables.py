@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from utils.compare import SIGNIFICANCE, significance
 from utils.helpers import log, tables_dir, write_csv
 from utils.scoring import (BINARY, KEY, LEVELS, RULES, SUBTYPE, binary_scores, confidence_intervals, cv_splits,
                            fold_scores, level_frame, pooled_run, scored_frame, shared_splits, subtype_result,
@@ -32,6 +33,7 @@ class Book:
     bootstrap: int = 1000
     seed: int = 0
     notes: list = field(default_factory=list)
+    rule: str = "val_youden"
 
     def cis(self, frame):
         return confidence_intervals(frame, self.bootstrap, self.seed)
@@ -115,10 +117,10 @@ def comparison_rows(book, name, splits, diff):
     shared = shared_splits(splits, reference)
     rows = []
     for level in LEVELS:
-        own = fold_scores(splits, shared, level)
-        ref = fold_scores(reference, shared, level)
-        pooled = pd.concat([scored_frame(splits[s], level, "val_youden") for s in shared], ignore_index=True)
-        row = dict(model=name, level=level, threshold_rule="val_youden", folds=" ".join(shared), n_folds=len(shared),
+        own = fold_scores(splits, shared, level, book.rule)
+        ref = fold_scores(reference, shared, level, book.rule)
+        pooled = pd.concat([scored_frame(splits[s], level, book.rule) for s in shared], ignore_index=True)
+        row = dict(model=name, level=level, threshold_rule=book.rule, folds=" ".join(shared), n_folds=len(shared),
                    n_patients=pooled["patient_id"].nunique())
         for m in KEY + ["precision", "recall", "specificity"]:
             row[f"{m}_mean"], row[f"{m}_std"] = own[m].mean(), own[m].std(ddof=1)
@@ -127,6 +129,9 @@ def comparison_rows(book, name, splits, diff):
         row.update(book.cis(pooled))
         for m in KEY:
             row[f"{m}_{diff}"] = ref[m].mean() - own[m].mean()
+        same = name == book.reference
+        row.update({c: np.nan for c in SIGNIFICANCE} if same else
+                   significance(reference, splits, shared, level, book.rule, book.bootstrap, book.seed))
         rows.append(row)
     return rows
 
@@ -278,14 +283,20 @@ def one_class_note(runs):
             f"--subtype-min-images; lower it and rerun from the analyze stage for subtype metrics")
 
 
+INTEGERS = ("n", "n_patients", "n_folds", "support", "params", "macs", "flops", "n_paired", "n_paired_patients",
+            "mcnemar_ref_only", "mcnemar_model_only")
+
+
 def tidy(table):
     """Round floats to 4 decimals and keep counts as integers."""
     table = table.copy()
     for col in table.columns:
-        if col in ("n", "n_patients", "n_folds", "support", "params", "macs", "flops") and table[col].notna().all():
+        if col in INTEGERS and table[col].notna().all():
             table[col] = table[col].astype(int)
             continue
-        if pd.api.types.is_float_dtype(table[col]):
+        if col.endswith("_p"):
+            table[col] = table[col].map(lambda v: float(f"{v:.4g}") if isinstance(v, float) else v)
+        elif pd.api.types.is_float_dtype(table[col]):
             table[col] = table[col].round(4)
         elif table[col].dtype == object:
             table[col] = table[col].map(lambda v: round(v, 4) if isinstance(v, float) else v)
@@ -298,7 +309,8 @@ def tidy(table):
 CONSOLE = ["model", "split", "level", "threshold_rule", "magnification", "subtype", "smote", "accuracy",
            "balanced_accuracy",
            "f1", "auc", "auc_ci_low", "auc_ci_high", "subtype_macro_f1", "accuracy_mean", "auc_mean", "auc_ci_low",
-           "accuracy_drop", "auc_drop", "accuracy_improvement", "auc_improvement", "cmf_weight_mean", "cmf_weight_std",
+           "accuracy_drop", "auc_drop", "accuracy_improvement", "auc_improvement", "auc_diff_ci_low",
+           "auc_diff_ci_high", "delong_p", "mcnemar_p", "n_paired", "cmf_weight_mean", "cmf_weight_std",
            "params_m", "macs_g", "flops_g", "ms_per_tuple", "ms_per_patient", "precision", "recall", "support"]
 
 

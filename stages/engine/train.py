@@ -12,6 +12,7 @@ from tqdm import tqdm
 from stages.engine.checkpoint import (check_checkpoint, checkpoint, load_state, read_checkpoint, rng_state, save,
                                       set_rng_state)
 from stages.engine.features import install_backbone
+from stages.engine.live import Curves
 from stages.engine.predict import amp_settings, autocast, predict, targets
 from stages.engine.selection import Selection, recompute_batchnorm
 from utils.env import switch
@@ -247,6 +248,7 @@ def fit(cfg, model, run, device, callback=None):
     selection = Selection(cfg, model, len(run.train_sampler) // max(1, cfg.accum_steps))
     forward = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
     state = resume(run.folder, model, opt, selection, run, cfg)
+    curves = Curves(cfg, run, state.epoch)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         if state.stopped:
             break
@@ -259,8 +261,10 @@ def fit(cfg, model, run, device, callback=None):
         row.update(validation_row(run.tuples["val"], val))
         row.update(lr=opt.optimizer.param_groups[-1]["lr"], seconds=time.time() - start)
         end_epoch(model, run, opt, selection, cfg, state, row)
+        curves.epoch(row, val)
         if callback is not None:
             callback(epoch, state)
+    curves.close()
     input_bank(cfg, run, model, max(1, state.epoch))
     finish_average(model, run, selection, cfg, state, device)
     best = Path(run.folder) / "checkpoints" / "best.pth"

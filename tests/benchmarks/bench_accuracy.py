@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from preprocess.synthetic import make_synthetic  # noqa: E402
-from utils.metrics import rank_auc  # noqa: E402
 from utils.scoring import cv_splits, level_frame, load_runs  # noqa: E402
+from utils.stats import fold_aucs, paired_auc_gain  # noqa: E402
 
 REFERENCE = "mmnet"
 RUNS = ("mmnet", "simple_concat", "single_40X", "single_100X", "single_200X", "single_400X", "mmnet_no_hma",
@@ -89,28 +89,6 @@ def fold_patients(splits, level="patient"):
     return out
 
 
-def fold_aucs(patients):
-    return np.array([rank_auc(y, p) for y, p in patients.values()])
-
-
-def paired_gain(a, b, n, seed):
-    """Fold-mean AUC of a minus b and its 95 % CI, test patients resampled within each fold for both at once."""
-    folds = sorted(set(a) & set(b))
-    rng = np.random.default_rng(seed)
-    gain = np.nanmean(fold_aucs({f: a[f] for f in folds})) - np.nanmean(fold_aucs({f: b[f] for f in folds}))
-    draws = []
-    for _ in range(n):
-        diffs = []
-        for f in folds:
-            (y, pa), (_, pb) = a[f], b[f]
-            pick = rng.integers(0, len(y), len(y))
-            diffs.append(rank_auc(y[pick], pa[pick]) - rank_auc(y[pick], pb[pick]))
-        draws.append(np.nanmean(diffs) if np.isfinite(diffs).any() else np.nan)
-    draws = np.asarray(draws)
-    draws = draws[np.isfinite(draws)]
-    return gain, float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))
-
-
 def collect(args, modes, root):
     """{label: per-fold test patients} over the modes; labels carry the mode unless it is finetune."""
     results, tuples, seconds = {}, {}, {}
@@ -144,9 +122,9 @@ def main():
     for label, patients in results.items():
         if label == REFERENCE:
             continue
-        g, lo, hi = paired_gain(ref, patients, args.bootstrap, args.seed)
+        g, lo, hi = paired_auc_gain(ref, patients, args.bootstrap, args.seed)
         print(f"  {label:<26} {g:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-    g, lo, hi = paired_gain(ref, singles[best], args.bootstrap, args.seed)
+    g, lo, hi = paired_auc_gain(ref, singles[best], args.bootstrap, args.seed)
     a, b = np.nanmean(fold_aucs(ref)), np.nanmean(fold_aucs(singles[best]))
     print(f"accuracy: mmnet {a:.3f}, best single {b:.3f} ({best.removeprefix('single_')}), gain {g:+.3f} "
           f"[{lo:+.3f}, {hi:+.3f}]")

@@ -1,0 +1,47 @@
+"""Live training curves: one run's per-epoch scalars through TensorBoard, under output/tensorboard/<run>/<split>/."""
+import math
+
+import numpy as np
+from torch.utils.tensorboard import SummaryWriter
+
+from utils.helpers import output_path
+
+SCALARS = {"loss/train": "train_loss", "loss/val": "val_loss", "auc/val_patient": "val_auc",
+           "auc/val_tuple": "val_auc_tuple", "accuracy/train": "train_acc", "accuracy/val": "val_acc",
+           "learning_rate": "lr"}
+
+
+def curves_dir(cfg, name, split):
+    return output_path(cfg, "tensorboard", name, split)
+
+
+def finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+class Curves:
+    """A SummaryWriter for one run (nothing with --no-tensorboard); a resumed run overwrites the epochs it repeats."""
+
+    def __init__(self, cfg, run, last_epoch=0):
+        self.mags = tuple(cfg.magnifications)
+        self.writer = None
+        if cfg.tensorboard:
+            self.writer = SummaryWriter(str(curves_dir(cfg, run.name, run.split)), purge_step=last_epoch + 1)
+
+    def epoch(self, row, val=None):
+        """The epoch's history row, and the mean learned magnification weight over the validation tuples."""
+        if self.writer is None:
+            return
+        step = int(row["epoch"])
+        for tag, key in SCALARS.items():
+            if finite(row.get(key)):
+                self.writer.add_scalar(tag, float(row[key]), step)
+        weights = None if val is None else val.get("mag_weights")
+        if weights is not None and weights.size and np.isfinite(weights).any():
+            for mag, w in zip(self.mags, np.nanmean(weights, axis=0)):
+                self.writer.add_scalar(f"magnification_weight/{mag}", float(w), step)
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()

@@ -26,7 +26,8 @@ STAGES = {
     "explain": "stages.explain:run_explain",
     "report": "stages.report:run_report",
 }
-ON_REQUEST = {"predict": "stages.predict:run_predict"}
+ON_REQUEST = {"distill": "stages.distill:run_distill", "export": "stages.export:run_export",
+              "predict": "stages.predict:run_predict"}
 ALL_STAGES = {**STAGES, **ON_REQUEST}
 TRAINING = ("cv", "fixed", "baselines", "ablations")
 DEMO_ROOT = "data/synthetic"
@@ -65,7 +66,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     parser = Parser(description=__doc__, allow_abbrev=False, epilog=f"Stages, in order: {', '.join(STAGES)}. "
                     "--demo runs them all on synthetic data with CPU-sized settings. On request: "
-                    "--stages predict --input PATH scores new patients.")
+                    "--stages predict --input PATH scores new patients; --stages distill trains a smaller student; "
+                    "--stages export writes ONNX.")
     for f in config_fields().values():
         add_flag(parser, f)
     return parser
@@ -136,7 +138,7 @@ class StageFailed(Exception):
 def stage_list(cfg):
     """The stages named by --stages in pipeline order; else predict alone with --input, the whole pipeline without."""
     if not cfg.stages and cfg.input:
-        return list(ON_REQUEST)
+        return ["predict"]
     return [s for s in ALL_STAGES if s in cfg.stages] or list(STAGES)
 
 

@@ -166,6 +166,8 @@ RULES = dict(
     resume=boolean(), force=boolean(), stages=stage_list(),
     bootstrap=integer(0), explain_samples=integer(0), resnet_backbone=timm_model(),
     input=path_list(), checkpoint=checkpoint_file(), ensemble=boolean(),
+    student_backbone=backbone_name(), student_image_size=image_size(), student_embed_dim=integer(8),
+    distill_temperature=number(0, low_open=True), distill_weight=number(0, 1),
 )
 
 

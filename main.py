@@ -28,7 +28,8 @@ STAGES = {
 }
 ON_REQUEST = {"distill": "stages.distill:run_distill", "export": "stages.export:run_export",
               "predict": "stages.predict:run_predict"}
-ALL_STAGES = {**STAGES, **ON_REQUEST}
+ORDER = ("analyze", "split", "cv", "fixed", "baselines", "ablations", "distill", "export", "explain", "report", "predict")
+ALL_STAGES = {name: {**STAGES, **ON_REQUEST}[name] for name in ORDER}
 TRAINING = ("cv", "fixed", "baselines", "ablations")
 DEMO_ROOT = "data/synthetic"
 

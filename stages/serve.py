@@ -4,6 +4,7 @@ python -m stages.serve --output-dir OUT [--checkpoint FILE | --onnx FILE | --ens
 """
 import argparse
 import math
+import os
 import re
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from config import Config
-from preprocess.analyze import parse_name
+from preprocess.analyze import IMAGE_EXTS, parse_name
 from stages.engine.predict import amp_settings
 from stages.predict import load_predictor, onnx_predictor, score_images
 from utils.env import resolve_device
@@ -75,6 +76,8 @@ def file_mags(uploads, values, mags):
     given = [magnification_of(v, mags) for v in values] * (len(uploads) if len(values) == 1 else 1)
     out = []
     for i, upload in enumerate(uploads):
+        if Path(file_name(upload, i)).suffix.lower() not in IMAGE_EXTS:
+            raise BadUpload(415, f"{upload.filename}: not an image file (expected {', '.join(IMAGE_EXTS)})")
         info = parse_name(file_name(upload, i))
         form = given[i] if given else None
         if info is not None and form is not None and form != info["magnification"]:
@@ -93,7 +96,7 @@ def save_uploads(uploads, mags, folder, limits):
         data = upload.file.read(limits.max_bytes - total + 1)
         total += len(data)
         if total > limits.max_bytes:
-            raise BadUpload(413, f"the upload exceeds {limits.max_bytes / MIB:.0f} MiB; send fewer or smaller images")
+            raise BadUpload(413, f"the upload exceeds {limits.max_bytes / MIB:.3g} MiB; send fewer or smaller images")
         target = folder / str(i) / mag / file_name(upload, i)
         target.parent.mkdir(parents=True)
         target.write_bytes(data)
@@ -134,7 +137,7 @@ def predict_uploads(service, uploads, values, lock):
         save_uploads(uploads, mags, Path(tmp), limits)
         with lock:
             scored = score_images(p, [tmp], service.batch_size, service.device, service.dtype)
-        bad = [f"{Path(path).name}: {why}" for path, why in scored.problems + scored.left_out]
+        bad = [f"{Path(path).name}: {why}".replace(f"{tmp}{os.sep}", "") for path, why in scored.problems + scored.left_out]
         if bad:
             raise BadUpload(422, f"{len(bad)} file(s) cannot be scored: {'; '.join(bad[:10])}")
         return dict(model=p.source, patients=patient_entries(scored, p, tmp))
@@ -158,7 +161,7 @@ def create_app(service):
     async def bounded(request: Request, call_next):
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > service.limits.max_bytes + MIB:
-            return JSONResponse({"detail": f"the upload exceeds {service.limits.max_bytes / MIB:.0f} MiB"}, 413)
+            return JSONResponse({"detail": f"the upload exceeds {service.limits.max_bytes / MIB:.3g} MiB"}, 413)
         return await call_next(request)
 
     @app.exception_handler(BadUpload)

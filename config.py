@@ -82,6 +82,12 @@ class Config:
     tune_space: str = ""
     # report
     tensorboard: bool = True
+    # export, distillation and serving
+    student_backbone: str = "mobilenetv3_small_050"
+    student_image_size: int = 160
+    student_embed_dim: int = 128
+    distill_temperature: float = 4.0
+    distill_weight: float = 0.7
 
 
 def demo_overrides():
@@ -89,7 +95,7 @@ def demo_overrides():
     return dict(
         synthetic=True, pretrained=False, backbone="mobilenetv3_small_050", image_size=64,
         subtype_min_images=50, epochs=4, batch_size=16, tuples_per_patient=8, warmup_epochs=1,
-        patience=3, bootstrap=200, lr=1e-3,
+        patience=3, bootstrap=200, lr=1e-3, student_image_size=32,
     )
 
 

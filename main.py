@@ -28,8 +28,11 @@ STAGES = {
     "explain": "stages.explain:run_explain",
     "report": "stages.report:run_report",
 }
-ON_REQUEST = {"predict": "stages.predict:run_predict", "tune": "stages.tune:run_tune"}
-ALL_STAGES = {**STAGES, **ON_REQUEST}
+ON_REQUEST = {"tune": "stages.tune:run_tune", "distill": "stages.distill:run_distill",
+              "export": "stages.export:run_export", "predict": "stages.predict:run_predict"}
+ORDER = ("analyze", "split", "tune", "cv", "fixed", "baselines", "ablations", "distill", "export", "explain", "report",
+         "predict")
+ALL_STAGES = {name: {**STAGES, **ON_REQUEST}[name] for name in ORDER}
 TRAINING = ("cv", "fixed", "baselines", "ablations")
 EVERY_RANK = TRAINING + ("tune",)
 DEMO_ROOT = "data/synthetic"
@@ -67,7 +70,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     parser = Parser(description=__doc__, allow_abbrev=False, epilog=f"Stages, in order: {', '.join(STAGES)}. "
                     "--demo runs them all on synthetic data with CPU-sized settings. On request: "
-                    "--stages predict --input PATH scores new patients; --stages tune searches the training settings.")
+                    "--stages predict --input PATH scores new patients; --stages tune searches the training settings; "
+                    "--stages distill trains a smaller student; --stages export writes ONNX.")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="JSON or YAML of config fields (e.g. output/tuning/best_config.json or output/config.json); "
                              "flags given beside it override it")

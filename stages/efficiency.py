@@ -1,4 +1,6 @@
 """Efficiency of every run's best checkpoint: params, MACs (thop), FLOPs = 2 x MACs, median latency on this device."""
+from pathlib import Path
+
 import pandas as pd
 
 from stages.engine.checkpoint import load_model
@@ -7,6 +9,8 @@ from utils.efficiency import profile_model
 from utils.env import resolve_device
 from utils.scoring import level_frame
 from utils.tables import EFFICIENCY
+
+SUMMED = ("params", "params_m", "macs", "flops", "macs_g", "flops_g", "ms_per_tuple", "ms_per_patient")
 
 
 def tuples_per_patient(runs):
@@ -30,18 +34,34 @@ def profile_run(name, checkpoint, device, per_patient):
                 checkpoint=str(checkpoint))
 
 
+def profile_members(name, paths, device, per_patient):
+    """An averaging run (fold ensemble, teacher): its members' costs added up, as they run one after another."""
+    rows = [profile_run(name, p, device, per_patient) for p in paths]
+    total = {k: sum(r[k] for r in rows) for k in SUMMED}
+    return dict(rows[0], **total, checkpoint=" + ".join(map(str, paths)))
+
+
+def checkpoints_of(splits):
+    """(best.pth of the first split that has one, else the members an averaging run lists, else none)."""
+    own = next((r["checkpoint"] for r in splits.values() if r["checkpoint"].exists()), None)
+    if own is not None:
+        return [own]
+    members = next((r["metrics"].get("members") for r in splits.values() if r["metrics"].get("members")), [])
+    return [Path(p) for p in members] if all(Path(p).exists() for p in members) else []
+
+
 def efficiency_table(cfg, runs, notes):
-    """Params, MACs (thop), FLOPs = 2 x MACs and median latency of each run's best checkpoint on this device."""
+    """Params, MACs (thop), FLOPs = 2 x MACs and median latency of each run's best checkpoint (or members) here."""
     device = resolve_device(cfg.device)
     per_patient = tuples_per_patient(runs)
     rows = []
     for name, splits in runs.items():
-        checkpoint = next((r["checkpoint"] for r in splits.values() if r["checkpoint"].exists()), None)
-        if checkpoint is None:
+        paths = checkpoints_of(splits)
+        if not paths:
             notes.append(f"efficiency: {name} has no checkpoints/best.pth, skipped.")
             continue
         try:
-            rows.append(profile_run(name, checkpoint, device, per_patient))
+            rows.append(profile_members(name, paths, device, per_patient))
         except Exception as e:
-            notes.append(f"efficiency: {name} could not be profiled from {checkpoint} ({type(e).__name__}: {e}).")
+            notes.append(f"efficiency: {name} could not be profiled from {paths[0]} ({type(e).__name__}: {e}).")
     return pd.DataFrame(rows, columns=EFFICIENCY)

@@ -9,11 +9,10 @@ from stages.engine.checkpoint import load_model
 from stages.engine.data import prepare_run
 from stages.engine.evaluate import score
 from stages.engine.predict import amp_settings, predict
-from stages.engine.run import finished
 from stages.engine.train import TrainState
 from stages.runs import REFERENCE
 from utils.env import resolve_device
-from utils.helpers import log, run_dir, write_csv, write_json
+from utils.helpers import log, read_json_or_none, run_dir, write_csv, write_json
 
 ENSEMBLE = f"{REFERENCE}_fold_ensemble"
 AVERAGED = ("prob", "subtype_prob", "embedding", "mag_weights", "hma_weights")
@@ -32,14 +31,22 @@ def averaged(outputs):
 def fold_ensemble(cfg, folds):
     """Score the CV fold models' mean probability on the fixed split; skipped (with a line) without every fold."""
     paths = fold_models(cfg, folds)
-    folder = run_dir(cfg, ENSEMBLE, "fixed")
     if paths is None:
         log(f"[{ENSEMBLE}] needs every CV fold model of {REFERENCE} ({', '.join(folds)}); run the 'cv' stage first")
         return
-    if finished(cfg, folder, f"{ENSEMBLE}/fixed") is not None:
-        return
+    score_members(cfg, ENSEMBLE, paths, f"{len(paths)} fold models")
+
+
+def score_members(cfg, name, paths, what, extra=None):
+    """The checkpoints' mean probability on the fixed split's validation and test patients, written and scored as run
+    `name` (skipped when finished with the same members); returns its metrics."""
+    folder = run_dir(cfg, name, "fixed")
+    done = read_json_or_none(folder / "metrics.json")
+    if done is not None and not cfg.force and done.get("members") == [str(p) for p in paths]:
+        log(f"[{name}/fixed] finished earlier with the same members; skipped (--force reruns it)")
+        return done
     start, device = time.time(), resolve_device(cfg.device)
-    run = prepare_run(cfg, ENSEMBLE, "fixed", REFERENCE, {})
+    run = prepare_run(cfg, name, "fixed", REFERENCE, {})
     dtype, _ = amp_settings(cfg, device)
     outputs = {"val": [], "test": []}
     for path in paths:
@@ -48,9 +55,10 @@ def fold_ensemble(cfg, folds):
             outputs[role].append(predict(model, run.bank, run.batches[role], device, dtype))
     res = {role: averaged(o) for role, o in outputs.items()}
     predictions, metrics = score(replace(cfg, smote=False, tta=False), run, res, device, TrainState(), start)
-    metrics["members"] = [str(p) for p in paths]
+    metrics.update(extra or {}, members=[str(p) for p in paths])
     write_csv(predictions, folder / "predictions.csv", index=False)
     write_json(folder / "metrics.json", metrics)
     p = metrics["test"]["patient"]["youden"]
-    log(f"[{ENSEMBLE}] {len(paths)} fold models on the fixed test patients | patient AUC {p['auc']:.3f} "
-        f"acc {p['accuracy']:.3f} F1 {p['f1']:.3f}")
+    log(f"[{name}] {what} on the fixed test patients | patient AUC {p['auc']:.3f} acc {p['accuracy']:.3f} "
+        f"F1 {p['f1']:.3f}")
+    return metrics

@@ -11,6 +11,7 @@ from backbones.our.gradcam import attention_maps, gradcam
 from preprocess.transforms import prepare
 from preprocess.tuples import eval_batches, eval_tuples, tuple_rows
 from stages.engine.checkpoint import load_model, read_checkpoint
+from stages.engine.onnx_export import OnnxModel
 from stages.engine.predict import amp_settings, predict
 from stages.predict_inputs import load_images
 from stages.runs import REFERENCE
@@ -34,6 +35,18 @@ class Predictor:
     threshold: dict
     source: str
     normalization: dict
+
+
+@dataclass
+class Scored:
+    """New images scored: their index frame and bank, evaluation tuples, patient and image tables, what was not."""
+    frame: pd.DataFrame
+    bank: object
+    tuples: pd.DataFrame | None
+    patients: pd.DataFrame | None
+    images: pd.DataFrame | None
+    problems: list
+    left_out: list
 
 
 def checked(path):
@@ -94,6 +107,14 @@ def load_predictor(cfg, device):
     return Predictor(models, mags, size, stain_norm, list(classes), threshold, source, dict(mean=mean, std=std))
 
 
+def onnx_predictor(path, threads=0):
+    """An exported ONNX graph (one model or an ensemble's mean) with the settings its metadata carries."""
+    model = OnnxModel(path, threads)
+    m = model.meta
+    return Predictor([model], tuple(m["magnifications"]), int(m["image_size"]), bool(m["stain_norm"]),
+                     list(m["classes"]["subtype"]), m["threshold"], f"{path} (onnxruntime)", m["normalization"])
+
+
 def score(p, frame, bank, batch_size, device, dtype=None, tta=False):
     """Evaluation tuples of every patient with the models' outputs averaged: probability, weights, subtype probs."""
     tuples = eval_tuples(frame, p.mags)
@@ -106,6 +127,17 @@ def score(p, frame, bank, batch_size, device, dtype=None, tta=False):
         tuples[f"w_{m}"] = np.mean([r["mag_weights"][:, j] for r in runs], 0)
     subtype = np.mean([r["subtype_prob"] for r in runs], 0)
     return tuples, subtype
+
+
+def score_images(p, inputs, batch_size, device, dtype=None, tta=False):
+    """The one path from image files to patient decisions (predict stage and service): list and check the files,
+    decode them as in training, score every patient's evaluation tuples, build the patient and image tables."""
+    frame, bank, problems, left_out = load_images(inputs, p.mags, p.image_size, p.stain_norm, p.classes)
+    if frame.empty:
+        return Scored(frame, bank, None, None, None, problems, left_out)
+    tuples, subtype = score(p, frame, bank, batch_size, device, dtype, tta)
+    patients = patient_table(tuples, subtype, frame, p)
+    return Scored(frame, bank, tuples, patients, image_table(tuples, frame, problems, left_out, p), problems, left_out)
 
 
 def decision(prob, threshold):
@@ -224,27 +256,26 @@ def run_predict(cfg):
                             "or flat) or image files, comma-separated. Example: python main.py --input new_patients/")
     device = resolve_device(cfg.device)
     p = load_predictor(cfg, device)
-    frame, bank, problems, left_out = load_images(cfg.input, p.mags, p.image_size, p.stain_norm, p.classes)
+    dtype, _ = amp_settings(cfg, device)
+    scored = score_images(p, cfg.input, cfg.batch_size, device, dtype, cfg.tta)
+    problems, frame = scored.problems, scored.frame
     for path, why in problems:
         warn(f"{path}: {why}; not scored")
-    for path, why in left_out:
+    for path, why in scored.left_out:
         warn(f"{path}: {why}; left out")
     if frame.empty:
-        raise PipelineError(f"nothing to score in {', '.join(cfg.input)}: {problem_text(problems + left_out)}. "
+        raise PipelineError(f"nothing to score in {', '.join(cfg.input)}: {problem_text(problems + scored.left_out)}. "
                             f"Give image files or folders of them (.png as in BreakHis).")
     own = frame[frame["label"] < 0]
     if len(own):
         warn(f"{len(own)} file(s) without a BreakHis name (e.g. {own['file'].iloc[0]}) are each their own patient, "
              f"at the magnification of their folder or else {p.mags[0]} (see the note column of images.csv)")
-    dtype, _ = amp_settings(cfg, device)
-    tuples, subtype = score(p, frame, bank, cfg.batch_size, device, dtype, cfg.tta)
-    patients = patient_table(tuples, subtype, frame, p)
     folder = output_path(cfg, "predictions", run_name(cfg))
-    write_csv(patients, folder / "patients.csv", index=False)
-    write_csv(image_table(tuples, frame, problems, left_out, p), folder / "images.csv", index=False)
+    write_csv(scored.patients, folder / "patients.csv", index=False)
+    write_csv(scored.images, folder / "images.csv", index=False)
     plots.setup_style()
-    overlays(p, tuples, patients, bank, folder / "overlays", device, cfg.batch_size)
-    summary(p, patients, len(frame), folder)
+    overlays(p, scored.tuples, scored.patients, scored.bank, folder / "overlays", device, cfg.batch_size)
+    summary(p, scored.patients, len(frame), folder)
     if problems:
         raise PipelineError(f"{len(problems)} input(s) were not scored ({problem_text(problems)}); the other "
                             f"patients are in {folder}. Fix or remove those files.")

@@ -7,6 +7,8 @@ from utils.helpers import PipelineError
 
 REFERENCE = REFERENCE_MODEL
 PARTS = ("spatial", "channel", "hma", "cmf")
+STUDENT = f"{REFERENCE}_student"
+TEACHER = f"{STUDENT}_teacher"
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,15 @@ def ablation_runs(cfg):
                            ("ablation", "magnification"), m) for m in cfg.magnifications]
 
 
+def distill_runs(cfg):
+    """The distilled student (lighter backbone, smaller embedding and images) and its teacher scored alike."""
+    flags = {"backbone": cfg.student_backbone, "embed_dim": cfg.student_embed_dim}
+    return [RunSpec(STUDENT, REFERENCE, "distill", flags, ("baseline",)),
+            RunSpec(TEACHER, REFERENCE, "distill", tables=("baseline",))]
+
+
 def all_runs(cfg):
-    return reference_runs() + baseline_runs(cfg) + ablation_runs(cfg)
+    return reference_runs() + baseline_runs(cfg) + ablation_runs(cfg) + distill_runs(cfg)
 
 
 def stage_runs(cfg, stage):

@@ -52,3 +52,22 @@ def prepared_output(tmp_path_factory, tiny_root, name, **overrides):
     run_analyze(cfg)
     run_split(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def fixed_output(tmp_path_factory, tiny_root):
+    """An output folder with the index, the splits and a 1-epoch reference model on the fixed split, built once;
+    tests copy it (copy_output) before writing into it."""
+    import main
+    from tests.test_pipeline import flags
+    out = tmp_path_factory.mktemp("fixed") / "output"
+    cfg = replace(Config(), **dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(out), epochs=1))
+    assert main.main(flags(cfg, "analyze,split,fixed")) == 0
+    return cfg
+
+
+def copy_output(cfg, target):
+    """A private copy of a prepared output folder (its cache included) and the config pointing at it."""
+    import shutil
+    shutil.copytree(cfg.output_dir, target)
+    return replace(cfg, output_dir=str(target))

@@ -176,6 +176,8 @@ RULES = dict(
     lock_stale_s=integer(10),
     tune_trials=integer(1), tune_minutes=number(0), tune_space=space_file(),
     tensorboard=boolean(),
+    student_backbone=backbone_name(), student_image_size=image_size(), student_embed_dim=integer(8),
+    distill_temperature=number(0, low_open=True), distill_weight=number(0, 1),
 )
 
 

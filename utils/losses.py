@@ -35,6 +35,24 @@ def subtype_loss(logits, labels, weights):
     return per.sum() / total.clamp_min(1e-8)
 
 
+def binary_kl(logits, target):
+    """KL divergence from the target probability to sigmoid(logits), mean over the batch."""
+    entropy = F.binary_cross_entropy(target, target, reduction="mean")
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="mean") - entropy
+
+
+def distillation_loss(out, teacher_prob, teacher_subtype, temperature, subtype_weight=0.5):
+    """Knowledge distillation (Hinton et al. 2015): KL from the teacher's temperature-softened probabilities to the
+    student's, both heads, times T^2 so gradients keep their scale."""
+    t = temperature
+    loss = binary_kl(out["binary_logits"].float() / t, teacher_prob.float())
+    sub = out.get("subtype_logits")
+    if subtype_weight and sub is not None and teacher_subtype is not None:
+        log_student = F.log_softmax(sub.float() / t, 1)
+        loss = loss + subtype_weight * F.kl_div(log_student, teacher_subtype.float(), reduction="batchmean")
+    return loss * t * t
+
+
 class Criterion:
     """Focal loss on the binary logit plus `subtype_weight` times class-balanced CE on the subtype logits."""
 
@@ -42,7 +60,7 @@ class Criterion:
         self.alpha, self.gamma = alpha, gamma
         self.subtype_weights, self.subtype_weight = subtype_weights, subtype_weight
 
-    def __call__(self, out, labels, subtypes):
+    def __call__(self, out, labels, subtypes, x=None, mask=None):
         loss = focal_loss(out["binary_logits"], labels, self.alpha, self.gamma)
         if self.subtype_weight and out.get("subtype_logits") is not None:
             loss = loss + self.subtype_weight * subtype_loss(out["subtype_logits"], subtypes, self.subtype_weights)

@@ -72,9 +72,10 @@ def wait_for(cfg, folder, tag):
     return lock
 
 
-def run_one(cfg, spec, split_name, callback=None, wait=True):
+def run_one(cfg, spec, split_name, callback=None, wait=True, adapt=None):
     """Train, evaluate and write one run folder under its lock; a finished run is read back unless cfg.force.
-    With wait=False a run another live process holds returns None at once, to be taken up later."""
+    With wait=False a run another live process holds returns None at once, to be taken up later. `adapt(run,
+    device)` may change the prepared run (its criterion, say) and returns fields for metrics.json."""
     folder, tag = run_dir(cfg, spec.name, split_name), f"{spec.name}/{split_name}"
     done = finished(cfg, folder, tag)
     if done is not None:
@@ -88,20 +89,22 @@ def run_one(cfg, spec, split_name, callback=None, wait=True):
             return done
         log(f"[{tag}] trained by {owner(lock.info)}")
         with resource_errors(f"run {tag}", folder=folder):
-            return train_and_score(cfg, spec, split_name, folder, callback)
+            return train_and_score(cfg, spec, split_name, folder, callback, adapt)
 
 
-def train_and_score(cfg, spec, split_name, folder, callback=None):
+def train_and_score(cfg, spec, split_name, folder, callback=None, adapt=None):
     seed_everything(cfg.seed)
     (folder / "metrics.json").unlink(missing_ok=True)
     run = prepare_run(cfg, spec.name, split_name, spec.model, dict(spec.flags))
     write_json(folder / "config.json", dict(run=spec.name, split=split_name, model_name=spec.model, trained_by=me(),
                                             model_kwargs=run.model_kwargs, config=to_dict(cfg)))
     device = resolve_device(cfg.device)
+    extra = adapt(run, device) if adapt is not None else {}
     if spec.model == PROBE:
         predictions, metrics = probe_run(cfg, run, device)
     else:
         predictions, metrics = train_model(cfg, spec, run, device, callback)
+    metrics.update(extra)
     store_thresholds(folder, metrics["threshold"])
     write_csv(predictions, folder / "predictions.csv", index=False)
     write_json(folder / "metrics.json", metrics)

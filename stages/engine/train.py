@@ -128,7 +128,7 @@ def train_epoch(model, forward, run, bank, opt, selection, cfg, device, state, e
         labels, subtypes = targets(labels, device), targets(subtypes, device, torch.long)
         with autocast(device, opt.dtype):
             out = forward(x, mask)
-            loss = run.criterion(out, labels, subtypes)
+            loss = run.criterion(out, labels, subtypes, x, mask)
         if not torch.isfinite(loss):
             bad_step(state, cfg, epoch, step)
             continue

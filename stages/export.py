@@ -1,0 +1,84 @@
+"""Export stage: best_model.pth, --checkpoint FILE or the fold ensemble (--ensemble) to ONNX, then onnxruntime
+checked against torch on the fixed split's test tuples."""
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from preprocess.tuples import image_bank
+from stages.engine.data import split_frames
+from stages.engine.onnx_export import Averaged, example_inputs, export_onnx, write_metadata
+from stages.ensemble import ENSEMBLE
+from stages.predict import checkpoint_paths, load_predictor, onnx_predictor, score
+from utils.helpers import PipelineError, index_path, log, models_dir, split_path
+
+TOLERANCE = 1e-4
+CPU = torch.device("cpu")
+
+
+def onnx_path(cfg):
+    name = ENSEMBLE if cfg.ensemble else Path(cfg.checkpoint or "best_model.pth").stem
+    return models_dir(cfg) / f"{name}.onnx"
+
+
+def metadata(p, paths):
+    """What a consumer of the graph needs besides it: classes, magnifications, input size and normalisation, the
+    validation thresholds, stain normalisation, where it came from."""
+    return dict(model_name=p.models[0].name, source=p.source, members=[str(x) for x in paths],
+                classes={"binary": ["benign", "malignant"], "subtype": list(p.classes)},
+                magnifications=list(p.mags), image_size=p.image_size, normalization=p.normalization,
+                threshold=p.threshold, stain_norm=p.stain_norm)
+
+
+def fixed_test_data(cfg, p):
+    """The fixed split's test rows and the image bank at the model's size, or None without an index and split."""
+    if not index_path(cfg).exists() or not split_path(cfg, "fixed").exists():
+        return None
+    index, parts = split_frames(cfg, "fixed")
+    bank = image_bank(replace(cfg, image_size=p.image_size, stain_norm=p.stain_norm), index["path"].astype(str))
+    return parts["test"], bank
+
+
+def largest_gaps(a, b):
+    """Largest absolute differences of P(malignant), subtype probabilities and magnification weights."""
+    return dict(max_abs_prob=float(np.abs(a[0] - b[0]).max()), max_abs_subtype_prob=float(np.abs(a[1] - b[1]).max()),
+                max_abs_mag_weight=float(np.abs(a[2] - b[2]).max()))
+
+
+def tuple_outputs(tuples, subtype, mags):
+    return tuples["prob_malignant"].to_numpy(), subtype, tuples[[f"w_{m}" for m in mags]].to_numpy()
+
+
+def parity(cfg, p, q):
+    """torch against onnxruntime on the fixed split's test tuples (random tuples without a split)."""
+    data = fixed_test_data(cfg, p)
+    if data is None:
+        x, mask = example_inputs(len(p.mags), p.image_size, batch=8)
+        with torch.no_grad():
+            want = [v.numpy() for v in Averaged(p.models)(x, mask)]
+        got = q.models[0].session.run(None, {"images": x.numpy(), "mask": mask.numpy()})
+        return dict(on="random tuples (no fixed split under --output-dir)", tuples=len(x), **largest_gaps(want, got))
+    frame, bank = data
+    want = tuple_outputs(*score(p, frame, bank, cfg.batch_size, CPU), p.mags)
+    got = tuple_outputs(*score(q, frame, bank, cfg.batch_size, CPU), p.mags)
+    return dict(on="fixed split test tuples", tuples=len(want[0]), patients=int(frame["patient_id"].nunique()),
+                **largest_gaps(want, got))
+
+
+def run_export(cfg):
+    """Stage: the model (or the fold ensemble's mean) as ONNX with its settings, checked against torch."""
+    paths = checkpoint_paths(cfg)
+    p = load_predictor(cfg, CPU)
+    path = onnx_path(cfg)
+    log(f"Exporting {p.source} ({len(paths)} model(s)) to {path} (dynamic batch; inputs images, mask)")
+    export_onnx(p.models, path, metadata(p, paths))
+    check = parity(cfg, p, onnx_predictor(path))
+    write_metadata(path, {"parity": check})
+    log(f"onnxruntime vs torch on {check['tuples']} {check['on']}: max |difference| of P(malignant) "
+        f"{check['max_abs_prob']:.1e}, subtype probabilities {check['max_abs_subtype_prob']:.1e}, magnification "
+        f"weights {check['max_abs_mag_weight']:.1e}")
+    if check["max_abs_prob"] > TOLERANCE:
+        raise PipelineError(f"{path} differs from torch by {check['max_abs_prob']:.1e} in P(malignant) (tolerance "
+                            f"{TOLERANCE}); do not use it. Check the torch and onnxruntime versions.")
+    log(f"-> {path} ({path.stat().st_size / 2**20:.1f} MiB)")

@@ -46,7 +46,7 @@ def add_flag(parser, f):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         return
     if isinstance(f.default, tuple):
-        kind = {"folds": int, "fixed_split": float}.get(f.name, str)
+        kind = {"folds": int, "fixed_split": float, "feature_stage": int}.get(f.name, str)
         parser.add_argument(flag, type=parse_list(kind), metavar="A,B", **common)
         return
     parser.add_argument(flag, type=type(f.default), **common)

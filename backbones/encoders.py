@@ -187,11 +187,16 @@ def hub_pretrained_cfg(name):
 
 
 def feature_backbone(cfg):
-    """The config's backbone (timm name or hf-hub:ORG/NAME, CNN or ViT) giving the NCHW feature map of stage
-    `cfg.feature_stage` only (-1: the last); ViTs take any image size where timm allows it."""
+    """The config's backbone (timm name or hf-hub:ORG/NAME, CNN or ViT) giving the NCHW feature maps of the stages
+    `cfg.feature_stage` (-1: the last), shallow to deep; ViTs take any image size where timm allows it."""
     net = feature_net(cfg)
     if getattr(net, "output_fmt", "NCHW") == "NHWC":
         net = feature_net(cfg, feature_cls="getter")
+    n_stages = len(net.feature_info.info)
+    if len({k % n_stages for k in cfg.feature_stage}) != len(cfg.feature_stage):
+        stages = ",".join(map(str, cfg.feature_stage))
+        raise PipelineError(f"--feature-stage {stages} names one stage of backbone '{cfg.backbone}' twice (it has "
+                            f"{n_stages} stages; -1 is the last). Name each stage once.")
     traits = get_model_traits(net)
     if traits.get("fixed_input_size") and traits.get("img_size"):
         warn_fixed_size(cfg.backbone, tuple(traits["img_size"]))
@@ -200,7 +205,7 @@ def feature_backbone(cfg):
 
 def feature_net(cfg, **kwargs):
     return create_backbone(cfg.backbone, cfg.pretrained, cfg.pretrained_path, features_only=True,
-                           out_indices=(cfg.feature_stage,), **size_kwargs(cfg.backbone), **kwargs)
+                           out_indices=tuple(cfg.feature_stage), **size_kwargs(cfg.backbone), **kwargs)
 
 
 def size_kwargs(name):

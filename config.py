@@ -35,7 +35,7 @@ class Config:
     drop_rate: float = 0.3
     freeze_backbone: bool = False
     frozen_epochs: int = 0
-    feature_stage: int = -1
+    feature_stage: tuple = (-1,)
 
     epochs: int = 30
     batch_size: int = 32

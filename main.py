@@ -7,6 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from backbones.encoders import open_encoder
 from config import Config, config_fields, demo_overrides, list_kind, to_dict
 from preprocess.synthetic import make_synthetic
 from stages.schedule import all_ok, close_distributed, init_distributed, rank, world_size
@@ -86,12 +87,23 @@ def resolve_config(argv=None):
     cfg = Config()
     if args.get("demo", loaded.get("demo")):
         cfg = replace(cfg, data_root=DEMO_ROOT, **demo_overrides())
-    cfg = replace(cfg, **{**loaded, **args})
+    cfg = frozen_encoder(replace(cfg, **{**loaded, **args}), {**loaded, **args})
     unknown = [s for s in cfg.stages if s not in ALL_STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(unknown)}. Valid stages, in order: {', '.join(ALL_STAGES)}")
     check_run_names(cfg)
     return check_config(cfg, list(ALL_STAGES))
+
+
+def frozen_encoder(cfg, args):
+    """An open pathology encoder trains frozen unless the command line asks to train it (LP-FT, fine-tuning, TTA)."""
+    known = open_encoder(cfg.backbone)
+    if known is None or cfg.freeze_backbone or {"freeze_backbone", "frozen_epochs", "tta"} & set(args):
+        return cfg
+    log(f"backbone {cfg.backbone} is a pathology foundation encoder (licence {known['licence']}, see its model "
+        f"card): it trains frozen on cached features (--freeze-backbone). Pass --no-freeze-backbone to fine-tune it, "
+        f"or --frozen-epochs N to fine-tune after N frozen epochs.")
+    return replace(cfg, freeze_backbone=True)
 
 
 def check_writable(cfg):

@@ -31,12 +31,18 @@ class ModelConfig:
     use_mags: tuple | None = None
     mag: str = "40X"
     freeze: bool = True
-    feature_stage: int = -1
+    feature_stage: tuple = (-1,)
 
     def __post_init__(self):
         self.magnifications = tuple(self.magnifications)
+        self.feature_stage = stage_tuple(self.feature_stage)
         if self.use_mags is not None:
             self.use_mags = tuple(self.use_mags)
+
+
+def stage_tuple(stages):
+    """Backbone stage indices as a tuple; checkpoints from before stage lists store one int."""
+    return (int(stages),) if isinstance(stages, int) else tuple(int(k) for k in stages)
 
 
 def config_from(defaults, kwargs):
@@ -48,31 +54,54 @@ def config_from(defaults, kwargs):
     return ModelConfig(**dict(defaults, **kwargs))
 
 
+def lead(x):
+    """The input tensor that carries batch size, magnification count and device: images, or a cached stage's maps."""
+    return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def select_mags(x, index):
+    """Magnifications `index` (an int or a list) of images (B, M, ...) or of each cached stage's maps."""
+    return [f[:, index] for f in x] if isinstance(x, (list, tuple)) else x[:, index]
+
+
 def present_mask(x, mask):
+    x = lead(x)
     if mask is None:
         return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     return mask.to(device=x.device, dtype=torch.bool)
 
 
 def masked_forward(net, images, present):
-    """Last-stage features of (N, 3, H, W) images; absent ones are zeroed before the backbone and their features after.
+    """Feature maps of (N, 3, H, W) images, one per selected stage; absent images are zeroed before the backbone and
+    their features after.
 
     One static-shape path (no gather, no host sync), so torch.compile traces it whole. What an absent slot holds never
     reaches a present output; in train mode BatchNorm batch statistics do include the zero images.
     """
     absent = ~present.view(-1, 1, 1, 1)
-    return net(images.masked_fill(absent, 0))[-1].masked_fill(absent, 0)
+    return [f.masked_fill(absent, 0) for f in net(images.masked_fill(absent, 0))]
 
 
 def magnification_features(backbones, images, present, given=False):
-    """Feature maps (B*m, C, h, w), batch-major, of (B, m, 3, H, W) images on one shared or m separate backbones;
-    `given`: the inputs are already backbone feature maps (B, m, C, h, w) from the frozen-backbone cache."""
+    """Per stage, feature maps (B*m, C, h, w), batch-major, of (B, m, 3, H, W) images on one shared or m separate
+    backbones; `given`: the inputs are already the per-stage maps (B, m, C, h, w) of the frozen-backbone cache."""
     if given:
-        return images.flatten(0, 1).masked_fill(~present.flatten().view(-1, 1, 1, 1), 0)
+        absent = ~present.flatten().view(-1, 1, 1, 1)
+        return [maps.flatten(0, 1).masked_fill(absent, 0) for maps in images]
     if len(backbones) == 1:
         return masked_forward(backbones[0], images.flatten(0, 1), present.flatten())
     feats = [masked_forward(net, images[:, j], present[:, j]) for j, net in enumerate(backbones)]
-    return torch.stack(feats, 1).flatten(0, 1)
+    return [torch.stack(stage, 1).flatten(0, 1) for stage in zip(*feats)]
+
+
+def stage_channels(backbone):
+    """Channels of each selected stage of a features_only backbone, shallow to deep."""
+    return list(backbone.feature_info.channels())
+
+
+def pooled_stages(feats):
+    """Global average pooling of each stage's maps, concatenated: (N, sum of channels)."""
+    return torch.cat([f.mean((2, 3)) for f in feats], 1)
 
 
 def mlp(in_dim, embed_dim, drop_rate):
@@ -99,6 +128,7 @@ def mag_index(magnifications, mag):
 
 def one_hot_weights(x, index):
     """Magnification weights (B, M) of a model that reads magnification `index` only."""
+    x = lead(x)
     weights = x.new_zeros(x.shape[:2], dtype=torch.float32)
     weights[:, index] = 1.0
     return weights
@@ -172,7 +202,7 @@ class SingleMagnificationModel(MagnificationModel):
         raise NotImplementedError
 
     def forward_features(self, x, mask=None):
-        return self.embed(x[:, self.used_mags[0]])
+        return self.embed(select_mags(x, self.used_mags[0]))
 
     def forward(self, x, mask=None):
         return self.outputs(self.forward_features(x, mask), one_hot_weights(x, self.used_mags[0]))

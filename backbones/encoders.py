@@ -28,6 +28,19 @@ KNOWN_HUB_KWARGS = {  # timm kwargs from the model cards; the input-size flags c
     "paige-ai/virchow": dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU),
     "paige-ai/virchow2": dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU),
 }
+LUNIT = dict(mean=(0.70322989, 0.53606487, 0.66096631), std=(0.21716536, 0.26081574, 0.20723464),
+             licence="lunit-non-commercial")
+KAIKO = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), licence="kaiko-non-commercial")
+OWKIN = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, licence="owkin-non-commercial")
+OPEN_ENCODERS = {  # pathology encoders on the hub that need no token: input mean/std and licence from the model cards
+    "1aurent/vit_small_patch8_224.lunit_dino": LUNIT,
+    "1aurent/vit_small_patch16_224.lunit_dino": LUNIT,
+    "1aurent/vit_small_patch8_224.kaiko_ai_towards_large_pathology_fms": KAIKO,
+    "1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms": KAIKO,
+    "1aurent/vit_base_patch8_224.kaiko_ai_towards_large_pathology_fms": KAIKO,
+    "1aurent/vit_base_patch16_224.kaiko_ai_towards_large_pathology_fms": KAIKO,
+    "1aurent/vit_base_patch16_224.owkin_pancancer": OWKIN,
+}
 HUB_NAME = re.compile(r"hf[-_]hub:[\w.-]+/[\w.-]+(@[\w./-]+)?")
 SIZE_KWARGS = ("dynamic_img_size", "dynamic_img_pad")
 OFFLINE = {"LocalEntryNotFoundError", "ConnectionError", "TimeoutError", "Timeout", "TransportError"}
@@ -84,6 +97,11 @@ def hub_kwargs(name):
     return KNOWN_HUB_KWARGS.get(hub_split(name)[0].lower(), {}) if is_hub(name) else {}
 
 
+def open_encoder(name):
+    """Model-card settings of an open pathology encoder (mean, std, licence), or None for any other backbone."""
+    return OPEN_ENCODERS.get(hub_split(name)[0].lower()) if is_hub(name) else None
+
+
 def hub_config_file(name):
     """Local path of an hf-hub: backbone's config.json: huggingface_hub's cache, else downloaded once."""
     repo, revision = hub_split(name)
@@ -122,6 +140,10 @@ def hub_error(name, e):
     page = f"https://huggingface.co/{repo}"
     token = "HF_TOKEN is set" if os.environ.get("HF_TOKEN") else "HF_TOKEN is not set"
     cause = f"{type(e).__name__}: {str(e)[:200]}"
+    if open_encoder(name) is not None and not any(is_refusal(c) for c in causes(e)):
+        return PipelineError(f"could not fetch backbone '{name}' from the Hugging Face hub ({cause}). It needs no "
+                             f"token: connect to the network once (the weights are then cached), or download the "
+                             f"weights and config.json from {page} and pass --pretrained-path FILE.")
     fixes = (f"Open {page}, log in and accept the model's licence, create a read token at "
              f"https://huggingface.co/settings/tokens and `export HF_TOKEN=hf_...`, then run again; or download the "
              f"weights where you have access and pass --pretrained-path FILE (the model's config.json is still needed "
@@ -171,7 +193,10 @@ def loaded_share(net, state):
 
 def normalization(name):
     """Input mean and std of the backbone's pretrained config (timm's, or an hf-hub model's config.json); ImageNet's
-    where it has none."""
+    where it has none; an open pathology encoder's come from its model card."""
+    known = open_encoder(name)
+    if known is not None:
+        return dict(mean=[float(v) for v in known["mean"]], std=[float(v) for v in known["std"]])
     cfg = hub_pretrained_cfg(name) if is_hub(name) else getattr(timm.models.get_pretrained_cfg(name), "__dict__", {})
     if cfg.get("mean") is None or cfg.get("std") is None:
         if is_hub(name):
@@ -187,11 +212,16 @@ def hub_pretrained_cfg(name):
 
 
 def feature_backbone(cfg):
-    """The config's backbone (timm name or hf-hub:ORG/NAME, CNN or ViT) giving the NCHW feature map of stage
-    `cfg.feature_stage` only (-1: the last); ViTs take any image size where timm allows it."""
+    """The config's backbone (timm name or hf-hub:ORG/NAME, CNN or ViT) giving the NCHW feature maps of the stages
+    `cfg.feature_stage` (-1: the last), shallow to deep; ViTs take any image size where timm allows it."""
     net = feature_net(cfg)
     if getattr(net, "output_fmt", "NCHW") == "NHWC":
         net = feature_net(cfg, feature_cls="getter")
+    n_stages = len(net.feature_info.info)
+    if len({k % n_stages for k in cfg.feature_stage}) != len(cfg.feature_stage):
+        stages = ",".join(map(str, cfg.feature_stage))
+        raise PipelineError(f"--feature-stage {stages} names one stage of backbone '{cfg.backbone}' twice (it has "
+                            f"{n_stages} stages; -1 is the last). Name each stage once.")
     traits = get_model_traits(net)
     if traits.get("fixed_input_size") and traits.get("img_size"):
         warn_fixed_size(cfg.backbone, tuple(traits["img_size"]))
@@ -200,7 +230,7 @@ def feature_backbone(cfg):
 
 def feature_net(cfg, **kwargs):
     return create_backbone(cfg.backbone, cfg.pretrained, cfg.pretrained_path, features_only=True,
-                           out_indices=(cfg.feature_stage,), **size_kwargs(cfg.backbone), **kwargs)
+                           out_indices=tuple(cfg.feature_stage), **size_kwargs(cfg.backbone), **kwargs)
 
 
 def size_kwargs(name):

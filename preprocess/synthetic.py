@@ -4,7 +4,8 @@ Generative model. Each patient has a latent malignancy strength (zero when benig
 where its tumour shows (low: 40X and 100X, high: 200X and 400X, or all four; the others show it in few fields). A
 field that shows it has an expression (the strength, jittered per image): the share of the field that tumour nests
 (dense, large, pleomorphic nuclei) take over from benign tissue (glands lined by small round nuclei in pink stroma).
-Within a patient, some malignant fields look benign and a few benign fields look malignant (label-noise-like).
+Each malignant patient has its own share of fields that look benign, each benign patient its own share of fields
+that look malignant (atypia-like), so at the patient level the classes overlap.
 Class-unrelated nuisance: stain colours and strengths and tissue density (fat spaces, stromal cells) per patient,
 brightness per patient and magnification. Patient latents are stratified within each class, so every tree realises
 the intended shares. The difficulty (easy / default / hard) sets all of these. Magnification sets the scale (40X:
@@ -107,7 +108,7 @@ def patient_traits(malignant, seed, level):
     """Latent values per patient, stratified within each class so that every tree realises the intended shares."""
     d = DIFFICULTY[level]
     (lo, hi), (p_low, p_high), nu = d["strength"], d["focus"], d["nuisance"]
-    rng = np.random.default_rng([seed, 1])
+    rng, mix = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 4])
     parts = []
     for cls, ids in malignant.groupby(malignant):
         u = stratified(len(ids), 6, rng)
@@ -115,8 +116,16 @@ def patient_traits(malignant, seed, level):
         parts.append(pd.DataFrame(dict(
             strength=cls * (lo + (hi - lo) * u[:, 0]), focus=focus if cls else "none",
             host=np.array(list(GLANDS))[(u[:, 2] * len(GLANDS)).astype(int)], density=1 - 0.5 * nu * u[:, 3],
-            hematoxylin=1.6 + 0.3 * nu * (2 * u[:, 4] - 1), eosin=0.9 + 0.2 * nu * (2 * u[:, 5] - 1)), index=ids.index))
+            hematoxylin=1.6 + 0.3 * nu * (2 * u[:, 4] - 1), eosin=0.9 + 0.2 * nu * (2 * u[:, 5] - 1),
+            **mixing(len(ids), cls, d, mix)), index=ids.index))
     return pd.concat(parts)
+
+
+def mixing(n, malignant, d, rng):
+    """Per patient, the share of fields against its class: benign-looking fields of a malignant patient (up to
+    `blank`), malignant-looking fields of a benign one (up to `flip`); stratified, drawn apart from the other latents."""
+    u = stratified(n, 1, rng)[:, 0]
+    return dict(blank=d["blank"] * u * malignant, flip=d["flip"] * u * (1 - malignant))
 
 
 def image_traits(files, seed, level):
@@ -127,10 +136,10 @@ def image_traits(files, seed, level):
     brightness = 1 + 0.1 * d["nuisance"] * sessions.map(light).to_numpy()
     u = np.array([latent(seed, f, 2).random(3) for f in files["file"]]).reshape(-1, 3)
     on = np.array([m in FOCUS[f] for m, f in zip(files["magnification"], files["focus"])])
-    shows = np.where(on, u[:, 0] >= d["blank"], u[:, 0] < d["off"])
+    shows = np.where(on, u[:, 0] >= files["blank"], u[:, 0] < d["off"])
     strength = np.minimum(1.0, files["strength"] * (0.7 + 0.6 * u[:, 1]))
     malignant = files["class_name"].eq("malignant")
-    expression = np.where(malignant, strength * shows, (u[:, 0] < d["flip"]) * (0.4 + 0.5 * u[:, 1]))
+    expression = np.where(malignant, strength * shows, (u[:, 0] < files["flip"]) * (0.4 + 0.5 * u[:, 1]))
     density = np.clip(files["density"] + 0.1 * d["nuisance"] * (2 * u[:, 2] - 1), 0, 1)
     return expression, density, brightness
 

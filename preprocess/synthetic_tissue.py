@@ -9,11 +9,11 @@ H_VEC = np.array([0.65, 0.70, 0.29])
 E_VEC = np.array([0.07, 0.99, 0.11])
 RENDER_WIDTH = (256, 384)
 DIFFICULTY = {  # malignant strength range, share of patients with the cue at low / at high magnification only,
-    # share of fields showing it at their other magnifications, benign-looking fields in malignant patients,
-    # malignant-looking fields in benign patients, scale of the class-unrelated nuisance
+    # share of fields showing it at their other magnifications, most benign-looking fields of a malignant patient and
+    # most malignant-looking fields of a benign one (each patient draws its share up to these), nuisance scale
     "easy": dict(strength=(0.8, 1.0), focus=(0.0, 0.0), off=1.0, blank=0.0, flip=0.0, nuisance=0.3),
-    "default": dict(strength=(0.5, 1.0), focus=(0.4, 0.4), off=0.1, blank=0.05, flip=0.01, nuisance=0.4),
-    "hard": dict(strength=(0.3, 0.8), focus=(0.45, 0.45), off=0.05, blank=0.15, flip=0.03, nuisance=1.0),
+    "default": dict(strength=(0.3, 1.0), focus=(0.4, 0.4), off=0.1, blank=0.5, flip=0.25, nuisance=0.5),
+    "hard": dict(strength=(0.25, 0.8), focus=(0.45, 0.45), off=0.05, blank=0.6, flip=0.3, nuisance=1.0),
 }
 
 

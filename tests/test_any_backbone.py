@@ -7,11 +7,14 @@ import pytest
 import timm
 import torch
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+import main
 
 import backbones.encoders as common
 from backbones import build_model
 from backbones.common import ModelConfig
-from backbones.encoders import create_backbone, feature_backbone, hub_kwargs, normalization
+from backbones.encoders import OPEN_ENCODERS, create_backbone, feature_backbone, hub_kwargs, normalization
 from utils.checks import check_field
 from tests.conftest import same_normalisation
 from utils.helpers import PipelineError
@@ -27,6 +30,8 @@ HUB = "hf-hub:test-org/tiny-vit"
 GATED = "hf-hub:test-org/gated"
 PAGE = "https://huggingface.co/test-org/gated"
 HUB_MEAN, HUB_STD = [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]
+LUNIT = "hf-hub:1aurent/vit_small_patch8_224.lunit_dino"
+LUNIT_MEAN, LUNIT_STD = [0.70322989, 0.53606487, 0.66096631], [0.21716536, 0.26081574, 0.20723464]
 
 
 def backbone(name, **kwargs):
@@ -44,16 +49,24 @@ def response(status):
     return httpx.Response(status, request=httpx.Request("GET", url))
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """A Hugging Face cache holding config.json of HUB (a vit_tiny_patch16_224 export); the hub itself is offline."""
-    snapshot = tmp_path / "models--test-org--tiny-vit" / "snapshots" / ("a" * 40)
+def cache_config(root, repo, mean, std):
+    """config.json of a vit_tiny_patch16_224 export as `repo` in a Hugging Face cache under root."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / ("a" * 40)
     snapshot.mkdir(parents=True)
-    (tmp_path / "models--test-org--tiny-vit" / "refs").mkdir()
-    (tmp_path / "models--test-org--tiny-vit" / "refs" / "main").write_text("a" * 40)
-    pretrained_cfg = dict(mean=HUB_MEAN, std=HUB_STD, input_size=[3, 224, 224], fixed_input_size=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("a" * 40)
+    pretrained_cfg = dict(mean=mean, std=std, input_size=[3, 224, 224], fixed_input_size=True)
     (snapshot / "config.json").write_text(json.dumps(dict(architecture=VIT, num_classes=0,
                                                           pretrained_cfg=pretrained_cfg)))
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A Hugging Face cache holding config.json of HUB and of the open LUNIT encoder (vit_tiny_patch16_224 exports,
+    the LUNIT one with ImageNet's mean/std); the hub itself is offline."""
+    cache_config(tmp_path, "test-org/tiny-vit", HUB_MEAN, HUB_STD)
+    cache_config(tmp_path, LUNIT.split(":", 1)[1], list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return tmp_path
@@ -203,3 +216,42 @@ def test_hub_weights_arrive_through_pretrained_path(hub_cache, tmp_path):
     assert torch.equal(net.blocks[3].mlp.fc1.weight, source.blocks[3].mlp.fc1.weight)
     assert torch.equal(net.pos_embed, source.pos_embed)
     assert model(*batch(64))["binary_logits"].shape == (2,)
+
+
+def test_an_open_encoder_takes_its_model_card_mean_and_std_offline(hub_cache):
+    assert normalization(LUNIT)["mean"] == pytest.approx(LUNIT_MEAN)
+    assert normalization(LUNIT)["std"] == pytest.approx(LUNIT_STD)
+    model = build_model("mmnet", magnifications=("40X", "100X"), num_subtypes=3, backbone=LUNIT, pretrained=False)
+    assert model.normalization["mean"] == pytest.approx(LUNIT_MEAN)
+    assert model(*batch(32))["binary_logits"].shape == (2,)
+
+
+def test_every_open_encoder_has_a_card_normalisation_and_a_licence():
+    assert len(OPEN_ENCODERS) >= 5
+    for repo, card in OPEN_ENCODERS.items():
+        check_field("backbone", f"hf-hub:{repo}")
+        assert len(card["mean"]) == len(card["std"]) == 3 and all(0 < v < 1 for v in (*card["mean"], *card["std"]))
+        assert card["licence"]
+
+
+def test_an_open_encoder_trains_frozen_unless_asked_to_fine_tune(caplog):
+    import logging
+    with caplog.at_level(logging.INFO):
+        cfg = main.resolve_config(["--backbone", LUNIT])
+    assert cfg.freeze_backbone and "--no-freeze-backbone to fine-tune" in caplog.text
+    assert not main.resolve_config(["--backbone", LUNIT, "--no-freeze-backbone"]).freeze_backbone
+    lpft = main.resolve_config(["--backbone", LUNIT, "--frozen-epochs", "2"])
+    assert not lpft.freeze_backbone and lpft.frozen_epochs == 2
+    assert not main.resolve_config(["--backbone", CNN]).freeze_backbone
+
+
+def test_an_unreachable_open_encoder_says_no_token_is_needed(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("not in the cache")
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(PipelineError, match="needs no token") as e:
+        feature_backbone(ModelConfig(backbone=LUNIT))
+    assert "accept the model's licence" not in str(e.value)
+    assert "https://huggingface.co/1aurent/vit_small_patch8_224.lunit_dino" in str(e.value)

@@ -28,14 +28,13 @@ def test_cached_features_equal_the_backbone_on_each_view(prepared):
     net = extractor(cfg)
     rows = np.array([[0, 1], [2, -1]])
     x, mask = run.bank.batch(rows, torch.device("cpu"), False, normalization(cfg.backbone))
-    cached = run.features.store
     for k in range(VIEWS):
         want = net(view(x[0, :1], k))[-1][0]
-        assert torch.allclose(torch.from_numpy(cached[0, k].astype(np.float32)), want, atol=2e-2, rtol=1e-2)
+        assert torch.allclose(run.features.image_maps(0, k)[-1], want, atol=2e-2, rtol=1e-2)
     feats, present = run.features.batch(rows, torch.device("cpu"), False)
     assert present.tolist() == [[True, True], [True, False]]
-    assert float(feats[1, 1].abs().sum()) == 0
-    drawn = {int(run.features.batch(np.array([[3]]), torch.device("cpu"), True)[0].sum() * 1e3) for _ in range(40)}
+    assert float(feats[-1][1, 1].abs().sum()) == 0
+    drawn = {int(run.features.batch(np.array([[3]]), torch.device("cpu"), True)[0][-1].sum() * 1e3) for _ in range(40)}
     assert len(drawn) > 1
 
 
@@ -73,7 +72,7 @@ def test_probe_then_fine_tune_unfreezes_the_backbone_after_the_frozen_epochs(pre
 def test_the_feature_cache_is_built_once_and_reused(prepared):
     from stages.engine import features
     from stages.engine.data import prepare_run
-    cfg = replace(prepared, freeze_backbone=True, feature_stage=1)
+    cfg = replace(prepared, freeze_backbone=True, feature_stage=(1,))
     first = prepare_run(cfg, "a", "fold_0", "mmnet", {}).features
     folder = features.cache_folder(cfg)
     files = {p.name: p.stat().st_mtime_ns for p in folder.glob("features_*.npy")}
@@ -81,8 +80,11 @@ def test_the_feature_cache_is_built_once_and_reused(prepared):
     again = prepare_run(cfg, "b", "fold_1", "mmnet", {}).features
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("features_*.npy")} == files
     assert np.array_equal(first.store[:2], again.store[:2])
-    deeper = prepare_run(replace(cfg, feature_stage=-1), "c", "fold_0", "mmnet", {}).features
-    assert deeper.store.shape[2] != first.store.shape[2]
+    deeper = prepare_run(replace(cfg, feature_stage=(-1,)), "c", "fold_0", "mmnet", {}).features
+    assert deeper.shapes[0][0] != first.shapes[0][0]
+    both = prepare_run(replace(cfg, feature_stage=(1, -1)), "d", "fold_0", "mmnet", {}).features
+    assert both.shapes == first.shapes + deeper.shapes
+    assert np.allclose(both.pooled(), np.concatenate([first.pooled(), deeper.pooled()], 1), atol=1e-3)
 
 
 def test_the_linear_probe_scores_like_a_run_and_picks_c_on_validation(prepared):

@@ -141,8 +141,9 @@ def name_list():
                 "run names without repeats (empty: every run of the stage)", ("a", "a"))
 
 
-def stage_index():
-    return Rule(is_int, "a backbone stage index (0 = first, -1 = last)", "last")
+def stage_indices():
+    return Rule(lambda v: isinstance(v, tuple) and len(v) > 0 and distinct(v) and all(is_int(k) for k in v),
+                "backbone stage indices without repeats, e.g. 2 or 2,-1 (0 = first, -1 = last)", (2, 2))
 
 
 def three_fractions():
@@ -165,7 +166,7 @@ RULES = dict(
     epochs=integer(1), batch_size=integer(1), accum_steps=integer(1), lr=number(0, low_open=True),
     backbone_lr_scale=number(0, low_open=True), weight_decay=number(0), warmup_epochs=integer(0),
     grad_clip=number(0), patience=integer(1), selection=choice(SELECTIONS), freeze_backbone=boolean(),
-    frozen_epochs=integer(0), feature_stage=stage_index(), runs=name_list(), tuples_per_patient=integer(1), focal_gamma=number(0),
+    frozen_epochs=integer(0), feature_stage=stage_indices(), runs=name_list(), tuples_per_patient=integer(1), focal_gamma=number(0),
     subtype_loss_weight=number(0), amp=boolean(), precision=choice(PRECISIONS),
     channels_last=choice(SWITCHES), fused_adamw=choice(SWITCHES), compile=boolean(),
     compile_backend=choice(COMPILE_BACKENDS), jobs=integer(0), stain_norm=boolean(), tta=boolean(),

@@ -6,7 +6,8 @@ from timm.layers import SEModule
 
 from utils.helpers import PipelineError
 
-from ..common import MagnificationModel, feature_backbone, magnification_features, present_mask, uniform_weights
+from ..common import (MagnificationModel, feature_backbone, magnification_features, present_mask, select_mags,
+                      stage_channels, uniform_weights)
 
 
 def mag_order(mag):
@@ -124,9 +125,17 @@ class CrossMagnificationFusion(nn.Module):
         return self.proj(weighted.flatten(1)), weights
 
 
+def rename_single_pool(module, state_dict, prefix, *args):
+    """Checkpoints from before stage lists stored the one MSAP as `pool.*`."""
+    old = prefix + "pool."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "pools.0." + key[len(old):]] = state_dict.pop(key)
+
+
 class MMNet(MagnificationModel):
     """Multi-magnification network: per-magnification attention branches, MSAP, HMA, CMF and two heads.
 
+    Each selected backbone stage has its own branches and MSAP; the pooled vectors of the stages are concatenated.
     HMA and CMF fuse magnifications, so a model that reads a single magnification (use_mags=('40X',)) has neither.
     """
 
@@ -140,11 +149,13 @@ class MMNet(MagnificationModel):
         n_used = len(self.used_mags)
         n_backbones = 1 if cfg.shared_backbone else n_used
         self.backbones = nn.ModuleList([feature_backbone(cfg) for _ in range(n_backbones)])
-        self.num_features = self.backbones[0].feature_info.channels()[-1]
-        self.branches = nn.ModuleList([
-            BranchAttention(self.num_features, cfg.use_channel, cfg.use_spatial) for _ in range(n_used)
+        channels = stage_channels(self.backbones[0])
+        self.num_features = sum(channels)
+        self.branches = nn.ModuleList([  # stage-major: branch j of stage s at s * n_used + j
+            BranchAttention(c, cfg.use_channel, cfg.use_spatial) for c in channels for _ in range(n_used)
         ])
-        self.pool = MultiScaleAttentionPool(self.num_features)
+        self.pools = nn.ModuleList([MultiScaleAttentionPool(c) for c in channels])
+        self.register_load_state_dict_pre_hook(rename_single_pool)
         self.proj = nn.Sequential(nn.Linear(self.num_features, cfg.embed_dim), nn.LayerNorm(cfg.embed_dim), nn.GELU())
         fusing = n_used > 1
         self.hma = HierarchicalMagnificationAttention(cfg.embed_dim) if cfg.use_hma and fusing else None
@@ -154,18 +165,28 @@ class MMNet(MagnificationModel):
     def backbone_modules(self):
         return self.backbones
 
-    def forward_features(self, x, mask=None):
-        """Per-magnification branch vectors (B, m, D), present mask (B, m) and spatial maps (B, m, h, w)."""
-        present = present_mask(x, mask)[:, self.used_mags]
-        feats = self.feature_tap(magnification_features(self.backbones, x[:, self.used_mags], present, self.on_features))
-        feats = feats.unflatten(0, present.shape)
+    def attend_stage(self, s, feats):
+        """Branch attention and MSAP of one stage's maps (B, m, C, h, w): vectors (B, m, C) and spatial maps."""
+        n_used = len(self.used_mags)
         vectors, maps = [], []
-        for j, branch in enumerate(self.branches):
-            attended, attn = branch(feats[:, j])
-            vectors.append(self.pool(attended))
+        for j in range(n_used):
+            attended, attn = self.branches[s * n_used + j](feats[:, j])
+            vectors.append(self.pools[s](attended))
             maps.append(attn)
+        return torch.stack(vectors, 1), maps
+
+    def forward_features(self, x, mask=None):
+        """Per-magnification branch vectors (B, m, D), present mask (B, m) and the deepest stage's spatial maps
+        (B, m, h, w)."""
+        present = present_mask(x, mask)[:, self.used_mags]
+        feats = magnification_features(self.backbones, select_mags(x, self.used_mags), present, self.on_features)
+        feats[-1] = self.feature_tap(feats[-1])
+        vectors, maps = [], None
+        for s, stage in enumerate(feats):
+            stage_vectors, maps = self.attend_stage(s, stage.unflatten(0, present.shape))
+            vectors.append(stage_vectors)
         keep = present.unsqueeze(-1)
-        z = self.proj(torch.stack(vectors, 1)) * keep
+        z = self.proj(torch.cat(vectors, -1)) * keep
         spatial = None if maps[0] is None else torch.cat(maps, 1) * keep.unsqueeze(-1)
         return z, present, spatial
 

@@ -48,7 +48,7 @@ def model_kwargs(cfg, model_name, n_classes, flags):
     if model_name == REFERENCE_MODEL:
         kwargs["shared_backbone"] = cfg.shared_backbone
     if flags.get("backbone", cfg.backbone) != cfg.backbone:
-        kwargs.update(pretrained_path="", feature_stage=-1)
+        kwargs.update(pretrained_path="", feature_stage=(-1,))
     return dict(kwargs, **flags)
 
 

@@ -1,5 +1,6 @@
-"""Frozen-backbone features: each cached image's backbone feature map in 8 fixed views (flips and quarter turns),
-computed once per backbone, weights, image size and stage, and kept as an fp16 memory map beside the image cache."""
+"""Frozen-backbone features: each cached image's backbone feature maps (one per selected stage, flattened side by
+side) in 8 fixed views (flips and quarter turns), computed once per backbone, weights, image size and stages, and kept
+as an fp16 memory map beside the image cache."""
 import hashlib
 import json
 import os
@@ -39,9 +40,13 @@ def extractor(cfg):
         try:
             net = feature_backbone(extractor_config(cfg))
         except IndexError:
-            raise PipelineError(f"--feature-stage {cfg.feature_stage} is not a stage of backbone '{cfg.backbone}'. "
-                                f"Pick an index from 0 to n-1 or -1 for the last stage.") from None
+            raise PipelineError(f"--feature-stage {stage_text(cfg)} is not a list of stages of backbone "
+                                f"'{cfg.backbone}'. Pick indices from 0 to n-1, or -1 for the last stage.") from None
     return net.eval().requires_grad_(False)
+
+
+def stage_text(cfg):
+    return ",".join(map(str, cfg.feature_stage))
 
 
 def weights_key(cfg):
@@ -52,18 +57,30 @@ def weights_key(cfg):
 
 
 def feature_path(cfg, source):
-    key = json.dumps([cfg.backbone, weights_key(cfg), cfg.image_size, cfg.feature_stage, VIEWS, Path(source).name])
+    key = json.dumps([cfg.backbone, weights_key(cfg), cfg.image_size, list(cfg.feature_stage), VIEWS, Path(source).name])
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     return cache_folder(cfg) / f"features_{cfg.backbone.replace('/', '_')}_{cfg.image_size}_{digest}.npy"
 
 
 @torch.no_grad()
+def stage_shapes(net, height, width):
+    """(C, h, w) of each stage's maps for height x width inputs."""
+    return [tuple(f.shape[1:]) for f in net.cpu()(torch.zeros(1, 3, height, width))]
+
+
+@torch.no_grad()
 def embed_views(net, images, device, norm):
-    """(n, VIEWS, C, h, w) fp16 feature maps of uint8 (n, S, S, 3) images."""
+    """(n, VIEWS, D) fp16: every stage's feature maps of uint8 (n, S, S, 3) images, flattened and concatenated."""
     x = normalize(to_float(images[:, None], device), **norm)[:, 0]
     with autocast(device, amp_dtype(device) if device.type == "cuda" else None):
-        maps = [net(view(x, k))[-1] for k in range(VIEWS)]
+        maps = [torch.cat([f.flatten(1) for f in net(view(x, k))], 1) for k in range(VIEWS)]
     return torch.stack(maps, 1).half().cpu().numpy()
+
+
+def unflatten(flat, shapes):
+    """(..., D) -> one (..., C, h, w) tensor per stage."""
+    sizes = [c * h * w for c, h, w in shapes]
+    return [part.unflatten(-1, shape) for part, shape in zip(flat.split(sizes, -1), shapes)]
 
 
 def build_features(net, norm, bank, target, device):
@@ -81,11 +98,12 @@ def build_features(net, norm, bank, target, device):
 
 
 class FeatureBank(Resident):
-    """Cached feature maps (N, VIEWS, C, h, w) fp16: on the GPU when they fit, else memory-mapped; a batch reads a
-    random view of each image when training and the plain view otherwise."""
+    """Cached feature maps (N, VIEWS, D) fp16, D the flattened stages side by side: on the GPU when they fit, else
+    memory-mapped; a batch reads a random view of each image when training and the plain view otherwise."""
 
-    def __init__(self, store, row_of, backbone_state):
+    def __init__(self, store, shapes, row_of, backbone_state):
         self.store = store
+        self.shapes = shapes
         self.row_of = row_of
         self.backbone_state = backbone_state
         self.placed = {}
@@ -107,11 +125,18 @@ class FeatureBank(Resident):
             maps = torch.from_numpy(store[flat.numpy(), flat_views.numpy()])
         maps = maps.to(device, non_blocking=True).float().unflatten(0, rows.shape)
         mask = present.to(device)
-        return maps * mask.view(*mask.shape, 1, 1, 1), mask
+        return [m * mask.view(*mask.shape, 1, 1, 1) for m in unflatten(maps, self.shapes)], mask
+
+    def image_maps(self, row, k=0):
+        """Each stage's maps (C, h, w) of one cached image in view k."""
+        return unflatten(torch.from_numpy(self.store[row, k].astype(np.float32)), self.shapes)
 
     def pooled(self):
-        """Mean-pooled plain-view features (N, C) for the linear probe."""
-        parts = [self.store[i:i + 256, 0].astype(np.float32).mean((2, 3)) for i in range(0, len(self.store), 256)]
+        """Mean-pooled plain-view features (N, sum of channels) for the linear probe, stages side by side."""
+        parts = []
+        for i in range(0, len(self.store), 256):
+            maps = unflatten(torch.from_numpy(self.store[i:i + 256, 0].astype(np.float32)), self.shapes)
+            parts.append(torch.cat([m.mean((2, 3)) for m in maps], 1).numpy())
         return np.concatenate(parts)
 
 
@@ -132,11 +157,12 @@ def feature_bank(cfg, bank, device):
         return _FEATURES[str(target)]
     net = extractor(cfg)
     if not target.exists():
-        log(f"Frozen backbone {cfg.backbone}: embedding {len(bank.host)} images x {VIEWS} views at stage "
-            f"{cfg.feature_stage} -> {target}")
+        log(f"Frozen backbone {cfg.backbone}: embedding {len(bank.host)} images x {VIEWS} views at stage(s) "
+            f"{stage_text(cfg)} -> {target}")
         target.parent.mkdir(parents=True, exist_ok=True)
         drop_dead_tmp(target.parent, "features_*.tmp.npy")
         build_features(net, normalization(cfg.backbone), bank, target, device)
     _FEATURES.clear()
-    _FEATURES[str(target)] = FeatureBank(np.load(target, mmap_mode="r"), bank.row_of, net.state_dict())
+    shapes = stage_shapes(net, *bank.host.shape[1:3])
+    _FEATURES[str(target)] = FeatureBank(np.load(target, mmap_mode="r"), shapes, bank.row_of, net.state_dict())
     return _FEATURES[str(target)]

@@ -240,7 +240,8 @@ def predict(check):
 
 def compiled(check):
     eager = check.need("cv")
-    main_py(check, "compile", check.flags("--stages", "cv", "--folds", "0", "--compile", "--force"))
+    backend = ("--compile-backend", "eager") if check.dry else ()
+    main_py(check, "compile", check.flags("--stages", "cv", "--folds", "0", "--compile", *backend, "--force"))
     fold_s = stage_seconds(check, "cv")
     return dict(fold_s=fold_s, speedup=eager["fold_s"] / fold_s, epoch_speedup=eager["epoch_s"] / steady_epoch_s(check))
 

@@ -29,7 +29,8 @@ STAGES = {
 ON_REQUEST = {"distill": "stages.distill:run_distill", "export": "stages.export:run_export",
               "predict": "stages.predict:run_predict"}
 ORDER = ("analyze", "split", "cv", "fixed", "baselines", "ablations", "distill", "export", "explain", "report", "predict")
-ALL_STAGES = {name: {**STAGES, **ON_REQUEST}[name] for name in ORDER}
+ALL_STAGES = dict(sorted({**STAGES, **ON_REQUEST}.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER
+                         else len(ORDER)))
 TRAINING = ("cv", "fixed", "baselines", "ablations")
 DEMO_ROOT = "data/synthetic"
 

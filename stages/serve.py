@@ -108,7 +108,7 @@ def finite(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def patient_entries(scored, p, folder):
+def patient_entries(scored, p):
     """Per patient: P(malignant), both decisions, subtype, magnification weights, and per image its probability."""
     images = scored.images[scored.images["status"] == "scored"]
     out = []
@@ -137,10 +137,11 @@ def predict_uploads(service, uploads, values, lock):
         save_uploads(uploads, mags, Path(tmp), limits)
         with lock:
             scored = score_images(p, [tmp], service.batch_size, service.device, service.dtype)
-        bad = [f"{Path(path).name}: {why}".replace(f"{tmp}{os.sep}", "") for path, why in scored.problems + scored.left_out]
+        bad = [f"{Path(path).name}: {why}".replace(f"{tmp}{os.sep}", "")
+               for path, why in scored.problems + scored.left_out]
         if bad:
             raise BadUpload(422, f"{len(bad)} file(s) cannot be scored: {'; '.join(bad[:10])}")
-        return dict(model=p.source, patients=patient_entries(scored, p, tmp))
+        return dict(model=p.source, patients=patient_entries(scored, p))
 
 
 def describe(service):

@@ -34,7 +34,7 @@ def test_loss_is_zero_at_the_teacher_and_pulls_towards_it():
     out = outputs([0.0, 0.0], [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     loss = distillation_loss(out, prob, sub, t)
     loss.backward()
-    assert float(loss) > 0
+    assert loss.item() > 0
     assert (torch.sign(-out["binary_logits"].grad) == torch.sign(teacher[0])).all()
     assert int((-out["subtype_logits"].grad[0]).argmax()) == 0
 
@@ -58,9 +58,9 @@ def test_the_weight_mixes_hard_and_soft_and_the_teacher_sees_its_own_size():
     soft = distillation_loss(out, torch.sigmoid(torch.full((2,), 2.0) / 4), torch.full((2, 3), 1 / 3), 4.0)
     for weight in (0.0, 0.3, 1.0):
         loss = Distillation(hard, [(teacher, 64)], norm, 4.0, weight, 0.5)(out, None, None, x, mask)
-        assert float(loss) == pytest.approx((1 - weight) * 1.0 + weight * float(soft), rel=1e-5)
+        assert loss.item() == pytest.approx((1 - weight) * 1.0 + weight * soft.item(), rel=1e-5)
     assert teacher.size == 64
-    assert float(Distillation(hard, [(teacher, 64)], norm, 4.0, 1.0, 0.5)(out, None, None)) == 1.0
+    assert Distillation(hard, [(teacher, 64)], norm, 4.0, 1.0, 0.5)(out, None, None).item() == 1.0
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,8 @@ class Distillation:
     @torch.no_grad()
     def teacher_probs(self, x, mask):
         """Mean over the teachers of sigmoid(logit / T) and softmax(subtype logits / T)."""
-        images = x * x.new_tensor(self.norm["std"]).view(1, 1, 3, 1, 1) + x.new_tensor(self.norm["mean"]).view(1, 1, 3, 1, 1)
+        mean, std = (x.new_tensor(self.norm[k]).view(1, 1, 3, 1, 1) for k in ("mean", "std"))
+        images = x * std + mean
         probs, subtypes = [], []
         for model, size in self.teachers:
             view = images if size == images.shape[-1] else resized(images, size)

@@ -2,7 +2,7 @@
 import numpy as np
 import pandas as pd
 
-from utils.helpers import read_json
+from utils.helpers import PipelineError, read_json
 from utils.metrics import (binary_metrics, bootstrap_ci, key_metric, patient_level, safe_auc, sensitivity_threshold,
                            subtype_metrics, youden_threshold)
 
@@ -11,6 +11,40 @@ BINARY = ["accuracy", "balanced_accuracy", "precision", "recall", "specificity",
 KEY = ["accuracy", "balanced_accuracy", "f1", "auc"]
 SUBTYPE = ["subtype_macro_f1", "subtype_micro_f1", "subtype_balanced_accuracy"]
 RULES = {"fixed_0.5": None, "val_youden": youden_threshold, "val_sens95": sensitivity_threshold}
+
+
+def seen_patients(tuples_by_role):
+    """{'train': [...], 'val': [...]}: sorted patient ids a model trained or validated on."""
+    return {role: sorted(map(str, set(tuples_by_role[role]["patient_id"]))) for role in ("train", "val")}
+
+
+def union_seen(seens):
+    """The patients any of several models trained or validated on (an ensemble, a distilled student)."""
+    return {role: sorted(set().union(*(s[role] for s in seens))) for role in ("train", "val")}
+
+
+def check_no_leak(seen, test_ids, tag):
+    """Refuse to score a run on a test patient that a contributing model trained or validated on."""
+    test = set(map(str, test_ids))
+    leaks = {role: sorted(test & set(map(str, seen.get(role, [])))) for role in ("train", "val")}
+    if not leaks["train"] and not leaks["val"]:
+        return
+    verbs = {"train": "trained on", "val": "validated on"}
+    named = "; ".join(f"{verbs[role]} {', '.join(ids)}" for role, ids in leaks.items() if ids)
+    raise PipelineError(f"{tag}: refusing to score test patients that a model behind this run has seen ({named}). "
+                        f"Every reported number must rest on patients no contributing model trained or validated "
+                        f"on; rebuild the run from models that never saw its test patients.")
+
+
+def run_test_ids(run):
+    return set(run["pred"].loc[run["pred"]["role"] == "test", "patient_id"].astype(str))
+
+
+def check_run(run, tag):
+    """The leak guard on a run read back from its folder, when its metrics.json records seen_patients."""
+    seen = run["metrics"].get("seen_patients")
+    if seen is not None:
+        check_no_leak(seen, run_test_ids(run), tag)
 
 
 def validation_thresholds(y, p):
@@ -82,10 +116,12 @@ def split_order(name):
 
 
 def load_runs(runs_folder):
-    """{run_name: {split_name: run}} for every run folder holding predictions.csv."""
+    """{run_name: {split_name: run}} for every run folder holding predictions.csv; the leak guard checks each."""
     runs = {}
     for path in sorted(runs_folder.glob("*/*/predictions.csv")):
-        runs.setdefault(path.parent.parent.name, {})[path.parent.name] = load_run(path.parent)
+        run = load_run(path.parent)
+        check_run(run, f"{path.parent.parent.name}/{path.parent.name}")
+        runs.setdefault(path.parent.parent.name, {})[path.parent.name] = run
     return {name: dict(sorted(splits.items(), key=lambda kv: split_order(kv[0]))) for name, splits in runs.items()}
 
 

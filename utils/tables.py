@@ -99,11 +99,11 @@ def fixed_table(book):
         book.notes.append(f"table 2: no fixed-split run of {book.reference} (run the 'fixed' stage).")
         return pd.DataFrame()
     rows, _ = split_rows(book, book.reference, {"fixed": run}, list(RULES))
-    ensemble = book.runs.get(f"{book.reference}_fold_ensemble", {}).get("fixed")
+    ensemble = book.runs.get(f"{book.reference}_fixed_ensemble", {}).get("fixed")
     if ensemble is None:
-        book.notes.append("table 2: no fold-ensemble row (it needs every CV fold model; run 'cv' before 'fixed').")
+        book.notes.append("table 2: no ensemble row (it needs every member run; run the 'fixed' stage).")
     else:
-        rows += split_rows(book, f"{book.reference}_fold_ensemble", {"fixed": ensemble}, list(RULES))[0]
+        rows += split_rows(book, f"{book.reference}_fixed_ensemble", {"fixed": ensemble}, list(RULES))[0]
     return pd.DataFrame(rows)
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 
 from stages.engine.predict import amp_settings, predict
-from utils.scoring import binary_block, class_index, levels, patient_rows, subtype_block, validation_thresholds
+from utils.scoring import (binary_block, check_no_leak, class_index, levels, patient_rows, seen_patients,
+                           subtype_block, validation_thresholds)
 from utils.subtype_head import refit_subtype_head
 
 
@@ -68,8 +69,11 @@ def evaluate(cfg, model, run, device, state):
     return score(cfg, run, res, device, state, start)
 
 
-def score(cfg, run, res, device, state, start):
-    """Metrics and prediction rows from per-role outputs (prob, subtype_prob, embedding, mag_weights, hma_weights)."""
+def score(cfg, run, res, device, state, start, seen=None):
+    """Metrics and prediction rows from per-role outputs (prob, subtype_prob, embedding, mag_weights, hma_weights);
+    `seen` (default: this run's train and val patients) must hold no test patient."""
+    seen = seen or seen_patients(run.tuples)
+    check_no_leak(seen, run.tuples["test"]["patient_id"], run.tag)
     smote_probs, counts = smote_head(cfg, run, res, device) if cfg.smote else ({}, None)
     thresholds = validation_thresholds(run.tuples["val"]["label"].to_numpy(), res["val"]["prob"])
     frames, metrics = {}, {}
@@ -83,7 +87,7 @@ def score(cfg, run, res, device, state, start):
         subtype=test["subtype"], subtype_smote=test.get("subtype_smote"), smote=counts,
         mag_weights={m: float(np.nanmean(frames["test"][0][f"w_{m}"])) for m in cfg.magnifications},
         best_epoch=state.best_epoch, epochs=len(state.history), train_seconds=state.seconds,
-        eval_seconds=time.time() - start,
+        eval_seconds=time.time() - start, seen_patients=seen,
     )
     if cfg.tta:
         summary["test_tta"] = test["tta"]

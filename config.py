@@ -3,6 +3,7 @@ from dataclasses import dataclass, asdict, fields
 
 MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
 SELECTIONS = ("auc", "smooth", "loss", "ema", "swa")
+THRESHOLD_RULES = ("val_youden", "fixed_0.5", "oof_youden")
 
 
 @dataclass
@@ -66,6 +67,10 @@ class Config:
     input: tuple = ()
     checkpoint: str = ""
     ensemble: bool = False
+
+    # choices from all the training patients
+    threshold_rule: str = "val_youden"
+    inner_folds: int = 5
 
 
 def demo_overrides():

@@ -17,7 +17,7 @@ from stages.engine.train import TrainState
 from stages.runs import MEMBERS, REFERENCE
 from utils.env import resolve_device
 from utils.helpers import log, read_json, run_dir, write_csv, write_json
-from utils.scoring import union_seen
+from utils.scoring import BLOCKS, union_seen
 
 ENSEMBLE = f"{REFERENCE}_fixed_ensemble"
 AVERAGED = ("prob", "subtype_prob", "embedding", "mag_weights", "hma_weights")
@@ -77,6 +77,6 @@ def member_ensemble(cfg):
     predictions, metrics = score_members(cfg, member_folders(cfg), member_split_names(cfg))
     write_csv(predictions, folder / "predictions.csv", index=False)
     write_json(folder / "metrics.json", metrics)
-    p = metrics["test"]["patient"]["youden"]
+    p = metrics["test"]["patient"][BLOCKS[cfg.threshold_rule]]
     log(f"[{ENSEMBLE}] {cfg.n_folds} members (none saw a fixed test patient) on the fixed test patients | patient "
-        f"AUC {p['auc']:.3f} acc {p['accuracy']:.3f} F1 {p['f1']:.3f}")
+        f"AUC {p['auc']:.3f} acc {p['accuracy']:.3f} F1 {p['f1']:.3f} ({cfg.threshold_rule})")

@@ -99,7 +99,7 @@ def run_parallel(cfg, units, jobs):
         for future in as_completed(futures):
             tag = futures[future]
             try:
-                log(fold_line(tag, future.result()))
+                log(fold_line(tag, future.result(), cfg.threshold_rule))
             except Exception as e:
                 failed.append(tag)
                 log(f"[{tag}] FAILED ({type(e).__name__}: {e}); the other runs go on")

@@ -68,7 +68,8 @@ def finish_stage(cfg, stage):
         results = [read_json(run_dir(cfg, spec.name, split) / "metrics.json") for split in splits]
         for split in splits:
             keep_best(cfg, spec, split)
-        log(summary_line(spec.name if stage != "fixed" or spec.members else f"{spec.name} fixed", results))
+        name = spec.name if stage != "fixed" or spec.members else f"{spec.name} fixed"
+        log(summary_line(name, results, cfg.threshold_rule))
     if stage == "fixed" and any(spec.members for spec in stage_runs(cfg, stage)):
         member_ensemble(cfg)
 

@@ -91,7 +91,7 @@ def test_the_linear_probe_scores_like_a_run_and_picks_c_on_validation(prepared):
     from utils.helpers import run_dir
     metrics = run_one(prepared, spec("linear_probe", "linear_probe"), "fold_0")
     assert metrics["probe"]["C"] in C_GRID
-    assert set(metrics["probe"]["val_auc_by_C"]) == {f"{c:g}" for c in C_GRID}
+    assert set(metrics["probe"]["oof_auc_by_C"]) == {f"{c:g}" for c in C_GRID}
     assert 0 <= metrics["test"]["patient"]["t0.5"]["auc"] <= 1
     import pandas as pd
     pred = pd.read_csv(run_dir(prepared, "linear_probe", "fold_0") / "predictions.csv")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from config import MAGNIFICATIONS, SELECTIONS, config_fields
+from config import MAGNIFICATIONS, SELECTIONS, THRESHOLD_RULES, config_fields
 from utils.helpers import PipelineError
 
 STRIDE = 32  # timm CNN backbones downsample by 32 at their last stage, so sizes that are multiples of 32 always fit
@@ -166,6 +166,7 @@ RULES = dict(
     resume=boolean(), force=boolean(), stages=stage_list(),
     bootstrap=integer(0), explain_samples=integer(0), resnet_backbone=timm_model(),
     input=path_list(), checkpoint=checkpoint_file(), ensemble=boolean(),
+    threshold_rule=choice(THRESHOLD_RULES), inner_folds=integer(2),
 )
 
 

@@ -69,7 +69,7 @@ class Config:
     ensemble: bool = False
 
     # choices from all the training patients
-    threshold_rule: str = "val_youden"
+    threshold_rule: str = "fixed_0.5"
     inner_folds: int = 5
 
 

@@ -6,6 +6,7 @@ SELECTIONS = ("auc", "smooth", "loss", "ema", "swa")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SWITCHES = ("auto", "on", "off")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+THRESHOLD_RULES = ("val_youden", "fixed_0.5", "oof_youden")
 
 
 @dataclass
@@ -88,6 +89,9 @@ class Config:
     student_embed_dim: int = 128
     distill_temperature: float = 4.0
     distill_weight: float = 0.7
+    # choices from all the training patients
+    threshold_rule: str = "fixed_0.5"
+    inner_folds: int = 5
 
 
 def demo_overrides():

@@ -39,13 +39,13 @@ def with_roles(patients, val, test):
     return split[SPLIT_COLUMNS]
 
 
-def check_class_counts(patients, n_folds):
+def check_class_counts(patients, n_folds, what="the data", flag="--n-folds"):
     counts = patients["label"].value_counts()
     fewest = min(counts.get(0, 0), counts.get(1, 0))
     if fewest < n_folds:
-        raise PipelineError(f"{n_folds}-fold CV needs at least {n_folds} patients per class; the data has "
+        raise PipelineError(f"{n_folds}-fold CV needs at least {n_folds} patients per class; {what} has "
                             f"{counts.get(0, 0)} benign and {counts.get(1, 0)} malignant patients. "
-                            f"Use fewer folds (--n-folds).")
+                            f"Use fewer folds ({flag}).")
 
 
 def cv_splits(patients, n_folds, val_fraction, seed):
@@ -74,10 +74,28 @@ def fixed_split(patients, fractions, seed):
     return with_roles(patients, val, test)
 
 
+def inner_splits(split, k, seed, flag="--n-folds"):
+    """K splits of one split's train+val patients (StratifiedGroupKFold by patient): part i validates, the rest
+    trains, the split's test patients stay test and are never read."""
+    seen = split[split["role"] != "test"].reset_index(drop=True)
+    check_class_counts(seen, k, "the train+val part of a split", flag)
+    kfold = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    out = []
+    for _, held in kfold.split(seen, seen["label"], groups=seen["patient_id"]):
+        inner = split.copy()
+        inner.loc[inner["role"] != "test", "role"] = "train"
+        inner.loc[inner["patient_id"].isin(seen["patient_id"].iloc[held]), "role"] = "val"
+        out.append(inner)
+    return out
+
+
 def make_splits(patients, n_folds=5, val_fraction=0.15, fractions=(0.70, 0.15, 0.15), seed=42):
-    """{'fold_0': df, ..., 'fixed': df}, one row per patient with its role."""
+    """{'fold_0': df, ..., 'fixed': df, 'member_0': df, ...}, one row per patient with its role; the members are the
+    fixed split's train+val patients in n_folds grouped folds (the table 2 ensemble), its test patients kept."""
     splits = cv_splits(patients, n_folds, val_fraction, seed)
     splits["fixed"] = fixed_split(patients, fractions, seed)
+    for i, member in enumerate(inner_splits(splits["fixed"], n_folds, seed)):
+        splits[f"member_{i}"] = member
     return splits
 
 
@@ -132,8 +150,12 @@ def dominant_patients(patients, share=0.25):
              f"tuple-level metrics of the split that tests it mostly measure that one patient, read the patient level")
 
 
+def member_split_names(cfg):
+    return [f"member_{i}" for i in range(cfg.n_folds)]
+
+
 def split_names(cfg):
-    return [f"fold_{k}" for k in range(cfg.n_folds)] + ["fixed"]
+    return [f"fold_{k}" for k in range(cfg.n_folds)] + ["fixed"] + member_split_names(cfg)
 
 
 def cv_split_names(cfg):

@@ -10,7 +10,7 @@ from stages import ensemble
 from stages.engine.checkpoint import read_checkpoint
 from stages.engine.distill import Distillation, load_teachers
 from stages.engine.run import run_one
-from stages.ensemble import score_members
+from stages.ensemble import score_checkpoints
 from stages.runs import REFERENCE, STUDENT, TEACHER, stage_runs
 from utils.helpers import PipelineError, log, read_json_or_none, require, run_dir, split_path
 
@@ -89,7 +89,7 @@ def run_distill(cfg):
     specs = {s.name: s for s in stage_runs(cfg, "distill")}
     teacher = None
     if TEACHER in specs:
-        teacher = score_members(cfg, TEACHER, paths, f"teacher ({len(paths)} model(s))", dict(seen_patients=seen))
+        teacher = score_checkpoints(cfg, TEACHER, paths, f"teacher ({len(paths)} model(s))", dict(seen_patients=seen))
     if STUDENT not in specs:
         return
     student_cfg = student_config(cfg)

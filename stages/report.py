@@ -23,7 +23,7 @@ def write_notes(cfg, notes):
 def book_of(cfg, runs):
     listed = {table: table_runs(cfg, table) for table in ("ablation", "baseline")}
     by_mag = {m: magnification_runs(cfg, m) for m in cfg.magnifications}
-    return Book(runs, REFERENCE, listed, by_mag, cfg.bootstrap, cfg.seed)
+    return Book(runs, REFERENCE, listed, by_mag, cfg.bootstrap, cfg.seed, rule=cfg.threshold_rule)
 
 
 def run_report(cfg):

@@ -49,14 +49,15 @@ def write_plots(cfg, book):
 
 def confusion_plots(cfg, splits, name, members, smote=True):
     folder = plots_dir(cfg) / "confusion_matrices"
+    rule = cfg.threshold_rule if scoring.has_rule({s: splits[s] for s in members}, cfg.threshold_rule) else "val_youden"
     for level in scoring.LEVELS:
-        frame = scoring.pooled_frames(splits, members, level)
+        frame = scoring.pooled_frames(splits, members, level, rule)
         if frame.empty:
             continue
         pred = (frame["prob_malignant"] >= frame["thr"]).astype(int)
-        rule = f"threshold {frame['thr'].iloc[0]:.3f}" if frame["thr"].nunique() == 1 else "per-fold thresholds"
+        where = f"threshold {frame['thr'].iloc[0]:.3f}" if frame["thr"].nunique() == 1 else "per-fold thresholds"
         plots.confusion(frame["label"].astype(int), pred, list(plots.CLASS_NAMES),
-                    f"MMNet {name}, {level} level\n(validation Youden, {rule})",
+                    f"MMNet {name}, {level} level\n({rule}, {where})",
                     folder / f"{REFERENCE}_{name}_binary_{level}.png")
     classes = splits[members[0]]["classes"]
     heads = (("subtype_pred", "subtype"), ("subtype_pred_smote", "subtype_smote"))[: 2 if smote else 1]

@@ -6,6 +6,7 @@ from stages.engine.probe import NAME as LINEAR_PROBE
 from utils.helpers import PipelineError
 
 REFERENCE = REFERENCE_MODEL
+MEMBERS = f"{REFERENCE}_fixed_member"
 PARTS = ("spatial", "channel", "hma", "cmf")
 STUDENT = f"{REFERENCE}_student"
 TEACHER = f"{STUDENT}_teacher"
@@ -20,10 +21,13 @@ class RunSpec:
     flags: dict = field(default_factory=dict, hash=False, compare=False)
     tables: tuple = ()
     mag: str = ""
+    members: bool = False
 
 
 def reference_runs():
-    return [RunSpec(REFERENCE, REFERENCE, "cv", tables=("cv",)), RunSpec(REFERENCE, REFERENCE, "fixed", tables=("fixed",))]
+    """The reference on the CV folds and the fixed split, and table 2's ensemble members on the member splits."""
+    return [RunSpec(REFERENCE, REFERENCE, "cv", tables=("cv",)), RunSpec(REFERENCE, REFERENCE, "fixed", tables=("fixed",)),
+            RunSpec(MEMBERS, REFERENCE, "fixed", members=True)]
 
 
 def baseline_runs(cfg):

@@ -160,6 +160,6 @@ def run_pass(pool, cfg, units, threads, failed, bar, wait):
             busy.append(unit)
             continue
         by = trained_by(run_dir(cfg, unit[0].name, unit[1])) or "an earlier run"
-        log(f"{fold_line(tag(unit), result)} | by {by}")
+        log(f"{fold_line(tag(unit), result, cfg.threshold_rule)} | by {by}")
         bar.update()
     return busy

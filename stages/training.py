@@ -1,8 +1,8 @@
 """Training stages: the reference model on the CV folds and the fixed split, baselines and ablations, same tuples."""
 from backbones import create_backbone
-from preprocess.preprocess import cv_split_names
+from preprocess.preprocess import cv_split_names, member_split_names
 from stages.engine.run import copy_best, summary_line
-from stages.ensemble import fold_ensemble
+from stages.ensemble import member_ensemble
 from stages.runs import REFERENCE, stage_runs
 from stages.schedule import run_units, world_size
 from utils.helpers import PipelineError, log, models_dir, read_json, require, run_dir, split_path, warn
@@ -16,7 +16,10 @@ def checked_cv_names(cfg):
     return names
 
 
-def stage_splits(cfg, stage):
+def stage_splits(cfg, stage, spec=None):
+    """The splits a stage trains its runs on; ensemble members train on the member splits of the fixed split."""
+    if spec is not None and spec.members:
+        return [require(split_path(cfg, name), "split").stem for name in member_split_names(cfg)]
     if stage == "fixed":
         return [require(split_path(cfg, "fixed"), "split").stem]
     return checked_cv_names(cfg)
@@ -49,25 +52,26 @@ def weights_missing(cfg, spec):
 def run_stage(cfg, stage):
     """This process's share of the (run, split) units of one training stage, in the fixed order of the run list;
     alone (no torchrun) it also finishes the stage, under torchrun main.py does once every rank is done."""
-    splits = stage_splits(cfg, stage)
     specs = [spec for spec in stage_runs(cfg, stage) if not weights_missing(cfg, spec)]
-    run_units(cfg, [(spec, split) for spec in specs for split in splits])
+    run_units(cfg, [(spec, split) for spec in specs for split in stage_splits(cfg, stage, spec)])
     if world_size() == 1:
         finish_stage(cfg, stage)
 
 
 def finish_stage(cfg, stage):
-    """After every rank's runs: the reference model's best checkpoints and one summary line per run."""
-    splits = stage_splits(cfg, stage)
+    """After every rank's runs: the reference model's best checkpoints, one summary line per run, table 2's
+    ensemble."""
     for spec in stage_runs(cfg, stage):
+        splits = stage_splits(cfg, stage, spec)
         if not all((run_dir(cfg, spec.name, split) / "metrics.json").exists() for split in splits):
             continue
         results = [read_json(run_dir(cfg, spec.name, split) / "metrics.json") for split in splits]
         for split in splits:
             keep_best(cfg, spec, split)
-        log(summary_line(spec.name if stage != "fixed" else f"{spec.name} fixed", results))
-    if stage == "fixed" and any(spec.name == REFERENCE for spec in stage_runs(cfg, stage)):
-        fold_ensemble(cfg, checked_cv_names(cfg))
+        name = spec.name if stage != "fixed" or spec.members else f"{spec.name} fixed"
+        log(summary_line(name, results, cfg.threshold_rule))
+    if stage == "fixed" and any(spec.members for spec in stage_runs(cfg, stage)):
+        member_ensemble(cfg)
 
 
 def run_cv(cfg):
@@ -76,7 +80,8 @@ def run_cv(cfg):
 
 
 def run_fixed(cfg):
-    """The reference model on the fixed 70/15/15 split; its best checkpoint becomes output/models/best_model.pth."""
+    """The reference model on the fixed 70/15/15 split (its best checkpoint becomes output/models/best_model.pth), and
+    the members of table 2's ensemble on K grouped folds of the fixed train+val patients."""
     run_stage(cfg, "fixed")
 
 

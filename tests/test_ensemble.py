@@ -1,4 +1,4 @@
-"""The fold ensemble row of table 2, and --runs picking runs of a stage."""
+"""Table 2's ensemble of members that never saw its test patients, the leak guard, and --runs picking runs."""
 from dataclasses import replace
 
 import numpy as np
@@ -13,14 +13,14 @@ from tests.conftest import TEST_SETTINGS
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_root):
-    """Two CV folds and the fixed split of the reference model, then the report."""
+    """Two CV folds, the fixed split and table 2's ensemble members of the reference model, then the report."""
     from preprocess.analyze import run_analyze
     from preprocess.preprocess import run_split
     from stages.report import run_report
     from stages.training import run_cv, run_fixed
     out = tmp_path_factory.mktemp("ensemble") / "output"
     cfg = replace(Config(), **dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(out), epochs=1,
-                                   folds=(0, 1)))
+                                   n_folds=3, folds=(0, 1)))
     run_analyze(cfg)
     run_split(cfg)
     run_cv(cfg)
@@ -29,21 +29,91 @@ def trained(tmp_path_factory, tiny_root):
     return cfg
 
 
-def test_the_fold_ensemble_averages_the_fold_models_on_the_fixed_test_patients(trained):
+def patients(cfg, split, roles):
+    from preprocess.preprocess import load_split
+    rows = load_split(cfg, split)
+    return set(rows.loc[rows["role"].isin(roles), "patient_id"].astype(str))
+
+
+def test_a_run_records_the_patients_it_trained_and_validated_on(trained):
+    from utils.helpers import read_json, run_dir
+    for name, split in (("mmnet", "fixed"), ("mmnet", "fold_0"), ("mmnet_fixed_member", "member_1")):
+        seen = read_json(run_dir(trained, name, split) / "metrics.json")["seen_patients"]
+        assert seen["train"] == sorted(patients(trained, split, ["train"]))
+        assert seen["val"] == sorted(patients(trained, split, ["val"]))
+
+
+def test_the_ensemble_members_never_saw_a_fixed_test_patient(trained):
+    from stages.ensemble import ENSEMBLE, honest_members
+    from utils.helpers import read_json, run_dir
+    test = patients(trained, "fixed", ["test"])
+    members = honest_members(trained)
+    assert len(members) == 3
+    held = []
+    for path in members:
+        seen = read_json(path.parent.parent / "metrics.json")["seen_patients"]
+        assert not test & set(seen["train"] + seen["val"])
+        held.append(set(seen["val"]))
+    assert set().union(*held) == patients(trained, "fixed", ["train", "val"]) and sum(map(len, held)) == len(set().union(*held))
+    ensemble = read_json(run_dir(trained, ENSEMBLE, "fixed") / "metrics.json")["seen_patients"]
+    assert not test & set(ensemble["train"] + ensemble["val"])
+
+
+def test_the_ensemble_averages_its_members_and_thresholds_on_their_out_of_fold_predictions(trained):
     from stages.engine.checkpoint import load_model
     from stages.engine.data import prepare_run
     from stages.engine.predict import predict
-    from stages.ensemble import ENSEMBLE
-    from utils.helpers import run_dir
+    from stages.ensemble import ENSEMBLE, honest_members
+    from utils.helpers import read_json, run_dir
+    from utils.metrics import youden_threshold
     pred = pd.read_csv(run_dir(trained, ENSEMBLE, "fixed") / "predictions.csv", dtype={"patient_id": str})
     test = pred[(pred["level"] == "tuple") & (pred["role"] == "test")]
     run = prepare_run(trained, "check", "fixed", "mmnet", {})
-    probs = []
-    for fold in ("fold_0", "fold_1"):
-        model, _ = load_model(run_dir(trained, "mmnet", fold) / "checkpoints" / "best.pth")
-        probs.append(predict(model, run.bank, run.batches["test"], torch.device("cpu"))["prob"])
+    probs = [predict(load_model(p)[0], run.bank, run.batches["test"], torch.device("cpu"))["prob"]
+             for p in honest_members(trained)]
     assert np.allclose(test["prob_malignant"].to_numpy(), np.mean(probs, 0), atol=1e-5)
     assert not np.allclose(probs[0], probs[1])
+    oof = pred[(pred["level"] == "tuple") & (pred["role"] == "val")]
+    assert set(oof["patient_id"]) == patients(trained, "fixed", ["train", "val"])
+    metrics = read_json(run_dir(trained, ENSEMBLE, "fixed") / "metrics.json")
+    expected = youden_threshold(oof["label"].to_numpy(), oof["prob_malignant"].to_numpy())
+    assert metrics["threshold"]["youden"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_old_fold_ensemble_on_the_fixed_test_patients_is_refused(trained):
+    from stages.ensemble import score_members
+    from utils.helpers import PipelineError, run_dir
+    test = patients(trained, "fixed", ["test"])
+    folds = ["fold_0", "fold_1"]
+    seen = set().union(*(patients(trained, f, ["train", "val"]) for f in folds))
+    assert test & seen
+    with pytest.raises(PipelineError, match="mmnet_fixed_ensemble/fixed: refusing") as refused:
+        score_members(trained, [run_dir(trained, "mmnet", f) for f in folds], folds)
+    assert all(p in str(refused.value) for p in test & seen)
+
+
+def test_the_report_refuses_a_run_whose_models_saw_a_test_patient(trained, tmp_path):
+    import shutil
+
+    from stages.report import run_report
+    from utils.helpers import PipelineError, read_json, write_json
+    out = tmp_path / "output"
+    shutil.copytree(trained.output_dir, out)
+    path = out / "runs" / "mmnet" / "fixed" / "metrics.json"
+    metrics = read_json(path)
+    leaked = sorted(patients(trained, "fixed", ["test"]))[0]
+    metrics["seen_patients"]["train"].append(leaked)
+    write_json(path, metrics)
+    with pytest.raises(PipelineError, match=f"mmnet/fixed: refusing .*trained on {leaked}"):
+        run_report(replace(trained, output_dir=str(out)))
+
+
+def test_check_no_leak_names_the_run_and_the_patients():
+    from utils.helpers import PipelineError
+    from utils.scoring import check_no_leak
+    check_no_leak({"train": ["a", "b"], "val": ["c"]}, ["d", "e"], "run/x")
+    with pytest.raises(PipelineError, match=r"run/x: refusing .*trained on b; validated on c"):
+        check_no_leak({"train": ["a", "b"], "val": ["c"]}, ["b", "c", "d"], "run/x")
 
 
 def test_table_2_has_the_ensemble_row(trained):
@@ -51,7 +121,8 @@ def test_table_2_has_the_ensemble_row(trained):
     table = pd.read_csv(f"{trained.output_dir}/tables/table_2_patient_wise_results.csv")
     assert set(table["model"]) == {"mmnet", ENSEMBLE}
     rows = table[(table["model"] == ENSEMBLE) & (table["level"] == "patient")]
-    assert len(rows) == 3 and rows["auc"].between(0, 1).all()
+    assert set(rows["threshold_rule"]) == {"val_youden", "fixed_0.5", "val_sens95", "oof_youden"}
+    assert rows["auc"].between(0, 1).all()
 
 
 def test_runs_picks_runs_of_a_stage_and_names_unknown_ones(trained, capsys):

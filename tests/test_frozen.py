@@ -93,7 +93,7 @@ def test_the_linear_probe_scores_like_a_run_and_picks_c_on_validation(prepared):
     from utils.helpers import run_dir
     metrics = run_one(prepared, spec("linear_probe", "linear_probe"), "fold_0")
     assert metrics["probe"]["C"] in C_GRID
-    assert set(metrics["probe"]["val_auc_by_C"]) == {f"{c:g}" for c in C_GRID}
+    assert set(metrics["probe"]["oof_auc_by_C"]) == {f"{c:g}" for c in C_GRID}
     assert 0 <= metrics["test"]["patient"]["t0.5"]["auc"] <= 1
     import pandas as pd
     pred = pd.read_csv(run_dir(prepared, "linear_probe", "fold_0") / "predictions.csv")
@@ -129,4 +129,4 @@ def test_every_stage_runs_with_a_frozen_backbone_and_table_4_has_the_probe(tmp_p
     assert main.main(flags(cfg, ",".join(main.STAGES)) + ["--folds", "0", "--freeze-backbone"]) == 0
     table = pd.read_csv(tmp_path / "out" / "tables" / "table_4_baseline_comparison.csv")
     assert "linear_probe" in set(table["model"])
-    assert (tmp_path / "out" / "runs" / "mmnet_fold_ensemble" / "fixed" / "metrics.json").exists()
+    assert (tmp_path / "out" / "runs" / "mmnet_fixed_ensemble" / "fixed" / "metrics.json").exists()

@@ -18,8 +18,8 @@ from tests.test_lock import write_lock
 from tests.test_pipeline import flags
 
 STAGES = "analyze,split,cv,fixed"
-UNITS = {"mmnet/fold_0", "mmnet/fold_1", "mmnet/fold_2", "mmnet/fixed"}
-ENSEMBLE = "mmnet_fold_ensemble/fixed"
+UNITS = {"mmnet/fold_0", "mmnet/fold_1", "mmnet/fold_2", "mmnet/fixed"} | {f"mmnet_fixed_member/member_{i}" for i in range(3)}
+ENSEMBLE = "mmnet_fixed_ensemble/fixed"
 
 
 def command(cfg, out, *extra):

@@ -96,7 +96,7 @@ def test_fold_selection_and_missing_inputs(make_cfg):
     cfg = make_cfg(folds=(0, 2))
     assert cv_split_names(cfg) == ["fold_0", "fold_2"]
     assert cv_split_names(make_cfg()) == [f"fold_{k}" for k in range(5)]
-    assert split_names(cfg) == [f"fold_{k}" for k in range(5)] + ["fixed"]
+    assert split_names(cfg) == [f"fold_{k}" for k in range(5)] + ["fixed"] + [f"member_{i}" for i in range(5)]
     with pytest.raises(PipelineError):
         cv_split_names(make_cfg(folds=(5,)))
     with pytest.raises(PipelineError, match="analyze"):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from config import COMPILE_BACKENDS, MAGNIFICATIONS, PRECISIONS, SELECTIONS, SWITCHES, config_fields
+from config import MAGNIFICATIONS, SELECTIONS, THRESHOLD_RULES, config_fields
 from utils.helpers import PipelineError
 
 STRIDE = 32  # timm CNN backbones downsample by 32 at their last stage, so sizes that are multiples of 32 always fit
@@ -179,6 +180,7 @@ RULES = dict(
     tensorboard=boolean(),
     student_backbone=backbone_name(), student_image_size=image_size(), student_embed_dim=integer(8),
     distill_temperature=number(0, low_open=True), distill_weight=number(0, 1),
+    threshold_rule=choice(THRESHOLD_RULES), inner_folds=integer(2),
 )
 
 

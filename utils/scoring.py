@@ -2,7 +2,7 @@
 import numpy as np
 import pandas as pd
 
-from utils.helpers import read_json
+from utils.helpers import PipelineError, read_json
 from utils.metrics import (binary_metrics, bootstrap_ci, key_metric, patient_level, safe_auc, sensitivity_threshold,
                            subtype_metrics, youden_threshold)
 
@@ -10,7 +10,43 @@ LEVELS = ("tuple", "patient")
 BINARY = ["accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auc"]
 KEY = ["accuracy", "balanced_accuracy", "f1", "auc"]
 SUBTYPE = ["subtype_macro_f1", "subtype_micro_f1", "subtype_balanced_accuracy"]
-RULES = {"fixed_0.5": None, "val_youden": youden_threshold, "val_sens95": sensitivity_threshold}
+RULES = {"fixed_0.5": None, "val_youden": youden_threshold, "val_sens95": sensitivity_threshold, "oof_youden": "oof"}
+BLOCKS = {"fixed_0.5": "t0.5", "val_youden": "youden", "val_sens95": "sens95", "oof_youden": "oof_youden"}
+DECISION_RULES = ("fixed_0.5", "val_youden", "oof_youden")
+
+
+def seen_patients(tuples_by_role):
+    """{'train': [...], 'val': [...]}: sorted patient ids a model trained or validated on."""
+    return {role: sorted(map(str, set(tuples_by_role[role]["patient_id"]))) for role in ("train", "val")}
+
+
+def union_seen(seens):
+    """The patients any of several models trained or validated on (an ensemble, a distilled student)."""
+    return {role: sorted(set().union(*(s[role] for s in seens))) for role in ("train", "val")}
+
+
+def check_no_leak(seen, test_ids, tag):
+    """Refuse to score a run on a test patient that a contributing model trained or validated on."""
+    test = set(map(str, test_ids))
+    leaks = {role: sorted(test & set(map(str, seen.get(role, [])))) for role in ("train", "val")}
+    if not leaks["train"] and not leaks["val"]:
+        return
+    verbs = {"train": "trained on", "val": "validated on"}
+    named = "; ".join(f"{verbs[role]} {', '.join(ids)}" for role, ids in leaks.items() if ids)
+    raise PipelineError(f"{tag}: refusing to score test patients that a model behind this run has seen ({named}). "
+                        f"Every reported number must rest on patients no contributing model trained or validated "
+                        f"on; rebuild the run from models that never saw its test patients.")
+
+
+def run_test_ids(run):
+    return set(run["pred"].loc[run["pred"]["role"] == "test", "patient_id"].astype(str))
+
+
+def check_run(run, tag):
+    """The leak guard on a run read back from its folder, when its metrics.json records seen_patients."""
+    seen = run["metrics"].get("seen_patients")
+    if seen is not None:
+        check_no_leak(seen, run_test_ids(run), tag)
 
 
 def validation_thresholds(y, p):
@@ -22,10 +58,16 @@ def class_index(names, classes):
 
 
 def binary_block(frame, thresholds, column="prob_malignant"):
-    """binary_metrics at 0.5 and at the validation thresholds."""
+    """binary_metrics at 0.5, at the validation thresholds and at the out-of-fold one where the run has it."""
     y, p = frame["label"].to_numpy(), frame[column].to_numpy()
-    return {"t0.5": binary_metrics(y, p, 0.5), "youden": binary_metrics(y, p, thresholds["youden"]),
-            "sens95": binary_metrics(y, p, thresholds["sens95"])}
+    block = {"t0.5": binary_metrics(y, p, 0.5)}
+    return block | {key: binary_metrics(y, p, thresholds[key]) for key in ("youden", "sens95", "oof_youden")
+                    if key in thresholds}
+
+
+def in_order(rule, rules):
+    """`rules` with the rule in force first."""
+    return [rule] + [r for r in rules if r != rule] if rule in rules else list(rules)
 
 
 def defined_subtype_metrics(y, pred, classes):
@@ -82,10 +124,12 @@ def split_order(name):
 
 
 def load_runs(runs_folder):
-    """{run_name: {split_name: run}} for every run folder holding predictions.csv."""
+    """{run_name: {split_name: run}} for every run folder holding predictions.csv; the leak guard checks each."""
     runs = {}
     for path in sorted(runs_folder.glob("*/*/predictions.csv")):
-        runs.setdefault(path.parent.parent.name, {})[path.parent.name] = load_run(path.parent)
+        run = load_run(path.parent)
+        check_run(run, f"{path.parent.parent.name}/{path.parent.name}")
+        runs.setdefault(path.parent.parent.name, {})[path.parent.name] = run
     return {name: dict(sorted(splits.items(), key=lambda kv: split_order(kv[0]))) for name, splits in runs.items()}
 
 
@@ -103,9 +147,12 @@ def level_frame(pred, level, role):
 
 
 def threshold(run, rule):
-    """The rule's threshold, chosen on the validation tuples and applied unchanged at both levels."""
+    """The rule's threshold, chosen on the validation tuples (or out of fold, by the run's inner models) and applied
+    unchanged at both levels; None where the run has no such threshold."""
     if RULES[rule] is None:
         return 0.5
+    if rule == "oof_youden":
+        return run["metrics"].get("threshold", {}).get("oof_youden")
     val = level_frame(run["pred"], "tuple", "val")
     if len(val) == 0:
         saved = run["metrics"].get("threshold", {}).get(rule.replace("val_", ""))
@@ -118,8 +165,9 @@ def scored_frame(run, level, rule):
     key = (level, rule)
     if key not in run["cache"]:
         frame = level_frame(run["pred"], level, "test").copy()
-        frame["thr"] = threshold(run, rule)
-        run["cache"][key] = frame
+        thr = threshold(run, rule)
+        frame["thr"] = thr
+        run["cache"][key] = frame if thr is not None else frame.iloc[:0]
     return run["cache"][key]
 
 
@@ -170,6 +218,10 @@ def subtype_summary(run, level):
     m = subtype_result(run, level) or {}
     return dict(subtype_macro_f1=m.get("macro_f1", np.nan), subtype_micro_f1=m.get("micro_f1", np.nan),
                 subtype_balanced_accuracy=m.get("balanced_accuracy", np.nan))
+
+
+def has_rule(splits, rule):
+    return all(threshold(run, rule) is not None for run in splits.values())
 
 
 def fold_scores(splits, names, level, rule="val_youden"):

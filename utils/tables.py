@@ -6,9 +6,9 @@ import pandas as pd
 
 from utils.compare import SIGNIFICANCE, significance
 from utils.helpers import log, tables_dir, write_csv
-from utils.scoring import (BINARY, KEY, LEVELS, RULES, SUBTYPE, binary_scores, confidence_intervals, cv_splits,
-                           fold_scores, level_frame, pooled_run, scored_frame, shared_splits, subtype_result,
-                           subtype_summary)
+from utils.scoring import (BINARY, DECISION_RULES, KEY, LEVELS, RULES, SUBTYPE, binary_scores, confidence_intervals,
+                           cv_splits, fold_scores, has_rule, in_order, level_frame, pooled_run, scored_frame,
+                           shared_splits, subtype_result, subtype_summary)
 
 EFFICIENCY = ["model", "params", "params_m", "macs", "flops", "macs_g", "flops_g", "ms_per_tuple", "ms_per_patient",
               "tuples_per_patient", "image_size", "device", "checkpoint"]
@@ -25,7 +25,8 @@ TABLE_NAMES = {
 
 @dataclass
 class Book:
-    """What the tables read: the loaded runs, the reference run, which runs each table lists, CI settings, notes."""
+    """What the tables read: the loaded runs, the reference run, which runs each table lists, CI settings, the
+    threshold rule in force (it leads every table), notes."""
     runs: dict
     reference: str
     listed: dict
@@ -37,6 +38,13 @@ class Book:
 
     def cis(self, frame):
         return confidence_intervals(frame, self.bootstrap, self.seed)
+
+    def rule_for(self, name, *runs):
+        """The rule in force, or val_youden for comparisons where a run lacks it (with a note)."""
+        if all(has_rule(splits, self.rule) for splits in runs):
+            return self.rule
+        self.notes.append(f"{name}: no {self.rule} threshold in every run it compares; val_youden used there.")
+        return "val_youden"
 
 
 
@@ -87,7 +95,7 @@ def cv_table(book):
     if not folds:
         book.notes.append(f"table 1: no cross-validation run of {book.reference} (run the 'cv' stage).")
         return pd.DataFrame()
-    rows, frames = split_rows(book, book.reference, folds, ["fixed_0.5", "val_youden"])
+    rows, frames = split_rows(book, book.reference, folds, in_order(book.rule, DECISION_RULES))
     pooled = pooled_run(folds, list(folds))
     pooled_subtype = {level: subtype_summary(pooled, level) for level in LEVELS}
     table = pd.DataFrame(rows + mean_std_rows(book, rows, frames, pooled_subtype))
@@ -100,12 +108,12 @@ def fixed_table(book):
     if run is None:
         book.notes.append(f"table 2: no fixed-split run of {book.reference} (run the 'fixed' stage).")
         return pd.DataFrame()
-    rows, _ = split_rows(book, book.reference, {"fixed": run}, list(RULES))
-    ensemble = book.runs.get(f"{book.reference}_fold_ensemble", {}).get("fixed")
+    rows, _ = split_rows(book, book.reference, {"fixed": run}, in_order(book.rule, RULES))
+    ensemble = book.runs.get(f"{book.reference}_fixed_ensemble", {}).get("fixed")
     if ensemble is None:
-        book.notes.append("table 2: no fold-ensemble row (it needs every CV fold model; run 'cv' before 'fixed').")
+        book.notes.append("table 2: no ensemble row (it needs every member run; run the 'fixed' stage).")
     else:
-        rows += split_rows(book, f"{book.reference}_fold_ensemble", {"fixed": ensemble}, list(RULES))[0]
+        rows += split_rows(book, f"{book.reference}_fixed_ensemble", {"fixed": ensemble}, in_order(book.rule, RULES))[0]
     return pd.DataFrame(rows)
 
 
@@ -115,12 +123,13 @@ def comparison_rows(book, name, splits, diff):
     """Mean ± std over the folds shared with the reference, pooled CIs and the reference minus this model."""
     reference = book.runs[book.reference]
     shared = shared_splits(splits, reference)
+    rule = book.rule_for(name, {s: splits[s] for s in shared}, {s: reference[s] for s in shared})
     rows = []
     for level in LEVELS:
-        own = fold_scores(splits, shared, level, book.rule)
-        ref = fold_scores(reference, shared, level, book.rule)
-        pooled = pd.concat([scored_frame(splits[s], level, book.rule) for s in shared], ignore_index=True)
-        row = dict(model=name, level=level, threshold_rule=book.rule, folds=" ".join(shared), n_folds=len(shared),
+        own = fold_scores(splits, shared, level, rule)
+        ref = fold_scores(reference, shared, level, rule)
+        pooled = pd.concat([scored_frame(splits[s], level, rule) for s in shared], ignore_index=True)
+        row = dict(model=name, level=level, threshold_rule=rule, folds=" ".join(shared), n_folds=len(shared),
                    n_patients=pooled["patient_id"].nunique())
         for m in KEY + ["precision", "recall", "specificity"]:
             row[f"{m}_mean"], row[f"{m}_std"] = own[m].mean(), own[m].std(ddof=1)
@@ -131,7 +140,7 @@ def comparison_rows(book, name, splits, diff):
             row[f"{m}_{diff}"] = ref[m].mean() - own[m].mean()
         same = name == book.reference
         row.update({c: np.nan for c in SIGNIFICANCE} if same else
-                   significance(reference, splits, shared, level, book.rule, book.bootstrap, book.seed))
+                   significance(reference, splits, shared, level, rule, book.bootstrap, book.seed))
         rows.append(row)
     return rows
 
@@ -213,9 +222,11 @@ def magnification_table(book):
                 continue
             found = True
             names = cv_splits(splits) or list(splits)
+            rule = book.rule_for(name, {s: splits[s] for s in names})
             for level in LEVELS:
-                scores = fold_scores(splits, names, level)
-                row = dict(magnification=mag, model=name, level=level, folds=" ".join(names), n_folds=len(names))
+                scores = fold_scores(splits, names, level, rule)
+                row = dict(magnification=mag, model=name, level=level, threshold_rule=rule, folds=" ".join(names),
+                           n_folds=len(names))
                 for m in KEY:
                     row[f"{m}_mean"], row[f"{m}_std"] = scores[m].mean(), scores[m].std(ddof=1)
                 rows.append(dict(row, **importance))

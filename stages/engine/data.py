@@ -60,9 +60,9 @@ def reads_features(cfg, model_name):
     return MODELS[model_name].takes_features and (cfg.freeze_backbone or cfg.frozen_epochs > 0)
 
 
-def split_frames(cfg, split_name):
-    """The index, and its rows per role ('train', 'val', 'test') of the saved split."""
-    split = load_split(cfg, split_name)
+def split_frames(cfg, split_name, split=None):
+    """The index, and its rows per role ('train', 'val', 'test') of the saved split (or of `split`, an inner one)."""
+    split = load_split(cfg, split_name) if split is None else split
     index = load_index(cfg)
     roles = dict(zip(split["patient_id"].astype(str), split["role"]))
     index = index.assign(patient_id=index["patient_id"].astype(str))
@@ -84,9 +84,10 @@ def make_criterion(cfg, train_groups, classes):
     return Criterion(focal_alpha(labels), class_balanced_weights(units), cfg.focal_gamma, cfg.subtype_loss_weight)
 
 
-def prepare_run(cfg, name, split_name, model_name, flags):
-    """Everything one training run needs: tuples, batches over the image bank, sampler, criterion, model settings."""
-    index, parts = split_frames(cfg, split_name)
+def prepare_run(cfg, name, split_name, model_name, flags, split=None):
+    """Everything one training run needs: tuples, batches over the image bank, sampler, criterion, model settings;
+    `split` (patient roles) replaces the saved split of that name, for the inner models of a run."""
+    index, parts = split_frames(cfg, split_name, split)
     classes = subtype_classes(index)
     mags = tuple(cfg.magnifications)
     with resource_errors("the image cache", folder=cache_folder(cfg)):

@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 
 from stages.engine.predict import amp_settings, predict
-from utils.scoring import binary_block, class_index, levels, patient_rows, subtype_block, validation_thresholds
+from utils.scoring import (binary_block, check_no_leak, class_index, levels, patient_rows, seen_patients,
+                           subtype_block, validation_thresholds)
 from utils.subtype_head import refit_subtype_head
 
 
@@ -57,21 +58,28 @@ def role_metrics(cfg, run, t, p, thresholds):
     return metrics
 
 
-def evaluate(cfg, model, run, device, state):
-    """Score the best model: thresholds from validation, tuple and patient level, SMOTE head, TTA."""
+def evaluate(cfg, model, run, device, state, seen=None, oof=None):
+    """Score the best model: thresholds from validation (and `oof`, from inner models), tuple and patient level,
+    SMOTE head, TTA."""
     start = time.time()
     dtype, _ = amp_settings(cfg, device)
     roles = ("train", "val", "test") if cfg.smote else ("val", "test")
     bank = run.inputs(model)
     res = {role: predict(model, bank, run.batches[role], device, dtype, tta=cfg.tta and role != "train")
            for role in roles}
-    return score(cfg, run, res, device, state, start)
+    return score(cfg, run, res, device, state, start, seen, oof)
 
 
-def score(cfg, run, res, device, state, start):
-    """Metrics and prediction rows from per-role outputs (prob, subtype_prob, embedding, mag_weights, hma_weights)."""
+def score(cfg, run, res, device, state, start, seen=None, oof=None):
+    """Metrics and prediction rows from per-role outputs (prob, subtype_prob, embedding, mag_weights, hma_weights);
+    `seen` (default: this run's train and val patients) must hold no test patient; `oof` is the out-of-fold
+    threshold where the run has one."""
+    seen = seen or seen_patients(run.tuples)
+    check_no_leak(seen, run.tuples["test"]["patient_id"], run.tag)
     smote_probs, counts = smote_head(cfg, run, res, device) if cfg.smote else ({}, None)
     thresholds = validation_thresholds(run.tuples["val"]["label"].to_numpy(), res["val"]["prob"])
+    if oof is not None:
+        thresholds["oof_youden"] = float(oof)
     frames, metrics = {}, {}
     for role in ("val", "test"):
         frames[role] = role_frames(cfg, run, role, res, smote_probs)
@@ -83,7 +91,7 @@ def score(cfg, run, res, device, state, start):
         subtype=test["subtype"], subtype_smote=test.get("subtype_smote"), smote=counts,
         mag_weights={m: float(np.nanmean(frames["test"][0][f"w_{m}"])) for m in cfg.magnifications},
         best_epoch=state.best_epoch, epochs=len(state.history), train_seconds=state.seconds,
-        eval_seconds=time.time() - start,
+        eval_seconds=time.time() - start, seen_patients=seen,
     )
     if cfg.tta:
         summary["test_tta"] = test["tta"]

@@ -10,6 +10,7 @@ from config import to_dict
 from stages.engine.checkpoint import read_checkpoint, save, slim_last
 from stages.engine.data import prepare_run
 from stages.engine.evaluate import evaluate
+from stages.engine.inner import oof_threshold, wanted
 from stages.engine.probe import NAME as PROBE
 from stages.engine.probe import probe_run
 from stages.engine.train import fit
@@ -17,6 +18,7 @@ from utils.checks import resource_errors
 from utils.env import resolve_device, seed_everything
 from utils.helpers import log, read_json_or_none, run_dir, write_csv, write_json
 from utils.lock import RunLock, describe, me, owner, try_lock
+from utils.scoring import BLOCKS, seen_patients, union_seen
 
 WAIT_S = 2.0
 
@@ -27,12 +29,26 @@ def macro_f1(block):
     return f"{value:.3f}" if np.isfinite(value) else "n/a"
 
 
-def fold_line(tag, m):
+def rule_of(m, rule):
+    """(rule, metrics key) the console leads with: the rule in force, val_youden where the run lacks it."""
+    return (rule, BLOCKS[rule]) if BLOCKS[rule] in m["test"]["patient"] else ("val_youden", "youden")
+
+
+def others(m, rule):
+    """Patient accuracy under the other decision rules the run has, e.g. 'val_youden 0.80, fixed_0.5 0.90'."""
+    p = m["test"]["patient"]
+    return ", ".join(f"{r} {p[k]['accuracy']:.3f}" for r, k in BLOCKS.items()
+                     if r != rule and r != "val_sens95" and k in p)
+
+
+def fold_line(tag, m, rule="val_youden"):
+    rule, key = rule_of(m, rule)
     p, t = m["test"]["patient"], m["test"]["tuple"]
-    return (f"[{tag}] TEST patient AUC {p['youden']['auc']:.3f} acc {p['youden']['accuracy']:.3f} "
-            f"F1 {p['youden']['f1']:.3f} sens {p['youden']['recall']:.3f} spec {p['youden']['specificity']:.3f} "
-            f"(t={m['threshold']['youden']:.2f}; acc@0.5 {p['t0.5']['accuracy']:.3f}) | tuple AUC {t['t0.5']['auc']:.3f} "
-            f"acc {t['youden']['accuracy']:.3f} | subtype macro-F1 {macro_f1(m['subtype'])} "
+    thr = 0.5 if key == "t0.5" else m["threshold"][key]
+    return (f"[{tag}] TEST patient AUC {p[key]['auc']:.3f} acc {p[key]['accuracy']:.3f} "
+            f"F1 {p[key]['f1']:.3f} sens {p[key]['recall']:.3f} spec {p[key]['specificity']:.3f} "
+            f"({rule}, t={thr:.2f}; acc {others(m, rule)}) | tuple AUC {t['t0.5']['auc']:.3f} "
+            f"acc {t[key]['accuracy']:.3f} | subtype macro-F1 {macro_f1(m['subtype'])} "
             f"(SMOTE {macro_f1(m.get('subtype_smote'))}) | {m['epochs']} epochs, best {m['best_epoch']}, "
             f"{m['train_seconds']:.0f}s")
 
@@ -109,7 +125,7 @@ def train_and_score(cfg, spec, split_name, folder, callback=None, adapt=None):
     write_csv(predictions, folder / "predictions.csv", index=False)
     write_json(folder / "metrics.json", metrics)
     slim_last(folder)
-    log(fold_line(run.tag, metrics))
+    log(fold_line(run.tag, metrics, cfg.threshold_rule))
     return metrics
 
 
@@ -118,7 +134,12 @@ def train_model(cfg, spec, run, device, callback=None):
     log(f"[{run.tag}] {spec.model} | {len(run.train_sampler.group_list)} train groups x {cfg.tuples_per_patient} "
         f"tuples/epoch | val {len(run.tuples['val'])} / test {len(run.tuples['test'])} tuples | device {device}")
     state = fit(cfg, model, run, device, callback)
-    return evaluate(cfg, model, run, device, state)
+    if not wanted(cfg, spec):
+        return evaluate(cfg, model, run, device, state)
+    oof, seen, seconds = oof_threshold(cfg, spec, run.split, device)
+    predictions, metrics = evaluate(cfg, model, run, device, state, union_seen([seen_patients(run.tuples), seen]), oof)
+    metrics["inner"] = dict(folds=cfg.inner_folds, seconds=seconds)
+    return predictions, metrics
 
 
 def store_thresholds(folder, thresholds):
@@ -136,10 +157,13 @@ def mean_std(values):
     return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}" if len(values) else "n/a"
 
 
-def summary_line(run_name, results):
-    pick = lambda key, t="youden": [r["test"]["patient"][t][key] for r in results]  # noqa: E731
+def summary_line(run_name, results, rule="val_youden"):
+    rule, key = rule_of(results[0], rule)
+    pick = lambda name, k=key: [r["test"]["patient"][k][name] for r in results if k in r["test"]["patient"]]  # noqa: E731
+    rest = ", ".join(f"{r} {mean_std(pick('accuracy', k))}" for r, k in BLOCKS.items()
+                     if r not in (rule, "val_sens95") and pick("accuracy", k))
     return (f"[{run_name}] {len(results)} split(s) | test patient AUC {mean_std(pick('auc'))} | "
-            f"acc {mean_std(pick('accuracy'))} | F1 {mean_std(pick('f1'))} | acc@0.5 {mean_std(pick('accuracy', 't0.5'))}")
+            f"acc {mean_std(pick('accuracy'))} | F1 {mean_std(pick('f1'))} ({rule}) | acc {rest}")
 
 
 def copy_best(cfg, name, split_name, target):

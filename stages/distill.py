@@ -20,8 +20,7 @@ ROLES = ("train", "val")
 def teacher_members(cfg):
     """The teacher's checkpoints, chosen here alone: the honest ensemble (models of grouped folds of the fixed split's
     train + val patients) where it is trained, else the fixed-split reference model (fixed train, fixed val)."""
-    honest = getattr(ensemble, "honest_members", None)
-    members = honest(cfg) if honest is not None else None
+    members = ensemble.honest_members(cfg)
     if members:
         return [Path(p) for p in members]
     path = run_dir(cfg, REFERENCE, "fixed") / "checkpoints" / "best.pth"

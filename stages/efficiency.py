@@ -47,7 +47,8 @@ def checkpoints_of(splits):
     if own is not None:
         return [own]
     members = next((r["metrics"].get("members") for r in splits.values() if r["metrics"].get("members")), [])
-    return [Path(p) for p in members] if all(Path(p).exists() for p in members) else []
+    paths = [Path(p) / "checkpoints" / "best.pth" if Path(p).is_dir() else Path(p) for p in members]
+    return paths if all(p.exists() for p in paths) else []
 
 
 def efficiency_table(cfg, runs, notes):

@@ -63,7 +63,7 @@ def score_members(cfg, folders, own_splits):
     res = {"val": stacked(oof), "test": averaged(test)}
     predictions, metrics = score(replace(cfg, smote=False, tta=False), run, res, device, TrainState(), start, seen)
     metrics["threshold"]["oof_youden"] = metrics["threshold"]["youden"]
-    metrics.update(members=[str(f) for f in folders], thresholds_from=THRESHOLDS_FROM)
+    metrics.update(members=[str(f / "checkpoints" / "best.pth") for f in folders], thresholds_from=THRESHOLDS_FROM)
     return predictions, metrics
 
 

@@ -9,8 +9,8 @@ import torch
 from preprocess.tuples import image_bank
 from stages.engine.data import split_frames
 from stages.engine.onnx_export import Averaged, example_inputs, export_onnx, write_metadata
-from stages.ensemble import ENSEMBLE
 from stages.predict import checkpoint_paths, load_predictor, onnx_predictor, score
+from stages.runs import REFERENCE
 from utils.helpers import PipelineError, index_path, log, models_dir, split_path
 
 TOLERANCE = 1e-4
@@ -18,7 +18,7 @@ CPU = torch.device("cpu")
 
 
 def onnx_path(cfg):
-    name = ENSEMBLE if cfg.ensemble else Path(cfg.checkpoint or "best_model.pth").stem
+    name = f"{REFERENCE}_fold_ensemble" if cfg.ensemble else Path(cfg.checkpoint or "best_model.pth").stem
     return models_dir(cfg) / f"{name}.onnx"
 
 

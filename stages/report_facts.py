@@ -12,8 +12,9 @@ from utils.paper import RULE_TEXT, num
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = [("accuracy", "Accuracy", 0.96, "≥ 0.96 (PRD: 96-98 %)"), ("balanced_accuracy", "Balanced accuracy", None, "—"),
            ("f1", "F1", 0.95, "> 0.95"), ("auc", "AUC", 0.98, "> 0.98")]
-SETTINGS = ["backbone", "pretrained", "image_size", "epochs", "batch_size", "lr", "selection", "tuples_per_patient",
-            "freeze_backbone", "frozen_epochs", "smote", "tta", "stain_norm", "seed", "n_folds", "bootstrap", "device"]
+SETTINGS = ["backbone", "pretrained", "image_size", "feature_stage", "epochs", "batch_size", "lr", "selection",
+            "threshold_rule", "tuples_per_patient", "freeze_backbone", "frozen_epochs", "smote", "tta", "stain_norm",
+            "precision", "seed", "n_folds", "bootstrap", "device"]
 
 
 def commit():
@@ -57,6 +58,18 @@ def split_facts(out):
     return rows
 
 
+def environment_rows(env):
+    """(name, text) rows of the environment; package versions as one line, the lock's hash shortened."""
+    rows = []
+    for key, value in env.items():
+        if value in (None, "", {}):
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        rows.append((key, value[:16] if key == "lock_sha256" else value))
+    return rows
+
+
 def run_facts(cfg, out):
     saved = read_json_or_none(out / "config.json") or {}
     settings = saved.get("config") or vars(cfg)
@@ -68,7 +81,7 @@ def run_facts(cfg, out):
         patients=data.get("total_patients_by_stem", "n/a"), slides=data.get("slide_folders", "n/a"),
         images=data.get("total_images", "n/a"), magnifications=", ".join(settings.get("magnifications", [])),
         splits=split_facts(out), settings=[(k, settings[k]) for k in SETTINGS if k in settings],
-        environment=[(k, v) for k, v in env.items() if v not in (None, "")], commit=commit() or "unknown",
+        environment=environment_rows(env), commit=commit() or "unknown",
         stage_times=read_csv(out / "logs" / "stage_times.csv").to_dict("records"),
     )
 

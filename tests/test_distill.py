@@ -10,6 +10,7 @@ from preprocess.preprocess import load_split
 from stages import distill, ensemble
 from stages.engine.checkpoint import load_model
 from stages.engine.distill import Distillation
+from stages.ensemble import ENSEMBLE
 from stages.runs import REFERENCE, STUDENT, TEACHER
 from tests.conftest import copy_output
 from tests.test_pipeline import flags
@@ -75,11 +76,12 @@ def test_student_is_smaller_and_trained_on_the_fixed_training_patients(distilled
     metrics = read_json(out / "runs" / STUDENT / "fixed" / "metrics.json")
     split = load_split(cfg, "fixed")
     roles = {r: set(split.loc[split["role"] == r, "patient_id"].astype(str)) for r in ("train", "val", "test")}
-    assert set(metrics["seen_patients"]["train"]) == roles["train"]
-    assert set(metrics["seen_patients"]["val"]) == roles["val"]
-    assert not roles["test"] & set(metrics["seen_patients"]["train"] + metrics["seen_patients"]["val"])
-    teacher_ckpt = out / "runs" / REFERENCE / "fixed" / "checkpoints" / "best.pth"
-    assert metrics["teacher"]["members"] == [str(teacher_ckpt)] and metrics["teacher"]["run"] == TEACHER
+    seen = set(metrics["seen_patients"]["train"] + metrics["seen_patients"]["val"])
+    assert roles["train"] <= set(metrics["seen_patients"]["train"]) and seen <= roles["train"] | roles["val"]
+    teachers = distill.teacher_members(cfg)
+    assert len(teachers) == cfg.n_folds and all("mmnet_fixed_member" in str(p) for p in teachers)
+    assert metrics["teacher"]["members"] == [str(p) for p in teachers] and metrics["teacher"]["run"] == TEACHER
+    teacher_ckpt = teachers[0]
     student, ckpt = load_model(out / "runs" / STUDENT / "fixed" / "checkpoints" / "best.pth")
     teacher, _ = load_model(teacher_ckpt)
     assert ckpt["model_kwargs"]["backbone"] == "test_convnext" and ckpt["model_kwargs"]["embed_dim"] == 16
@@ -89,10 +91,10 @@ def test_student_is_smaller_and_trained_on_the_fixed_training_patients(distilled
     assert set(pred.loc[pred["role"] == "test", "patient_id"]) == roles["test"]
 
 
-def test_teacher_scores_are_the_fixed_reference_run(distilled):
+def test_teacher_scores_are_the_honest_ensemble(distilled):
     _, out = distilled
     teacher = read_json(out / "runs" / TEACHER / "fixed" / "metrics.json")
-    reference = read_json(out / "runs" / REFERENCE / "fixed" / "metrics.json")
+    reference = read_json(out / "runs" / ENSEMBLE / "fixed" / "metrics.json")
     assert teacher["test"]["patient"]["t0.5"]["auc"] == pytest.approx(reference["test"]["patient"]["t0.5"]["auc"])
 
 
@@ -111,7 +113,7 @@ def test_table_4_has_the_student_beside_its_teacher(distilled):
 def test_a_teacher_that_saw_a_test_patient_is_refused(distilled, tmp_path, capsys):
     cfg, _ = distilled
     cfg = copy_output(cfg, tmp_path / "output")
-    metrics_file = Path(cfg.output_dir) / "runs" / REFERENCE / "fixed" / "metrics.json"
+    metrics_file = Path(cfg.output_dir) / "runs" / "mmnet_fixed_member" / "member_0" / "metrics.json"
     split = load_split(cfg, "fixed")
     test_patient = str(split.loc[split["role"] == "test", "patient_id"].iloc[0])
     write_json(metrics_file, dict(read_json(metrics_file), seen_patients={"train": [test_patient], "val": []}))
@@ -123,7 +125,7 @@ def test_a_teacher_that_saw_a_test_patient_is_refused(distilled, tmp_path, capsy
 def test_the_teacher_list_comes_from_one_switch(distilled, monkeypatch):
     cfg, out = distilled
     best = out / "runs" / REFERENCE / "fixed" / "checkpoints" / "best.pth"
-    assert distill.teacher_members(cfg) == [best]
+    assert distill.teacher_members(cfg) == ensemble.honest_members(cfg)
     monkeypatch.setattr(ensemble, "honest_members", lambda c: [str(best), str(best)], raising=False)
     assert distill.teacher_members(cfg) == [best, best]
     monkeypatch.setattr(ensemble, "honest_members", lambda c: None)

@@ -123,7 +123,7 @@ def test_paper_tables_are_booktabs_with_captions_and_bold_best(page):
         assert all(rule in tex for rule in ("\\toprule", "\\midrule", "\\bottomrule", "\\caption{", "\\label{"))
         assert "±" not in tex and md.startswith(f"**Table {k}.**")
     t1 = (folder / "table_1.md").read_text()
-    assert "patient-wise 5-fold" in t1 and "30 test patients" in t1 and "Youden" in t1 and " ± " in t1
+    assert "patient-wise 5-fold" in t1 and "30 test patients" in t1 and "threshold: 0.5" in t1 and " ± " in t1
     t4 = pd.read_csv(out / "tables" / TABLE_NAMES["baseline"])
     patient = t4[t4["level"] == "patient"]
     leader = patient.loc[patient["accuracy_mean"].idxmax(), "model"]

@@ -141,7 +141,7 @@ def test_non_finite_losses_skip_steps_then_stop_the_run(prepared, monkeypatch):
 
     calls = []
 
-    def nan_loss(criterion, out, labels, subtypes):
+    def nan_loss(criterion, out, labels, subtypes, *inputs):
         calls.append(1)
         return out["binary_logits"].sum() * float("nan")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from packaging.version import InvalidVersion, Version
 
 
 def resolve_device(name="auto"):
@@ -65,6 +66,13 @@ def pinned(path):
     return dict(line.split("==", 1) for line in lines if "==" in line)
 
 
+def same_version(a, b):
+    try:
+        return Version(a) == Version(b)
+    except (InvalidVersion, TypeError):
+        return a == b
+
+
 def installed(name):
     try:
         return metadata.version(name)
@@ -78,7 +86,7 @@ def packages(root=ROOT):
     direct = {name: installed(name) for name in pinned(root / "requirements.txt")}
     locked = {k.lower(): v for k, v in pinned(lock).items()}
     differ = {k: f"{v} (lock {locked.get(k.lower())})" for k, v in direct.items()
-              if locked and v is not None and v.split("+")[0] != locked.get(k.lower())}
+              if locked and v is not None and not same_version(v.split("+")[0], locked.get(k.lower()))}
     digest = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else None
     return dict(packages=direct, lock_sha256=digest, differs_from_lock=differ)
 

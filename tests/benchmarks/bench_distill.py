@@ -20,7 +20,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from preprocess.synthetic import make_synthetic  # noqa: E402
+from bench_selection import tree  # noqa: E402
 from stages.runs import REFERENCE, STUDENT  # noqa: E402
 from utils.helpers import read_json  # noqa: E402
 
@@ -35,14 +35,6 @@ def parse_args():
     p.add_argument("--difficulty", default="hard", choices=["easy", "default", "hard"])
     p.add_argument("extra", nargs="*", help="flags after -- go to main.py")
     return p.parse_args()
-
-
-def tree(args, seed):
-    root = Path(args.work) / f"data_full_{args.per_mag}_{seed}_{args.difficulty}"
-    if not root.exists():
-        make_synthetic(root, preset="full", seed=seed, difficulty=args.difficulty, counts=None, per_mag=args.per_mag,
-                       size=(175, 115))
-    return root
 
 
 def main_py(args, seed, stages, *flags):

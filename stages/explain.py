@@ -19,11 +19,13 @@ from utils.helpers import PipelineError, log, models_dir, plots_dir, require, ru
 
 
 def fixed_threshold(cfg):
-    """The validation Youden threshold of the fixed reference run (tuple level), else 0.5."""
+    """The fixed reference run's threshold under the rule in force (validation Youden where it lacks it), else 0.5."""
     folder = runs_dir(cfg) / REFERENCE / "fixed"
     if not (folder / "predictions.csv").exists():
         return 0.5
-    return scoring.threshold(scoring.load_run(folder), "val_youden")
+    run = scoring.load_run(folder)
+    found = scoring.threshold(run, cfg.threshold_rule)
+    return found if found is not None else scoring.threshold(run, "val_youden")
 
 
 
@@ -70,7 +72,7 @@ def pick_samples(frame, threshold, per_cell):
 def sample_title(row, what):
     verdict = "correct" if row["correct"] else "WRONG"
     return (f"{what} | true {plots.CLASS_NAMES[int(row['label'])]}, predicted {plots.CLASS_NAMES[int(row['pred'])]} "
-            f"(P(malignant) = {row['prob_malignant']:.3f}, validation threshold {row['threshold']:.2f}, {verdict})\n"
+            f"(P(malignant) = {row['prob_malignant']:.3f}, threshold {row['threshold']:.2f}, {verdict})\n"
             f"patient {row['patient_id']}, tuple {row['tuple_id']}")
 
 

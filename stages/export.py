@@ -28,7 +28,7 @@ def metadata(p, paths):
     return dict(model_name=p.models[0].name, source=p.source, members=[str(x) for x in paths],
                 classes={"binary": ["benign", "malignant"], "subtype": list(p.classes)},
                 magnifications=list(p.mags), image_size=p.image_size, normalization=p.normalization,
-                threshold=p.threshold, stain_norm=p.stain_norm)
+                threshold=p.threshold, threshold_rule=p.rule, stain_norm=p.stain_norm)
 
 
 def fixed_test_data(cfg, p):

@@ -35,6 +35,7 @@ class Predictor:
     threshold: dict
     source: str
     normalization: dict
+    rule: str = "val_youden"
 
 
 @dataclass
@@ -102,9 +103,19 @@ def load_predictor(cfg, device):
                             f"Retrain them: python main.py --stages cv --force")
     mags, size, stain_norm, classes, (mean, std) = shared.pop()
     models = [loaded(p, c, device) for p, c in zip(paths, ckpts)]
-    threshold = {k: float(np.mean([c["threshold"][k] for c in ckpts])) for k in ("youden", "sens95")}
+    threshold, rule = decision_of(ckpts)
     source = f"ensemble of {len(paths)} CV models" if cfg.ensemble else str(paths[0])
-    return Predictor(models, mags, size, stain_norm, list(classes), threshold, source, dict(mean=mean, std=std))
+    return Predictor(models, mags, size, stain_norm, list(classes), threshold, source, dict(mean=mean, std=std), rule)
+
+
+def decision_of(ckpts):
+    """The models' mean thresholds, `decision` the one new patients are decided with, and its rule (checkpoints from
+    before decision thresholds decide at validation Youden)."""
+    threshold = {k: float(np.mean([c["threshold"][k] for c in ckpts])) for k in ("youden", "sens95")}
+    threshold["decision"] = float(np.mean([c["threshold"].get("decision", c["threshold"]["youden"]) for c in ckpts]))
+    rules = sorted({c.get("threshold_rule", "val_youden") if "decision" in c["threshold"] else "val_youden"
+                    for c in ckpts})
+    return threshold, rules[0] if len(rules) == 1 else "mean of " + "/".join(rules)
 
 
 def onnx_predictor(path, threads=0):
@@ -112,7 +123,8 @@ def onnx_predictor(path, threads=0):
     model = OnnxModel(path, threads)
     m = model.meta
     return Predictor([model], tuple(m["magnifications"]), int(m["image_size"]), bool(m["stain_norm"]),
-                     list(m["classes"]["subtype"]), m["threshold"], f"{path} (onnxruntime)", m["normalization"])
+                     list(m["classes"]["subtype"]), {"decision": m["threshold"]["youden"], **m["threshold"]},
+                     f"{path} (onnxruntime)", m["normalization"], m.get("threshold_rule", "val_youden"))
 
 
 def score(p, frame, bank, batch_size, device, dtype=None, tta=False):
@@ -152,9 +164,10 @@ def patient_table(tuples, subtype, frame, p):
     for column in ("prob_malignant", "prob_malignant_tta"):
         if column in tuples:
             table[column] = at[column].mean()
-    table["decision"] = decision(table["prob_malignant"], p.threshold["youden"])
+    table["decision"] = decision(table["prob_malignant"], p.threshold["decision"])
     table["decision_high_sensitivity"] = decision(table["prob_malignant"], p.threshold["sens95"])
-    table["threshold"], table["threshold_high_sensitivity"] = p.threshold["youden"], p.threshold["sens95"]
+    table["threshold"], table["threshold_high_sensitivity"] = p.threshold["decision"], p.threshold["sens95"]
+    table["threshold_rule"] = p.rule
     sub = pd.DataFrame(subtype, index=tuples["patient_id"]).groupby(level=0).mean().reindex(table.index).to_numpy()
     table["subtype"] = [p.classes[i] for i in sub.argmax(1)] if sub.shape[1] else ""
     table["subtype_prob"] = sub.max(1) if sub.shape[1] else np.nan
@@ -187,7 +200,7 @@ def safe(text):
 def overlay_title(row, what):
     truth = f", true {row['true_class']}" if row["true_class"] else ""
     return (f"{what} | patient {row['patient_id']}: P(malignant) = {row['prob_malignant']:.3f}, "
-            f"{row['decision']} at the validation threshold {row['threshold']:.2f}{truth}")
+            f"{row['decision']} at threshold {row['threshold']:.2f} ({row['threshold_rule']}){truth}")
 
 
 def explain_batch(p, x, mask):
@@ -230,7 +243,8 @@ def run_name(cfg):
 def summary(p, patients, n_images, folder):
     """The console lines: what was scored, the first patients, accuracy where names carry labels."""
     log(f"Scored {len(patients)} patient(s) from {n_images} image(s) with {p.source} "
-        f"(validation thresholds: {p.threshold['youden']:.3f}; high sensitivity {p.threshold['sens95']:.3f})")
+        f"(decision threshold {p.threshold['decision']:.3f}, {p.rule}; high sensitivity {p.threshold['sens95']:.3f}, "
+        f"from validation)")
     columns = ["patient_id", *[f"n_{m}" for m in p.mags], "prob_malignant", "decision", "decision_high_sensitivity",
                "subtype", "subtype_prob", "true_class"]
     log(patients[columns].head(SHOWN).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -238,9 +252,9 @@ def summary(p, patients, n_images, folder):
         log(f"... {len(patients) - SHOWN} more in patients.csv")
     known = patients[patients["true_class"] != ""]
     if len(known):
-        m = binary_metrics(known["true_class"].eq("malignant"), known["prob_malignant"], p.threshold["youden"])
+        m = binary_metrics(known["true_class"].eq("malignant"), known["prob_malignant"], p.threshold["decision"])
         log(f"File names carry labels for {len(known)} patient(s): accuracy {m['accuracy']:.3f}, sensitivity "
-            f"{m['recall']:.3f}, specificity {m['specificity']:.3f}, AUC {m['auc']:.3f} at the validation threshold")
+            f"{m['recall']:.3f}, specificity {m['specificity']:.3f}, AUC {m['auc']:.3f} at the decision threshold")
     log(f"-> {folder}: patients.csv, images.csv, overlays/")
 
 

@@ -117,7 +117,8 @@ def patient_entries(scored, p):
         out.append(dict(
             patient_id=row["patient_id"], prob_malignant=finite(row["prob_malignant"]),
             decision=row["decision"], decision_high_sensitivity=row["decision_high_sensitivity"],
-            threshold=finite(row["threshold"]), threshold_high_sensitivity=finite(row["threshold_high_sensitivity"]),
+            threshold=finite(row["threshold"]), threshold_rule=row["threshold_rule"],
+            threshold_high_sensitivity=finite(row["threshold_high_sensitivity"]),
             subtype=row["subtype"] or None, subtype_prob=finite(row["subtype_prob"]),
             magnification_weights={m: finite(row[f"weight_{m}"]) for m in p.mags},
             images_per_magnification={m: int(row[f"n_{m}"]) for m in p.mags}, tuples=int(row["n_tuples"]),
@@ -149,7 +150,7 @@ def describe(service):
     return dict(kind=service.kind, source=p.source, models=len(p.models), magnifications=list(p.mags),
                 image_size=p.image_size, normalization=p.normalization, stain_norm=p.stain_norm,
                 classes={"binary": ["benign", "malignant"], "subtype": list(p.classes)}, thresholds=p.threshold,
-                device=str(service.device), max_files=service.limits.max_files,
+                threshold_rule=p.rule, device=str(service.device), max_files=service.limits.max_files,
                 max_mib=service.limits.max_bytes / MIB)
 
 

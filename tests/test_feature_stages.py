@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import timm
 import torch
 
 import main
@@ -54,6 +55,20 @@ def test_each_model_reads_every_listed_stage(name):
     if name == "mmnet":
         assert len(model.branches) == 2 * len(MAGS) and len(model.pools) == 2
         assert any(n.startswith("pools.0.") for n in middle) and any(n.startswith("pools.1.") for n in middle)
+
+
+def test_a_middle_stage_backbone_is_cut_after_it_and_loads_uncut_weights():
+    def size(net):
+        return sum(p.numel() for p in net.parameters())
+    torch.manual_seed(0)
+    uncut = timm.create_model(CNN, pretrained=False, features_only=True, out_indices=(2,)).eval()
+    cut = feature_backbone(ModelConfig(backbone=CNN, pretrained=False, feature_stage=(2,)))
+    assert size(cut) < size(uncut) == size(feature_backbone(ModelConfig(backbone=CNN, pretrained=False)))
+    cut.load_state_dict(uncut.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(cut.eval()(x)[0], uncut(x)[0])
+    cut.train()(x)[0].sum().backward()
+    assert all(p.grad is not None for p in cut.parameters())
 
 
 def test_a_checkpoint_from_before_stage_lists_loads(tmp_path):

@@ -14,6 +14,7 @@ from stages.runs import REFERENCE
 from tests.conftest import TEST_SETTINGS
 from tests.test_pipeline import flags
 from utils.helpers import read_json
+from utils.scoring import decision_threshold
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,8 @@ def test_probabilities_match_the_fixed_evaluation(trained, tmp_path):
     assert sorted(patients.index) == sorted(expected.index)
     np.testing.assert_allclose(patients["prob_malignant"], expected.loc[patients.index, "prob_malignant"], atol=1e-5)
     thresholds = read_json(run / "metrics.json")["threshold"]
-    assert (patients["decision"].eq("malignant") == (patients["prob_malignant"] >= thresholds["youden"])).all()
+    assert (patients["threshold_rule"] == "fixed_0.5").all() and (patients["threshold"] == 0.5).all()
+    assert (patients["decision"].eq("malignant") == (patients["prob_malignant"] >= 0.5)).all()
     high = patients["decision_high_sensitivity"].eq("malignant")
     assert (high == (patients["prob_malignant"] >= thresholds["sens95"])).all()
     assert (patients["true_class"].eq("malignant") == expected.loc[patients.index, "label"].eq(1)).all()
@@ -78,10 +80,15 @@ def test_probabilities_match_the_fixed_evaluation(trained, tmp_path):
     assert sorted((Path(cfg.output_dir) / "cache").iterdir()) == cache
 
 
-def test_checkpoint_carries_the_validation_thresholds(trained):
+def test_checkpoint_carries_the_validation_thresholds_and_its_decision_rule(trained):
     cfg, run = trained
     ckpt = torch.load(Path(cfg.output_dir) / "models" / "best_model.pth", weights_only=False)
-    assert ckpt["threshold"] == pytest.approx(read_json(run / "metrics.json")["threshold"])
+    thresholds = read_json(run / "metrics.json")["threshold"]
+    assert ckpt["threshold"] == pytest.approx({**thresholds, "decision": 0.5})
+    assert ckpt["threshold_rule"] == cfg.threshold_rule == "fixed_0.5"
+    assert decision_threshold(thresholds, "val_youden") == ("val_youden", pytest.approx(thresholds["youden"]))
+    assert decision_threshold({**thresholds, "oof_youden": 0.7}, "oof_youden") == ("oof_youden", 0.7)
+    assert decision_threshold(thresholds, "oof_youden") == ("val_youden", pytest.approx(thresholds["youden"]))
 
 
 def test_ensemble_averages_the_fold_models(trained, tmp_path):
@@ -105,7 +112,8 @@ def test_ensemble_averages_the_fold_models(trained, tmp_path):
     assert not np.allclose(single[0]["prob_malignant"], single[1]["prob_malignant"])
     mean = (single[0]["prob_malignant"] + single[1]["prob_malignant"]) / 2
     np.testing.assert_allclose(ensemble["prob_malignant"], mean.loc[ensemble.index], atol=1e-5)
-    assert ensemble["threshold"].iloc[0] == pytest.approx((ckpt["threshold"]["youden"] + 0.3) / 2)
+    assert ensemble["threshold"].iloc[0] == pytest.approx((ckpt["threshold"]["decision"] + 0.3) / 2)
+    assert ensemble["threshold_rule"].iloc[0] == "mean of fixed_0.5/val_youden"
 
 
 def test_other_file_names_are_their_own_patients(trained, tmp_path, capsys):

@@ -15,6 +15,14 @@ BLOCKS = {"fixed_0.5": "t0.5", "val_youden": "youden", "val_sens95": "sens95", "
 DECISION_RULES = ("fixed_0.5", "val_youden", "oof_youden")
 
 
+def decision_threshold(thresholds, rule):
+    """(rule, threshold) new patients are decided with: the rule in force, val_youden where the run lacks it."""
+    if rule == "fixed_0.5":
+        return rule, 0.5
+    key = BLOCKS[rule]
+    return (rule, float(thresholds[key])) if key in thresholds else ("val_youden", float(thresholds["youden"]))
+
+
 def seen_patients(tuples_by_role):
     """{'train': [...], 'val': [...]}: sorted patient ids a model trained or validated on."""
     return {role: sorted(map(str, set(tuples_by_role[role]["patient_id"]))) for role in ("train", "val")}

@@ -14,7 +14,7 @@ from utils.helpers import PipelineError
 INPUTS = ("images", "mask")
 OUTPUTS = ("prob_malignant", "subtype_prob", "mag_weights")
 META = ("model_name", "source", "members", "classes", "magnifications", "image_size", "normalization", "threshold",
-        "stain_norm", "parity")
+        "threshold_rule", "stain_norm", "parity")
 
 
 class Averaged(nn.Module):
@@ -73,7 +73,7 @@ def write_metadata(path, meta):
 
 def read_metadata(session):
     props = session.get_modelmeta().custom_metadata_map
-    missing = [k for k in META if k not in props and k != "parity"]
+    missing = [k for k in META if k not in props and k not in ("parity", "threshold_rule")]
     if missing:
         raise PipelineError(f"the ONNX file lacks {', '.join(missing)} in its metadata: export it with this pipeline "
                             f"(python main.py --stages export).")

@@ -18,7 +18,7 @@ from utils.checks import resource_errors
 from utils.env import resolve_device, seed_everything
 from utils.helpers import log, read_json_or_none, run_dir, write_csv, write_json
 from utils.lock import RunLock, describe, me, owner, try_lock
-from utils.scoring import BLOCKS, seen_patients, union_seen
+from utils.scoring import BLOCKS, decision_threshold, seen_patients, union_seen
 
 WAIT_S = 2.0
 
@@ -121,7 +121,7 @@ def train_and_score(cfg, spec, split_name, folder, callback=None, adapt=None):
     else:
         predictions, metrics = train_model(cfg, spec, run, device, callback)
     metrics.update(extra)
-    store_thresholds(folder, metrics["threshold"])
+    store_thresholds(folder, metrics["threshold"], cfg.threshold_rule)
     write_csv(predictions, folder / "predictions.csv", index=False)
     write_json(folder / "metrics.json", metrics)
     slim_last(folder)
@@ -142,13 +142,15 @@ def train_model(cfg, spec, run, device, callback=None):
     return predictions, metrics
 
 
-def store_thresholds(folder, thresholds):
-    """The validation thresholds go into best.pth, so the checkpoint alone can decide on new patients."""
+def store_thresholds(folder, thresholds, rule):
+    """The thresholds go into best.pth, so the checkpoint alone decides on new patients: `decision` under the rule in
+    force (`threshold_rule`), and the validation ones."""
     best = folder / "checkpoints" / "best.pth"
     if not best.exists():
         return
     ckpt = read_checkpoint(best)
-    ckpt["threshold"] = {k: float(v) for k, v in thresholds.items()}
+    ckpt["threshold_rule"], decision = decision_threshold(thresholds, rule)
+    ckpt["threshold"] = {**{k: float(v) for k, v in thresholds.items()}, "decision": decision}
     save(ckpt, best)
 
 

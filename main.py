@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from backbones.encoders import open_encoder
+from backbones.encoders import is_cnn, open_encoder
 from config import Config, config_fields, demo_overrides, list_kind, to_dict
 from preprocess.synthetic import make_synthetic
 from stages.schedule import all_ok, close_distributed, init_distributed, rank, world_size
@@ -37,6 +37,7 @@ ALL_STAGES = {name: {**STAGES, **ON_REQUEST}[name] for name in ORDER}
 TRAINING = ("cv", "fixed", "baselines", "ablations")
 EVERY_RANK = TRAINING + ("tune",)
 DEMO_ROOT = "data/synthetic"
+FROZEN_CNN_STAGE = (2,)
 
 
 def parse_list(kind):
@@ -87,7 +88,8 @@ def resolve_config(argv=None):
     cfg = Config()
     if args.get("demo", loaded.get("demo")):
         cfg = replace(cfg, data_root=DEMO_ROOT, **demo_overrides())
-    cfg = frozen_encoder(replace(cfg, **{**loaded, **args}), {**loaded, **args})
+    given = {**loaded, **args}
+    cfg = frozen_cnn_stage(frozen_encoder(replace(cfg, **given), given), given)
     unknown = [s for s in cfg.stages if s not in ALL_STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(unknown)}. Valid stages, in order: {', '.join(ALL_STAGES)}")
@@ -104,6 +106,18 @@ def frozen_encoder(cfg, args):
         f"card): it trains frozen on cached features (--freeze-backbone). Pass --no-freeze-backbone to fine-tune it, "
         f"or --frozen-epochs N to fine-tune after N frozen epochs.")
     return replace(cfg, freeze_backbone=True)
+
+
+def frozen_cnn_stage(cfg, args):
+    """A pretrained CNN trained frozen reads a middle stage unless --feature-stage is given: its last stage transfers
+    worst from ImageNet to histology (README, "Which mode to use")."""
+    pretrained = cfg.pretrained or cfg.pretrained_path
+    if "feature_stage" in args or not (cfg.freeze_backbone and pretrained) or not is_cnn(cfg.backbone):
+        return cfg
+    stages = ",".join(map(str, FROZEN_CNN_STAGE))
+    log(f"backbone {cfg.backbone} is a pretrained CNN trained frozen: its models read stage {stages} "
+        f"(--feature-stage {stages}; pass --feature-stage -1 for the last stage)")
+    return replace(cfg, feature_stage=FROZEN_CNN_STAGE)
 
 
 def check_writable(cfg):

@@ -102,6 +102,19 @@ def open_encoder(name):
     return OPEN_ENCODERS.get(hub_split(name)[0].lower()) if is_hub(name) else None
 
 
+@lru_cache(maxsize=None)
+def is_cnn(name):
+    """True for a timm convolutional network; False for ViTs (a patch embedding), hub models and unknown names."""
+    if is_hub(name) or not timm.is_model(name):
+        return False
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except Exception:
+        return False
+    return not hasattr(model, "patch_embed")
+
+
 def hub_config_file(name):
     """Local path of an hf-hub: backbone's config.json: huggingface_hub's cache, else downloaded once."""
     repo, revision = hub_split(name)

@@ -57,6 +57,21 @@ def test_each_model_reads_every_listed_stage(name):
         assert any(n.startswith("pools.0.") for n in middle) and any(n.startswith("pools.1.") for n in middle)
 
 
+def test_a_frozen_pretrained_cnn_reads_a_middle_stage_unless_told(tmp_path):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    frozen = ["--freeze-backbone", "--backbone", CNN]
+    assert main.resolve_config(frozen).feature_stage == main.FROZEN_CNN_STAGE == (2,)
+    assert main.resolve_config(frozen + ["--no-pretrained", "--pretrained-path", str(weights)]).feature_stage == (2,)
+    assert main.resolve_config(frozen + ["--feature-stage", "-1"]).feature_stage == (-1,)
+    assert main.resolve_config(frozen + ["--no-pretrained"]).feature_stage == (-1,)
+    assert main.resolve_config(["--backbone", CNN]).feature_stage == (-1,)
+    assert main.resolve_config(["--freeze-backbone", "--backbone", "vit_small_patch16_224"]).feature_stage == (-1,)
+    config = tmp_path / "config.json"
+    config.write_text('{"feature_stage": [-1], "freeze_backbone": true}')
+    assert main.resolve_config(["--config", str(config), "--backbone", CNN]).feature_stage == (-1,)
+
+
 def test_a_middle_stage_backbone_is_cut_after_it_and_loads_uncut_weights():
     def size(net):
         return sum(p.numel() for p in net.parameters())

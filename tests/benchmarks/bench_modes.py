@@ -11,8 +11,10 @@ frozen (--freeze-backbone: only MMNet's own modules train, on cached features) o
 epochs, then fine-tuning), reading --feature-stage STAGES. Each arm is one main.py call (stages analyze,split,cv;
 --jobs 1; the image and feature caches shared between arms) with --demo settings and the flags after `--` on the
 synthetic trees (the `full` preset's 82 patients, one tree per seed), and --real-flags on the real tree. Printed per
-data and arm: pooled test patient AUC (all folds' test patients together), per-fold patient AUC mean ± std, test
-patient accuracy at the rule in force (fixed 0.5 by default) mean ± std, and the arm's wall time. The last line reads
+data and arm: pooled test patient AUC (all folds' test patients together, mean over seeds), per-fold patient AUC
+mean ± std over seeds x folds, test patient accuracy at the rule in force (fixed 0.5 by default) mean ± std, the
+arm's mean wall time, and its per-fold patient AUC minus the first arm's with a 95 % paired bootstrap CI (test
+patients resampled within each seed's fold, one resample for both arms). The last line reads
 `modes: best ARM auc A ± S (synthetic), ARM1 A1 ± S1 T1 s, ...` (per-fold patient AUC over seeds x folds and the
 mean wall time of each arm on the synthetic trees; best: highest mean, then lowest spread).
 """
@@ -35,7 +37,7 @@ from bench_accuracy import fold_patients  # noqa: E402
 from bench_selection import tree  # noqa: E402
 from utils.helpers import read_json  # noqa: E402
 from utils.scoring import BLOCKS, load_runs  # noqa: E402
-from utils.stats import fold_aucs  # noqa: E402
+from utils.stats import fold_aucs, paired_auc_gain  # noqa: E402
 
 MODE_FLAGS = {"finetune": [], "frozen": ["--freeze-backbone"], "lpft": ["--frozen-epochs"]}
 
@@ -55,6 +57,7 @@ def parse_args():
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--frozen-epochs", type=int, default=3)
     p.add_argument("--runs", default="mmnet")
+    p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each main.py call (1: fastest on a busy CPU)")
     p.add_argument("extra", nargs="*", help="flags after -- go to main.py for the synthetic trees")
     return p.parse_args()
@@ -82,7 +85,7 @@ def train(args, tag, root, seed, arm, flags):
     if done.returncode != 0:
         print(done.stdout[-3000:], done.stderr[-3000:])
         sys.exit(f"main.py failed for {tag}, seed {seed}, arm {arm} (exit {done.returncode})")
-    seconds = time.time() - start
+    seconds = wall_time(out, time.time() - start)
     print(f"  {seconds:.0f} s", flush=True)
     rule = BLOCKS[read_json(out / "config.json")["config"]["threshold_rule"]]
     results = {}
@@ -93,25 +96,42 @@ def train(args, tag, root, seed, arm, flags):
     return results, seconds
 
 
+def wall_time(out, seconds):
+    """The arm's wall time, kept beside its output: a rerun that finds the runs finished reports the first one."""
+    kept = out / "bench_wall_s.txt"
+    if not kept.exists():
+        kept.write_text(f"{seconds:.1f}")
+    return float(kept.read_text())
+
+
 def pooled_auc(patients):
     y = np.concatenate([v[0] for v in patients.values()])
     p = np.concatenate([v[1] for v in patients.values()])
     return roc_auc_score(y, p) if len(set(y)) == 2 else float("nan")
 
 
-def rows(tag, by_seed):
-    """Printed rows of one data source; {arm: (per-fold AUCs over seeds, mean seconds)} of its first run."""
-    summary = {}
-    for arm in by_seed[next(iter(by_seed))]:
-        runs = by_seed[next(iter(by_seed))][arm][0]
-        for name in runs:
+def seed_folds(by_seed, arm, name):
+    """{(seed, fold): (labels, probabilities)} of one arm's run over every seed."""
+    return {(s, f): v for s, res in by_seed.items() for f, v in res[arm][0][name][0].items()}
+
+
+def rows(tag, by_seed, bootstrap):
+    """Printed rows of one data source, each arm against the first (paired bootstrap over seeds x folds);
+    {arm: (per-fold AUCs over seeds, mean seconds)} of the first run."""
+    summary, first = {}, next(iter(by_seed.values()))
+    reference = next(iter(first))
+    for arm in first:
+        for name in first[arm][0]:
             per_seed = [res[arm][0][name] for res in by_seed.values()]
             aucs = np.concatenate([fold_aucs(patients) for patients, _ in per_seed])
             accs = np.concatenate([a for _, a in per_seed])
             pooled = np.mean([pooled_auc(patients) for patients, _ in per_seed])
             seconds = np.mean([res[arm][1] for res in by_seed.values()])
+            g, lo, hi = paired_auc_gain(seed_folds(by_seed, arm, name), seed_folds(by_seed, reference, name),
+                                        bootstrap, 0)
+            gain = "" if arm == reference else f"{g:+.3f} [{lo:+.3f}, {hi:+.3f}]"
             print(f"{tag:<10} {arm:<14} {name:<8} {pooled:>7.3f} {np.nanmean(aucs):>8.3f} ± {np.nanstd(aucs):.3f} "
-                  f"{np.mean(accs):>8.3f} ± {np.std(accs):.3f} {len(aucs):>5} {seconds:>7.0f}")
+                  f"{np.mean(accs):>8.3f} ± {np.std(accs):.3f} {len(aucs):>5} {seconds:>7.0f}  {gain}")
             summary.setdefault(arm, (aucs, seconds))
     return summary
 
@@ -132,8 +152,8 @@ def main():
     print(f"\nseeds {seeds} | synthetic: {args.image_size} px, {args.epochs} epochs, "
           f"{args.tuples_per_patient} tuples/patient | real: {args.real_flags or '-'}")
     print(f"{'data':<10} {'arm':<14} {'run':<8} {'pooled':>7} {'patient AUC/fold':>16} {'patient acc':>15} "
-          f"{'folds':>5} {'wall s':>7}")
-    summaries = {tag: rows(tag, by_seed) for tag, by_seed in sources.items()}
+          f"{'folds':>5} {'wall s':>7}  vs {arms[0]} (95 % CI)")
+    summaries = {tag: rows(tag, by_seed, args.bootstrap) for tag, by_seed in sources.items()}
     synthetic = summaries.get(args.difficulty)
     if not synthetic:
         return

@@ -13,9 +13,7 @@ with a 95 % paired bootstrap CI (test patients resampled within each fold, one r
 of AUCs compared). The last line reads `accuracy: mmnet A, best single B (MAG), gain G [LO, HI]`.
 """
 import argparse
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from main_runs import run_main  # noqa: E402
 from preprocess.synthetic import make_synthetic  # noqa: E402
 from utils.scoring import cv_splits, level_frame, load_runs  # noqa: E402
 from utils.stats import fold_aucs, paired_auc_gain  # noqa: E402
@@ -72,12 +71,7 @@ def train_mode(args, mode, root):
            "--epochs", str(args.epochs), "--tuples-per-patient", str(args.tuples_per_patient),
            "--image-size", str(args.image_size), "--jobs", str(args.jobs), *flags, *args.extra]
     print(f"[{mode}] {' '.join(cmd[1:])}", flush=True)
-    start = time.time()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(done.stdout[-3000:], done.stderr[-3000:])
-        sys.exit(f"main.py failed in mode {mode} (exit {done.returncode})")
-    return out, time.time() - start
+    return out, run_main(cmd, f"in mode {mode}")
 
 
 def fold_patients(splits, level="patient"):

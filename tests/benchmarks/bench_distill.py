@@ -11,7 +11,6 @@ student) unless flags after -- say otherwise. Printed per arm: fixed test patien
 column and the spread before the patient one.
 """
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench_selection import tree  # noqa: E402
+from main_runs import run_main, tree  # noqa: E402
 from stages.runs import REFERENCE, STUDENT  # noqa: E402
 from utils.helpers import read_json  # noqa: E402
 
@@ -43,10 +42,7 @@ def main_py(args, seed, stages, *flags):
            str(out), "--stages", stages, "--seed", str(seed), "--epochs", str(args.epochs), "--jobs", "1", *flags,
            *args.extra]
     print(f"[seed {seed}] {' '.join(cmd[2:])}", flush=True)
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(done.stdout[-3000:], done.stderr[-3000:])
-        sys.exit(f"main.py failed (seed {seed}, exit {done.returncode})")
+    run_main(cmd, f"for seed {seed}")
     return out
 
 

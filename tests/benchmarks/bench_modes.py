@@ -19,11 +19,8 @@ patients resampled within each seed's fold, one resample for both arms). The las
 mean wall time of each arm on the synthetic trees; best: highest mean, then lowest spread).
 """
 import argparse
-import os
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_accuracy import fold_patients  # noqa: E402
-from bench_selection import tree  # noqa: E402
+from main_runs import run_main, tree  # noqa: E402
 from utils.helpers import read_json  # noqa: E402
 from utils.scoring import BLOCKS, load_runs  # noqa: E402
 from utils.stats import fold_aucs, paired_auc_gain  # noqa: E402
@@ -79,13 +76,7 @@ def train(args, tag, root, seed, arm, flags):
            str(args.tuples_per_patient), "--image-size", str(args.image_size), *flags,
            *arm_flags(arm, args.frozen_epochs)]
     print(f"[{tag} | seed {seed} | {arm}] {' '.join(cmd[1:])}", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    start = time.time()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        print(done.stdout[-3000:], done.stderr[-3000:])
-        sys.exit(f"main.py failed for {tag}, seed {seed}, arm {arm} (exit {done.returncode})")
-    seconds = wall_time(out, time.time() - start)
+    seconds = wall_time(out, run_main(cmd, f"for {tag}, seed {seed}, arm {arm}", args.threads))
     print(f"  {seconds:.0f} s", flush=True)
     rule = BLOCKS[read_json(out / "config.json")["config"]["threshold_rule"]]
     results = {}

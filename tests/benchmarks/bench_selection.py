@@ -12,7 +12,6 @@ folds, the mean within-seed standard deviation over folds, the standard deviatio
 tuple-level AUC and the mean kept epoch. The last line reads `selection: best RULE A ± S, auc A0 ± S0` (mean ± std over seeds x folds).
 """
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from preprocess.synthetic import make_synthetic  # noqa: E402
+from main_runs import run_main, tree  # noqa: E402
 from utils.helpers import read_json  # noqa: E402
 
 ARMS = {"auc": [], "smooth": [], "loss": [], "ema": [], "swa": [], "auc_val30": ["--val-fraction", "0.30"]}
@@ -42,14 +41,6 @@ def parse_args():
     return p.parse_args()
 
 
-def tree(args, seed):
-    root = Path(args.work) / f"data_full_{args.per_mag}_{seed}_{args.difficulty}"
-    if not root.exists():
-        make_synthetic(root, preset="full", seed=seed, difficulty=args.difficulty, counts=None, per_mag=args.per_mag,
-                       size=(175, 115))
-    return root
-
-
 def arm_flags(arm):
     rule = arm.split("_")[0]
     return ["--selection", rule, *ARMS[arm]]
@@ -63,10 +54,7 @@ def train(args, arm, seed):
            str(args.epochs), "--tuples-per-patient", str(args.tuples_per_patient), "--image-size",
            str(args.image_size), "--jobs", str(args.jobs), *arm_flags(arm), *args.extra]
     print(f"[{arm} | seed {seed}] {' '.join(cmd[1:])}", flush=True)
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(done.stdout[-3000:], done.stderr[-3000:])
-        sys.exit(f"main.py failed for {arm}, seed {seed} (exit {done.returncode})")
+    run_main(cmd, f"for {arm}, seed {seed}")
     metrics = [read_json(p) for p in sorted((out / "runs" / "mmnet").glob("fold_*/metrics.json"))]
     return [(m["test"]["patient"]["youden"]["auc"], m["best_epoch"], m["test"]["tuple"]["youden"]["auc"])
             for m in metrics]

@@ -16,11 +16,8 @@ std of the seed means, balanced accuracy, and the mean threshold. The last line 
 the first of --runs; best: highest mean, then lowest spread).
 """
 import argparse
-import os
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from preprocess.synthetic import make_synthetic  # noqa: E402
+from main_runs import run_main, tree  # noqa: E402
 from utils.helpers import read_json  # noqa: E402
 from utils.scoring import BLOCKS, DECISION_RULES  # noqa: E402
 
@@ -53,14 +50,6 @@ def parse_args():
     return p.parse_args()
 
 
-def tree(args, seed, difficulty):
-    root = Path(args.work) / f"data_full_{args.per_mag}_{seed}_{difficulty}"
-    if not root.exists():
-        make_synthetic(root, preset="full", seed=seed, difficulty=difficulty, counts=None, per_mag=args.per_mag,
-                       size=(175, 115))
-    return root
-
-
 def train(args, tag, root, seed, flags, tree_seed=None):
     """Every fold of every run of one tree: {run: [{rule: (accuracy, balanced accuracy, threshold)}]}."""
     tree_seed = seed if tree_seed is None else tree_seed
@@ -72,13 +61,7 @@ def train(args, tag, root, seed, flags, tree_seed=None):
            "--threshold-rule", "oof_youden", "--inner-folds", str(args.inner_folds), "--epochs", str(args.epochs),
            "--tuples-per-patient", str(args.tuples_per_patient), "--image-size", str(args.image_size), *flags]
     print(f"[{tag} | seed {seed}] {' '.join(cmd[1:])}", flush=True)
-    start = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        print(done.stdout[-3000:], done.stderr[-3000:])
-        sys.exit(f"main.py failed for {tag}, seed {seed} (exit {done.returncode})")
-    print(f"  {time.time() - start:.0f} s", flush=True)
+    print(f"  {run_main(cmd, f'for {tag}, seed {seed}', args.threads):.0f} s", flush=True)
     results = {}
     for name in args.runs.split(","):
         for path in sorted((out / "runs" / name).glob("fold_*/metrics.json")):

@@ -12,7 +12,6 @@ difference, and the tuning wall time. The last line reads
 """
 import argparse
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench_selection import tree  # noqa: E402
+from main_runs import run_main, tree  # noqa: E402
 from utils.helpers import read_json  # noqa: E402
 
 
@@ -46,10 +45,7 @@ def main_py(args, seed, out, *flags):
     cmd = [sys.executable, str(REPO / "main.py"), *flags, "--data-root", str(tree(args, seed)), "--output-dir",
            str(out), "--seed", str(seed), "--jobs", "1", "--n-folds", str(args.folds), *args.extra]
     print(f"  {' '.join(cmd[2:])}", flush=True)
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(done.stdout[-3000:], done.stderr[-3000:])
-        sys.exit(f"main.py failed (exit {done.returncode})")
+    run_main(cmd)
 
 
 def base_flags(args):

@@ -23,9 +23,7 @@ def fixed_threshold(cfg):
     folder = runs_dir(cfg) / REFERENCE / "fixed"
     if not (folder / "predictions.csv").exists():
         return 0.5
-    run = scoring.load_run(folder)
-    found = scoring.threshold(run, cfg.threshold_rule)
-    return found if found is not None else scoring.threshold(run, "val_youden")
+    return scoring.decision_threshold(scoring.load_run(folder)["metrics"]["threshold"], cfg.threshold_rule)[1]
 
 
 

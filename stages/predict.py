@@ -109,8 +109,8 @@ def load_predictor(cfg, device):
 
 
 def decision_of(ckpts):
-    """The models' mean thresholds, `decision` the one new patients are decided with, and its rule (checkpoints from
-    before decision thresholds decide at validation Youden)."""
+    """The models' mean thresholds, `decision` the one new patients are decided with, and its rule (checkpoints and
+    ONNX metadata from before decision thresholds decide at validation Youden)."""
     threshold = {k: float(np.mean([c["threshold"][k] for c in ckpts])) for k in ("youden", "sens95")}
     threshold["decision"] = float(np.mean([c["threshold"].get("decision", c["threshold"]["youden"]) for c in ckpts]))
     rules = sorted({c.get("threshold_rule", "val_youden") if "decision" in c["threshold"] else "val_youden"
@@ -122,9 +122,9 @@ def onnx_predictor(path, threads=0):
     """An exported ONNX graph (one model or an ensemble's mean) with the settings its metadata carries."""
     model = OnnxModel(path, threads)
     m = model.meta
+    threshold, rule = decision_of([m])
     return Predictor([model], tuple(m["magnifications"]), int(m["image_size"]), bool(m["stain_norm"]),
-                     list(m["classes"]["subtype"]), {"decision": m["threshold"]["youden"], **m["threshold"]},
-                     f"{path} (onnxruntime)", m["normalization"], m.get("threshold_rule", "val_youden"))
+                     list(m["classes"]["subtype"]), threshold, f"{path} (onnxruntime)", m["normalization"], rule)
 
 
 def score(p, frame, bank, batch_size, device, dtype=None, tta=False):

@@ -1,39 +1,46 @@
 """MMNet on BreakHis: runs the pipeline stages in order, or any subset with --stages."""
 import argparse
 import difflib
-import importlib
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from backbones.encoders import is_cnn, open_encoder
 from config import Config, config_fields, demo_overrides, list_kind, to_dict
+from preprocess.analyze import run_analyze
+from preprocess.preprocess import run_split
 from preprocess.synthetic import make_synthetic
-from stages.schedule import all_ok, close_distributed, init_distributed, rank, world_size
-from stages.runs import check_run_names
-from stages.training import finish_stage
-from stages.tune import finish_tune
+from stages.inference.explain import run_explain
+from stages.inference.export import run_export
+from stages.inference.predict import run_predict
+from stages.report.report import run_report
+from stages.training.distill import run_distill
+from stages.training.schedule import all_ok, close_distributed, init_distributed, rank, world_size
+from stages.training.runs import check_run_names
+from stages.training.stage import finish_stage, run_training
+from stages.tuning.tune import finish_tune, run_tune
 from utils.checks import check_config
 from utils.config_file import read_config_file
 from utils.env import environment, seed_everything
 from utils.helpers import PipelineError, log, output_path, setup_logging, write_json, write_text
 
 STAGES = {
-    "analyze": "preprocess.analyze:run_analyze",
-    "split": "preprocess.preprocess:run_split",
-    "cv": "stages.training:run_cv",
-    "fixed": "stages.training:run_fixed",
-    "baselines": "stages.training:run_baselines",
-    "ablations": "stages.training:run_ablations",
-    "explain": "stages.explain:run_explain",
-    "report": "stages.report:run_report",
+    "analyze": run_analyze,
+    "split": run_split,
+    "tune": run_tune,
+    "cv": partial(run_training, stage="cv"),
+    "fixed": partial(run_training, stage="fixed"),
+    "baselines": partial(run_training, stage="baselines"),
+    "ablations": partial(run_training, stage="ablations"),
+    "distill": run_distill,
+    "export": run_export,
+    "explain": run_explain,
+    "report": run_report,
+    "predict": run_predict,
 }
-ON_REQUEST = {"tune": "stages.tune:run_tune", "distill": "stages.distill:run_distill",
-              "export": "stages.export:run_export", "predict": "stages.predict:run_predict"}
-ORDER = ("analyze", "split", "tune", "cv", "fixed", "baselines", "ablations", "distill", "export", "explain", "report",
-         "predict")
-ALL_STAGES = {name: {**STAGES, **ON_REQUEST}[name] for name in ORDER}
+DEFAULT = ("analyze", "split", "cv", "fixed", "baselines", "ablations", "explain", "report")
 TRAINING = ("cv", "fixed", "baselines", "ablations")
 EVERY_RANK = TRAINING + ("tune",)
 DEMO_ROOT = "data/synthetic"
@@ -70,7 +77,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    parser = Parser(description=__doc__, allow_abbrev=False, epilog=f"Stages, in order: {', '.join(STAGES)}. "
+    parser = Parser(description=__doc__, allow_abbrev=False, epilog=f"Stages, in order: {', '.join(DEFAULT)}. "
                     "--demo runs them all on synthetic data with CPU-sized settings. On request: "
                     "--stages predict --input PATH scores new patients; --stages tune searches the training settings; "
                     "--stages distill trains a smaller student; --stages export writes ONNX.")
@@ -90,11 +97,11 @@ def resolve_config(argv=None):
         cfg = replace(cfg, data_root=DEMO_ROOT, **demo_overrides())
     given = {**loaded, **args}
     cfg = frozen_cnn_stage(frozen_encoder(replace(cfg, **given), given), given)
-    unknown = [s for s in cfg.stages if s not in ALL_STAGES]
+    unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
-        raise PipelineError(f"unknown stage(s) {', '.join(unknown)}. Valid stages, in order: {', '.join(ALL_STAGES)}")
+        raise PipelineError(f"unknown stage(s) {', '.join(unknown)}. Valid stages, in order: {', '.join(STAGES)}")
     check_run_names(cfg)
-    return check_config(cfg, list(ALL_STAGES))
+    return check_config(cfg, list(STAGES))
 
 
 def frozen_encoder(cfg, args):
@@ -152,8 +159,7 @@ def run_stage(name, cfg):
     """Training and tuning run on every torchrun rank (each its share of the runs or trials); the others on rank 0."""
     if name not in EVERY_RANK and rank() != 0:
         return
-    module, fn = ALL_STAGES[name].split(":")
-    getattr(importlib.import_module(module), fn)(cfg)
+    STAGES[name](cfg)
 
 
 def stage_ok(name, cfg):
@@ -173,7 +179,7 @@ def stage_list(cfg):
     """The stages named by --stages in pipeline order; else predict alone with --input, the whole pipeline without."""
     if not cfg.stages and cfg.input:
         return ["predict"]
-    return [s for s in ALL_STAGES if s in cfg.stages] or list(STAGES)
+    return [s for s in STAGES if s in cfg.stages] or list(DEFAULT)
 
 
 def run_stages(cfg):

@@ -112,7 +112,7 @@ def test_mistyped_flag_suggests_the_right_one(capsys):
 
 
 def test_interrupted_mid_epoch_then_resumed(make_cfg, monkeypatch, capsys):
-    from stages.engine.train import Optimisation
+    from stages.training.train import Optimisation
     cfg = make_cfg(epochs=3)
     assert run(cfg, "analyze,split") == 0
     real_step, calls = Optimisation.step, []

@@ -16,7 +16,7 @@ def prepared(tmp_path_factory, tiny_root):
 
 
 def spec(name, model="mmnet"):
-    from stages.runs import RunSpec
+    from stages.training.runs import RunSpec
     return RunSpec(name, model, "cv")
 
 
@@ -39,9 +39,9 @@ def choices(metrics):
 
 
 def test_the_probe_picks_c_by_inner_cv_and_ignores_the_test_patients(prepared, tmp_path, monkeypatch):
-    from stages.engine import features
-    from stages.engine.probe import C_GRID
-    from stages.engine.run import run_one
+    from stages.training import features
+    from stages.training.probe import C_GRID
+    from stages.training.run import run_one
     metrics = run_one(prepared, spec("linear_probe", "linear_probe"), "fold_0")
     by_c = metrics["probe"]["oof_auc_by_C"]
     assert set(by_c) == {f"{c:g}" for c in C_GRID} and 0 < metrics["threshold"]["oof_youden"] < 1
@@ -65,7 +65,7 @@ def test_the_probe_picks_c_by_inner_cv_and_ignores_the_test_patients(prepared, t
 
 
 def test_ties_take_the_stated_default_c():
-    from stages.engine.probe import DEFAULT_C, pick
+    from stages.training.probe import DEFAULT_C, pick
     assert pick({1e-3: 1.0, 1e-2: 1.0, 1.0: 1.0}) == DEFAULT_C
     assert pick({1e-3: 0.5, 0.1: 1.0, 1.0: 1.0}) == 0.1
     assert pick({1e-3: float("nan")}) == DEFAULT_C
@@ -73,7 +73,7 @@ def test_ties_take_the_stated_default_c():
 
 def test_inner_models_give_an_out_of_fold_threshold_that_no_test_patient_moves(prepared, tmp_path):
     from preprocess.preprocess import load_split
-    from stages.engine.run import run_one
+    from stages.training.run import run_one
     from utils.helpers import run_dir
     from utils.metrics import youden_threshold
     cfg = replace(prepared, threshold_rule="oof_youden")

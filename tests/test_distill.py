@@ -7,11 +7,11 @@ import torch
 
 import main
 from preprocess.preprocess import load_split
-from stages import distill, ensemble
-from stages.engine.checkpoint import load_model
-from stages.engine.distill import Distillation
-from stages.ensemble import ENSEMBLE
-from stages.runs import REFERENCE, STUDENT, TEACHER
+from stages.training import distill, ensemble
+from stages.training.checkpoint import load_model
+from stages.training.distill import Distillation
+from stages.training.ensemble import ENSEMBLE
+from stages.training.runs import REFERENCE, STUDENT, TEACHER
 from tests.conftest import copy_output
 from tests.test_pipeline import flags
 from utils.helpers import read_json, write_json

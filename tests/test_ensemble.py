@@ -16,15 +16,15 @@ def trained(tmp_path_factory, tiny_root):
     """Two CV folds, the fixed split and table 2's ensemble members of the reference model, then the report."""
     from preprocess.analyze import run_analyze
     from preprocess.preprocess import run_split
-    from stages.report import run_report
-    from stages.training import run_cv, run_fixed
+    from stages.report.report import run_report
+    from stages.training.stage import run_training
     out = tmp_path_factory.mktemp("ensemble") / "output"
     cfg = replace(Config(), **dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(out), epochs=1,
                                    n_folds=3, folds=(0, 1)))
     run_analyze(cfg)
     run_split(cfg)
-    run_cv(cfg)
-    run_fixed(cfg)
+    run_training(cfg, "cv")
+    run_training(cfg, "fixed")
     run_report(cfg)
     return cfg
 
@@ -44,7 +44,7 @@ def test_a_run_records_the_patients_it_trained_and_validated_on(trained):
 
 
 def test_the_ensemble_members_never_saw_a_fixed_test_patient(trained):
-    from stages.ensemble import ENSEMBLE, honest_members
+    from stages.training.ensemble import ENSEMBLE, honest_members
     from utils.helpers import read_json, run_dir
     test = patients(trained, "fixed", ["test"])
     members = honest_members(trained)
@@ -60,10 +60,10 @@ def test_the_ensemble_members_never_saw_a_fixed_test_patient(trained):
 
 
 def test_the_ensemble_averages_its_members_and_thresholds_on_their_out_of_fold_predictions(trained):
-    from stages.engine.checkpoint import load_model
-    from stages.engine.data import prepare_run
-    from stages.engine.predict import predict
-    from stages.ensemble import ENSEMBLE, honest_members
+    from stages.training.checkpoint import load_model
+    from stages.training.data import prepare_run
+    from stages.training.forward import predict
+    from stages.training.ensemble import ENSEMBLE, honest_members
     from utils.helpers import read_json, run_dir
     from utils.metrics import youden_threshold
     pred = pd.read_csv(run_dir(trained, ENSEMBLE, "fixed") / "predictions.csv", dtype={"patient_id": str})
@@ -81,7 +81,7 @@ def test_the_ensemble_averages_its_members_and_thresholds_on_their_out_of_fold_p
 
 
 def test_the_old_fold_ensemble_on_the_fixed_test_patients_is_refused(trained):
-    from stages.ensemble import score_members
+    from stages.training.ensemble import score_members
     from utils.helpers import PipelineError, run_dir
     test = patients(trained, "fixed", ["test"])
     folds = ["fold_0", "fold_1"]
@@ -95,7 +95,7 @@ def test_the_old_fold_ensemble_on_the_fixed_test_patients_is_refused(trained):
 def test_the_report_refuses_a_run_whose_models_saw_a_test_patient(trained, tmp_path):
     import shutil
 
-    from stages.report import run_report
+    from stages.report.report import run_report
     from utils.helpers import PipelineError, read_json, write_json
     out = tmp_path / "output"
     shutil.copytree(trained.output_dir, out)
@@ -117,7 +117,7 @@ def test_check_no_leak_names_the_run_and_the_patients():
 
 
 def test_table_2_has_the_ensemble_row(trained):
-    from stages.ensemble import ENSEMBLE
+    from stages.training.ensemble import ENSEMBLE
     table = pd.read_csv(f"{trained.output_dir}/tables/table_2_patient_wise_results.csv")
     assert set(table["model"]) == {"mmnet", ENSEMBLE}
     rows = table[(table["model"] == ENSEMBLE) & (table["level"] == "patient")]
@@ -138,8 +138,8 @@ def test_runs_picks_runs_of_a_stage_and_names_unknown_ones(trained, capsys):
 
 
 def test_a_baseline_without_its_own_weights_is_skipped_with_a_warning(monkeypatch):
-    import stages.training as training
-    from stages.runs import stage_runs
+    import stages.training.stage as training
+    from stages.training.runs import stage_runs
     from utils.helpers import PipelineError
     warnings = []
 

@@ -20,13 +20,13 @@ def trained(tmp_path_factory, tiny_root):
     """MMNet trained by the cv stage on fold 0 only, with TTA and SMOTE."""
     from preprocess.analyze import run_analyze
     from preprocess.preprocess import run_split
-    from stages.training import run_cv
+    from stages.training.stage import run_training
     out = tmp_path_factory.mktemp("experiments") / "output"
     cfg = replace(Config(), **dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(out), epochs=6,
                                    tuples_per_patient=8, patience=6, folds=(0,), tta=True))
     run_analyze(cfg)
     run_split(cfg)
-    run_cv(cfg)
+    run_training(cfg, "cv")
     folder = run_dir(cfg, "mmnet", "fold_0")
     return cfg, folder, pd.read_csv(folder / "predictions.csv", keep_default_na=False), read_json(folder / "metrics.json")
 
@@ -89,7 +89,7 @@ def test_checkpoint_reloads_through_the_registry_with_the_same_predictions(train
     from preprocess.analyze import load_index
     from preprocess.transforms import prepare
     from preprocess.tuples import image_bank, tuple_rows
-    from stages.engine.checkpoint import load_model
+    from stages.training.checkpoint import load_model
     cfg, folder, pred, _ = trained
     model, ckpt = load_model(folder / "checkpoints" / "best.pth")
     assert ckpt["model_name"] == "mmnet" and ckpt["classes"]["binary"] == ["benign", "malignant"]
@@ -106,17 +106,17 @@ def test_checkpoint_reloads_through_the_registry_with_the_same_predictions(train
 
 
 def test_a_finished_run_is_skipped_unless_forced(trained):
-    from stages.training import run_cv
+    from stages.training.stage import run_training
     cfg, folder, _, _ = trained
     stamp = (folder / "metrics.json").stat().st_mtime_ns
-    run_cv(cfg)
+    run_training(cfg, "cv")
     assert (folder / "metrics.json").stat().st_mtime_ns == stamp
 
 
 def test_every_baseline_and_ablation_builds_and_reads_the_full_tuple(make_cfg):
     from backbones import MODELS, build_model
-    from stages.engine.data import model_kwargs
-    from stages.runs import ablation_runs, baseline_runs
+    from stages.training.data import model_kwargs
+    from stages.training.runs import ablation_runs, baseline_runs
     cfg = make_cfg(resnet_backbone="test_resnet")
     specs = baseline_runs(cfg) + ablation_runs(cfg)
     names = [s.name for s in specs]

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import main
-from stages.engine.checkpoint import load_model
-from stages.engine.onnx_export import OnnxModel
+from stages.training.checkpoint import load_model
+from stages.inference.predictor import OnnxModel
 from config import Config
 from preprocess.tuples import image_bank
-from stages.engine.data import split_frames
-from stages.predict import onnx_predictor, score
-from stages.runs import REFERENCE
+from stages.training.data import split_frames
+from stages.inference.predictor import onnx_predictor, score
+from stages.training.runs import REFERENCE
 from tests.conftest import copy_output
 from utils.helpers import PipelineError
 

@@ -87,7 +87,7 @@ def test_a_middle_stage_backbone_is_cut_after_it_and_loads_uncut_weights():
 
 
 def test_a_checkpoint_from_before_stage_lists_loads(tmp_path):
-    from stages.engine.checkpoint import load_model
+    from stages.training.checkpoint import load_model
     model = build_model("mmnet", magnifications=MAGS, num_subtypes=3, backbone=CNN, pretrained=False)
     state = {k.replace("pools.0.", "pool."): v for k, v in model.state_dict().items()}
     kwargs = dict(model.cfg.__dict__, feature_stage=-1)
@@ -122,9 +122,9 @@ def test_a_stage_list_runs_every_stage_and_predict(mode, make_cfg, tmp_path):
 
 
 def test_probe_then_fine_tune_reads_a_stage_list(tmp_path_factory, tiny_root):
-    from stages.engine.features import extractor
-    from stages.engine.run import run_one
-    from stages.runs import RunSpec
+    from stages.training.features import extractor
+    from stages.training.run import run_one
+    from stages.training.runs import RunSpec
     from utils.helpers import run_dir
     cfg = prepared_output(tmp_path_factory, tiny_root, "lpft_stages", epochs=2, frozen_epochs=1, feature_stage=(2, -1))
     metrics = run_one(cfg, RunSpec("lpft", "mmnet", "cv", {}), "fold_0")

@@ -15,14 +15,14 @@ def prepared(tmp_path_factory, tiny_root):
 
 
 def spec(name, model="mmnet", **flags):
-    from stages.runs import RunSpec
+    from stages.training.runs import RunSpec
     return RunSpec(name, model, "cv", flags)
 
 
 def test_cached_features_equal_the_backbone_on_each_view(prepared):
-    from stages.engine.data import prepare_run
+    from stages.training.data import prepare_run
     from backbones.common import normalization
-    from stages.engine.features import VIEWS, extractor, view
+    from stages.training.features import VIEWS, extractor, view
     cfg = replace(prepared, freeze_backbone=True)
     run = prepare_run(cfg, "f", "fold_0", "mmnet", {})
     net = extractor(cfg)
@@ -39,11 +39,11 @@ def test_cached_features_equal_the_backbone_on_each_view(prepared):
 
 
 def test_a_frozen_run_trains_only_the_head_and_its_checkpoint_reads_images(prepared):
-    from stages.engine.checkpoint import load_model
-    from stages.engine.data import prepare_run
-    from stages.engine.features import extractor
-    from stages.engine.predict import predict
-    from stages.engine.run import run_one
+    from stages.training.checkpoint import load_model
+    from stages.training.data import prepare_run
+    from stages.training.features import extractor
+    from stages.training.forward import predict
+    from stages.training.run import run_one
     from utils.helpers import run_dir
     cfg = replace(prepared, freeze_backbone=True)
     metrics = run_one(cfg, spec("frozen"), "fold_0")
@@ -58,8 +58,8 @@ def test_a_frozen_run_trains_only_the_head_and_its_checkpoint_reads_images(prepa
 
 
 def test_probe_then_fine_tune_unfreezes_the_backbone_after_the_frozen_epochs(prepared):
-    from stages.engine.features import extractor
-    from stages.engine.run import run_one
+    from stages.training.features import extractor
+    from stages.training.run import run_one
     from utils.helpers import run_dir
     cfg = replace(prepared, frozen_epochs=1, epochs=2, selection="swa")
     run_one(cfg, spec("lpft"), "fold_0")
@@ -70,8 +70,8 @@ def test_probe_then_fine_tune_unfreezes_the_backbone_after_the_frozen_epochs(pre
 
 
 def test_the_feature_cache_is_built_once_and_reused(prepared):
-    from stages.engine import features
-    from stages.engine.data import prepare_run
+    from stages.training import features
+    from stages.training.data import prepare_run
     cfg = replace(prepared, freeze_backbone=True, feature_stage=(1,))
     first = prepare_run(cfg, "a", "fold_0", "mmnet", {}).features
     folder = features.cache_folder(cfg)
@@ -88,8 +88,8 @@ def test_the_feature_cache_is_built_once_and_reused(prepared):
 
 
 def test_the_linear_probe_scores_like_a_run_and_picks_c_on_validation(prepared):
-    from stages.engine.probe import C_GRID
-    from stages.engine.run import run_one
+    from stages.training.probe import C_GRID
+    from stages.training.run import run_one
     from utils.helpers import run_dir
     metrics = run_one(prepared, spec("linear_probe", "linear_probe"), "fold_0")
     assert metrics["probe"]["C"] in C_GRID
@@ -113,7 +113,7 @@ def test_frozen_mode_settings_that_contradict_each_other_are_refused():
 
 
 def test_a_vit_trains_frozen_and_fine_tuned(prepared):
-    from stages.engine.run import run_one
+    from stages.training.run import run_one
     cfg = replace(prepared, backbone="vit_tiny_patch16_224", epochs=1)
     for name, frozen in (("vit_frozen", True), ("vit_tuned", False)):
         metrics = run_one(replace(cfg, freeze_backbone=frozen), spec(name), "fold_0")

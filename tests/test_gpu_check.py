@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from config import Config
-from stages.runs import all_runs
+from stages.training.runs import all_runs
 from tests.conftest import ROOT
 
 SCRIPT = ROOT / "tests" / "benchmarks" / "gpu_check.py"

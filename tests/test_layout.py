@@ -7,12 +7,20 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("config", "utils", "preprocess", "backbones", "stages", "main")
 
 
+FLOORS = {"config": 0, "utils": 1, "preprocess": 2, "backbones": 2, "stages.training": 3, "stages.tuning": 4,
+          "stages.inference": 4, "stages.report": 4, "main": 5}
+
+
+def package(module):
+    """The room a module lives in: its top-level package, or its package under stages/."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "stages" else parts[0]
+
+
 def floor(module):
-    """config 0, utils 1, preprocess and backbones 2, the one-run engine 3, the stages 4, main 5."""
-    top = module.split(".")[0]
-    if module.startswith("stages.engine"):
-        return 3
-    return {"config": 0, "utils": 1, "preprocess": 2, "backbones": 2, "stages": 4, "main": 5}[top]
+    """config 0, utils 1, preprocess and backbones 2, training (a run and the stages that train runs) 3, tuning,
+    inference and report 4, main 5."""
+    return FLOORS[package(module)]
 
 
 def modules():
@@ -47,7 +55,7 @@ def test_no_import_runs_upward_or_sideways_between_packages():
     wrong = []
     for name, targets in graph().items():
         for target, _ in targets:
-            same_package = target.split(".")[0] == name.split(".")[0]
+            same_package = package(target) == package(name)
             if floor(target) > floor(name) or (floor(target) == floor(name) and not same_package):
                 wrong.append(f"{name} -> {target}")
     assert not wrong
@@ -85,3 +93,15 @@ def test_the_reference_model_name_is_spelled_once():
 def test_every_file_is_short():
     long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) >= 350}
     assert not long
+
+
+def test_no_two_modules_share_a_file_name():
+    names = {}
+    for name, path in modules().items():
+        if path.name != "__init__.py":
+            names.setdefault(path.name, []).append(name)
+    assert {n: m for n, m in names.items() if len(m) > 1} == {}
+
+
+def test_every_stage_module_sits_on_a_floor():
+    assert all(package(name) in FLOORS for name in modules() if name != "stages")

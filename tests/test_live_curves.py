@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stages.engine.live import curves_dir
-from stages.engine.run import run_one
-from stages.runs import REFERENCE, RunSpec
+from stages.training.live import curves_dir
+from stages.training.run import run_one
+from stages.training.runs import REFERENCE, RunSpec
 from tests.conftest import prepared_output
 from utils.helpers import run_dir
 

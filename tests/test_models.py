@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from backbones import REFERENCE_MODEL, ModelConfig, build_model, list_models, model_config, model_kwargs_of
 from backbones.baseline_resnet50 import ResNet50Transfer
-from utils.efficiency import count_params, profile_model
+from stages.report.efficiency import count_params, profile_model
 from utils.helpers import PipelineError
 
 MAGS = ("40X", "100X", "200X", "400X")

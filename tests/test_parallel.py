@@ -113,8 +113,8 @@ def test_two_processes_on_one_output_folder_each_train_a_share(sequential, tmp_p
 def held_and_stale(tmp_path_factory, tiny_root, monkeypatch, name, jobs):
     """fold_0 held by a live process elsewhere (finished once this process has trained fold_2), fold_1 by a dead
     one (old heartbeat), fold_2 free; run_units over the three: (config, the pipeline's log lines)."""
-    import stages.schedule as schedule
-    from stages.runs import stage_runs
+    import stages.training.schedule as schedule
+    from stages.training.runs import stage_runs
     from utils.helpers import logger, run_dir
     cfg = replace(prepared_output(tmp_path_factory, tiny_root, name, n_folds=3), epochs=1, jobs=jobs)
     monkeypatch.setattr(schedule, "WAIT_S", 0.1)
@@ -189,7 +189,7 @@ def test_a_worker_stops_when_its_parent_dies(tmp_path):
     script = (
         "import multiprocessing as mp, os, sys, time\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from stages.schedule import exit_with\n"
+        "from stages.training.schedule import exit_with\n"
         "def child(parent, path):\n"
         "    exit_with(parent)\n"
         "    open(path, 'w').write(str(os.getpid()))\n"

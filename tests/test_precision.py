@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from backbones import build_model
-from stages.engine.checkpoint import load_model, read_checkpoint
-from stages.engine.data import prepare_run
-from stages.engine.predict import amp_settings, predict
-from stages.engine.train import build_optimizer, fit
-from stages.runs import REFERENCE
+from stages.training.checkpoint import load_model, read_checkpoint
+from stages.training.data import prepare_run
+from stages.training.forward import amp_settings, predict
+from stages.training.train import build_optimizer, fit
+from stages.training.runs import REFERENCE
 from tests.conftest import prepared_output
 from utils.env import precision_dtype, switch
 
@@ -97,13 +97,13 @@ def test_fused_adamw_follows_its_setting(prepared):
 
 
 def test_gpu_placement_and_job_count_follow_free_memory(monkeypatch, prepared):
-    from stages.schedule import job_count
+    from stages.training.schedule import job_count
     from utils.env import fits_on_gpu
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * gib, 80 * gib))
     cuda = torch.device("cuda")
     assert fits_on_gpu(19 * gib, cuda) and not fits_on_gpu(21 * gib, cuda) and not fits_on_gpu(1, CPU)
-    monkeypatch.setattr("stages.schedule.resolve_device", lambda name: cuda)
+    monkeypatch.setattr("stages.training.schedule.resolve_device", lambda name: cuda)
     assert job_count(replace(prepared, jobs=0)) == 3
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 * gib, 80 * gib))
     assert job_count(replace(prepared, jobs=0)) == 1 and job_count(replace(prepared, jobs=2)) == 2

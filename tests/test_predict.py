@@ -10,7 +10,7 @@ import torch
 
 import main
 from config import Config
-from stages.runs import REFERENCE
+from stages.training.runs import REFERENCE
 from tests.conftest import TEST_SETTINGS
 from tests.test_pipeline import flags
 from utils.helpers import read_json

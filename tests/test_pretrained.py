@@ -11,11 +11,11 @@ import main
 from backbones import REFERENCE_MODEL, build_model
 from backbones.common import normalization
 from config import Config
-from stages.engine.checkpoint import checkpoint
-from stages.engine.data import model_kwargs
-from stages.engine.predict import predict
+from stages.training.checkpoint import checkpoint
+from stages.training.data import model_kwargs
+from stages.training.forward import predict
 from preprocess.tuples import ImageBank
-from stages.engine.train import build_optimizer
+from stages.training.train import build_optimizer
 from tests.conftest import same_normalisation
 from utils.helpers import PipelineError
 

@@ -12,8 +12,8 @@ import main
 from config import MAGNIFICATIONS, Config
 from preprocess.analyze import build_index, group_subtypes, subtype_classes, subtype_warning
 from preprocess.tuples import eval_tuples
-from stages.engine.run import fold_line
-from stages.report_plots import confusion_plots
+from stages.training.run import fold_line
+from stages.report.plots import confusion_plots
 from utils import scoring as S
 from utils import tables as T
 from utils.helpers import plots_dir, runs_dir, tables_dir

@@ -12,7 +12,7 @@ from utils import plottings as P
 from utils import scoring as S
 from utils import tables as T
 from utils.helpers import PipelineError, run_dir
-from stages.report import run_report
+from stages.report.report import run_report
 
 MAGS = ("40X", "100X", "200X", "400X")
 CLASSES = ["ductal_carcinoma", "fibroadenoma", "Other"]
@@ -289,7 +289,7 @@ def test_explain_writes_gradcam_attention_and_importance(make_cfg):
     from preprocess.analyze import load_index, run_analyze, subtype_classes
     from preprocess.preprocess import run_split
     from utils.helpers import models_dir
-    from stages.explain import run_explain
+    from stages.inference.explain import run_explain
     cfg = make_cfg(image_size=48, explain_samples=1)
     run_analyze(cfg)
     run_split(cfg)

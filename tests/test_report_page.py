@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from config import Config
-from stages.report import run_report
+from stages.report.report import run_report
 from tests.test_report import MAGS, fabricate
 from utils import scoring as S
 from utils import stats

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from config import SELECTIONS, Config
-from stages.engine.selection import SCORES, Selection, ema_decay, recompute_batchnorm
+from stages.training.selection import SCORES, Selection, ema_decay, recompute_batchnorm
 from tests.conftest import prepared_output
 
 
@@ -68,8 +68,8 @@ def prepared(tmp_path_factory, tiny_root):
 
 @pytest.mark.parametrize("rule", SELECTIONS)
 def test_every_rule_trains_resumes_and_keeps_a_checkpoint(prepared, rule):
-    from stages.engine.run import run_one
-    from stages.runs import RunSpec
+    from stages.training.run import run_one
+    from stages.training.runs import RunSpec
     from utils.helpers import run_dir
     spec = RunSpec(f"sel_{rule}", "mmnet", "cv")
     cfg = replace(prepared, selection=rule)

@@ -17,12 +17,12 @@ from fastapi.testclient import TestClient
 
 import main
 from config import Config
-from stages.engine.checkpoint import load_model
-from stages.engine.onnx_export import export_onnx
-from stages.export import metadata
-from stages.predict import checkpoint_paths, load_predictor
-from stages.runs import REFERENCE
-from stages.serve import Limits, create_app, load_service, parse_args
+from stages.training.checkpoint import load_model
+from stages.inference.export import export_onnx
+from stages.inference.export import metadata
+from stages.inference.predictor import checkpoint_paths, load_predictor
+from stages.training.runs import REFERENCE
+from stages.inference.serve import Limits, create_app, load_service, parse_args
 from tests.conftest import ROOT, copy_output
 
 TOLERANCE = 1e-5
@@ -157,10 +157,10 @@ def free_port():
 
 
 def test_real_uvicorn_on_loopback(served):
-    """python -m stages.serve on a free 127.0.0.1 port, driven by httpx, stopped at the end (killed after 120 s)."""
+    """python -m stages.inference.serve on a free 127.0.0.1 port, driven by httpx, stopped at the end (killed after 120 s)."""
     cfg, client, images = served
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--output-dir", cfg.output_dir, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "stages.inference.serve", "--output-dir", cfg.output_dir, "--port", str(port),
                              "--device", "cpu", "--threads", "1"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     watchdog = threading.Timer(120, proc.kill)

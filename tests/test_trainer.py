@@ -68,7 +68,7 @@ def test_losses_weight_the_rare_classes_more():
 
 
 def test_warmup_then_cosine():
-    from stages.engine.train import lr_factor
+    from stages.training.train import lr_factor
     f = [lr_factor(s, 5, 50) for s in range(50)]
     assert f[0] < f[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[5:], f[6:]))
@@ -86,12 +86,12 @@ def interrupt(epoch, state):
 
 
 def spec(name):
-    from stages.runs import REFERENCE, RunSpec
+    from stages.training.runs import REFERENCE, RunSpec
     return RunSpec(name, REFERENCE, "cv")
 
 
 def test_resume_continues_an_interrupted_run_to_the_same_end(prepared):
-    from stages.engine.run import run_one
+    from stages.training.run import run_one
     with pytest.raises(KeyboardInterrupt):
         run_one(prepared, spec("stopped"), "fold_0", callback=interrupt)
     assert history_of(prepared, "stopped")["epoch"].tolist() == [1]
@@ -106,7 +106,7 @@ def test_resume_continues_an_interrupted_run_to_the_same_end(prepared):
 
 
 def test_resume_with_another_configuration_names_the_differences(prepared):
-    from stages.engine.run import run_one
+    from stages.training.run import run_one
     with pytest.raises(KeyboardInterrupt):
         run_one(prepared, spec("mismatch"), "fold_0", callback=interrupt)
     changed = replace(prepared, resume=True, image_size=48, backbone="test_resnet")
@@ -118,7 +118,7 @@ def test_resume_with_another_configuration_names_the_differences(prepared):
 def test_checkpoint_of_another_configuration_gives_a_clear_message(prepared, tmp_path):
     from backbones import build_model
     from types import SimpleNamespace
-    from stages.engine.checkpoint import checkpoint, load_model, save
+    from stages.training.checkpoint import checkpoint, load_model, save
     kwargs = dict(magnifications=prepared.magnifications, num_subtypes=3, backbone="test_efficientnet", pretrained=False)
     meta = SimpleNamespace(model_name="mmnet", model_kwargs=kwargs, classes=["a", "b", "c"])
     save(checkpoint(build_model("mmnet", **kwargs), meta, prepared, 1, 0.5), tmp_path / "a.pth")
@@ -136,7 +136,7 @@ def test_checkpoint_of_another_configuration_gives_a_clear_message(prepared, tmp
 
 
 def test_non_finite_losses_skip_steps_then_stop_the_run(prepared, monkeypatch):
-    from stages.engine.run import run_one
+    from stages.training.run import run_one
     from utils.losses import Criterion
 
     calls = []
@@ -152,7 +152,7 @@ def test_non_finite_losses_skip_steps_then_stop_the_run(prepared, monkeypatch):
 
 
 def test_a_truncated_checkpoint_at_resume_is_a_clear_message(prepared):
-    from stages.engine.run import run_one
+    from stages.training.run import run_one
     from utils.helpers import run_dir
     with pytest.raises(KeyboardInterrupt):
         run_one(prepared, spec("truncated"), "fold_0", callback=interrupt)

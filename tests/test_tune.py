@@ -15,12 +15,12 @@ import torch
 from optuna.trial import FixedTrial
 
 import main
-import stages.tune_trial as tune_trial
+import stages.tuning.trial as tune_trial
 from preprocess.analyze import load_index, run_analyze
 from preprocess.preprocess import load_split, run_split
-from stages.tune import fail_stale, open_study, pruner, run_tune, storage
-from stages.tune_space import default_space, load_space, suggest
-from stages.tune_trial import pruning_report
+from stages.tuning.tune import fail_stale, open_study, pruner, run_tune, storage
+from stages.tuning.space import default_space, load_space, suggest
+from stages.tuning.trial import pruning_report
 from tests.conftest import TEST_SETTINGS
 from utils.config_file import read_config_file
 from utils.helpers import PipelineError

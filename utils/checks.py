@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from config import COMPILE_BACKENDS, MAGNIFICATIONS, PRECISIONS, SELECTIONS, SWITCHES, config_fields
-from config import MAGNIFICATIONS, SELECTIONS, THRESHOLD_RULES, config_fields
+from config import COMPILE_BACKENDS, MAGNIFICATIONS, PRECISIONS, SELECTIONS, SWITCHES, THRESHOLD_RULES, config_fields
 from utils.helpers import PipelineError
 
 STRIDE = 32  # timm CNN backbones downsample by 32 at their last stage, so sizes that are multiples of 32 always fit

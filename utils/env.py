@@ -3,6 +3,7 @@ import hashlib
 import os
 import platform
 import random
+import subprocess
 from importlib import metadata
 from pathlib import Path
 
@@ -104,3 +105,17 @@ def environment():
     props = torch.cuda.get_device_properties(0)
     info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported())
     return info
+
+
+def commit():
+    """The code's git commit (and whether the tree had changes), or '' outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if head.returncode != 0:
+        return ""
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from main_runs import run_main, tree  # noqa: E402
-from stages.runs import REFERENCE, STUDENT  # noqa: E402
+from stages.training.runs import REFERENCE, STUDENT  # noqa: E402
 from utils.helpers import read_json  # noqa: E402
 
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from backbones import build_model  # noqa: E402
 from config import MAGNIFICATIONS, Config  # noqa: E402
-from utils.efficiency import profile_model, time_forward  # noqa: E402
+from stages.report.efficiency import profile_model, time_forward  # noqa: E402
 
 
 def variants(backbone):

@@ -116,8 +116,8 @@ def train_limit(cfg, run, device, steps):
     """Tuples/s of forward + backward + optimizer step of a fresh model on one plain batch already on the device."""
     from backbones import build_model
     from preprocess.transforms import prepare
-    from stages.engine.predict import autocast, targets
-    from stages.engine.train import optimisation
+    from stages.training.forward import autocast, targets
+    from stages.training.train import optimisation
     model = build_model(run.model_name, **run.model_kwargs)
     forward = place(model, cfg, device)
     opt = optimisation(model, cfg, device, steps + 3)
@@ -139,7 +139,7 @@ def train_limit(cfg, run, device, steps):
 def eval_limit(cfg, model, run, device, steps):
     """Tuples/s of the eval-mode forward of `model` on one batch already on the device."""
     from preprocess.transforms import prepare
-    from stages.engine.predict import amp_settings, autocast
+    from stages.training.forward import amp_settings, autocast
     dtype, _ = amp_settings(cfg, device)
     rows, _, _ = run.batches["test"][0]
     x, mask = prepare(*run.bank.gather(rows, device), device)
@@ -167,8 +167,8 @@ def prepare_fold(cfg, device, stages):
     from preprocess.analyze import load_index, run_analyze
     from preprocess.cache import image_cache
     from preprocess.preprocess import run_split
-    from stages.engine.data import prepare_run
-    from stages.runs import REFERENCE
+    from stages.training.data import prepare_run
+    from stages.training.runs import REFERENCE
     with stages.stage("analyze"):
         run_analyze(cfg)
     with stages.stage("split"):
@@ -188,8 +188,8 @@ def epoch_tuples(run):
 
 def fit_and_evaluate(cfg, run, device, stages, clock, profile):
     """fit() then evaluate() of fold 0 with the engine's inner calls clocked: (fit seconds, evaluate seconds)."""
-    import stages.engine.evaluate as evaluate_module
-    import stages.engine.train as train_module
+    import stages.training.evaluate as evaluate_module
+    import stages.training.train as train_module
     from backbones import build_model
     seed_everything(cfg.seed)
     model = build_model(run.model_name, **run.model_kwargs)
@@ -269,7 +269,7 @@ def print_stage_times(times):
 
 
 def header(cfg, args, device, preset):
-    from stages.engine.predict import amp_settings
+    from stages.training.forward import amp_settings
     dtype, _ = amp_settings(cfg, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name}); torch {torch.__version__}; {os.cpu_count()} CPUs, "

@@ -34,12 +34,13 @@ from config import MAGNIFICATIONS, Config  # noqa: E402
 from preprocess.analyze import parse_name  # noqa: E402
 from preprocess.synthetic import make_synthetic  # noqa: E402
 from preprocess.tuples import ImageBank, eval_batches, eval_tuples  # noqa: E402
-from stages.engine.onnx_export import OnnxModel, export_onnx  # noqa: E402
-from stages.engine.predict import predict  # noqa: E402
-from stages.export import metadata  # noqa: E402
-from stages.predict import Predictor, patient_table, score  # noqa: E402
-from stages.serve import Service, create_app  # noqa: E402
-from stages.predict_inputs import collect, decode_all, index_frame  # noqa: E402
+from stages.inference.export import export_onnx  # noqa: E402
+from stages.inference.predictor import OnnxModel  # noqa: E402
+from stages.training.forward import predict  # noqa: E402
+from stages.inference.export import metadata  # noqa: E402
+from stages.inference.predictor import Predictor, patient_table, score  # noqa: E402
+from stages.inference.serve import Service, create_app  # noqa: E402
+from stages.inference.inputs import collect, decode_all, index_frame  # noqa: E402
 from utils.env import amp_dtype  # noqa: E402
 
 CLASSES = ["ductal_carcinoma", "fibroadenoma", "Other"]

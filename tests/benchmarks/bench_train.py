@@ -110,8 +110,8 @@ def gather_rates(run, device):
 def engine_rates(cfg, run, device):
     """(training tuples/s, evaluation tuples/s, seconds per epoch incl. validation) after one warm-up epoch."""
     from backbones import build_model
-    from stages.engine.predict import predict
-    from stages.engine.train import TrainState, optimisation, train_epoch
+    from stages.training.forward import predict
+    from stages.training.train import TrainState, optimisation, train_epoch
     model = build_model(run.model_name, **run.model_kwargs)
     forward = place(model, cfg, device)
     opt = optimisation(model, cfg, device, len(run.train_sampler))
@@ -132,7 +132,7 @@ def engine_rates(cfg, run, device):
 def step_memory(cfg, model, optimizer, batch, device):
     """Peak allocated bytes of one AMP training step (augmentation included) at `batch` tuples."""
     from preprocess.transforms import prepare
-    from stages.engine.predict import amp_settings, autocast
+    from stages.training.forward import amp_settings, autocast
     dtype, scaler = amp_settings(cfg, device)
     m, s = len(cfg.magnifications), cfg.image_size
     images = torch.randint(0, 255, (batch, m, s, s, 3), dtype=torch.uint8)
@@ -185,7 +185,7 @@ def largest_batch(cfg, model, optimizer, device, budget_gb=24, limit=4096):
 def cuda_memory(cfg, run, device):
     """(peak GB of one training step at the configured batch, largest batch in 24 GB)."""
     from backbones import build_model
-    from stages.engine.train import build_optimizer
+    from stages.training.train import build_optimizer
     model = build_model(run.model_name, **run.model_kwargs).to(device).train()
     optimizer = build_optimizer(model, cfg, device)
     step_memory(cfg, model, optimizer, cfg.batch_size, device)
@@ -226,8 +226,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as work:
         from preprocess.analyze import load_index
         from preprocess.cache import image_cache
-        from stages.engine.data import prepare_run
-        from stages.runs import REFERENCE
+        from stages.training.data import prepare_run
+        from stages.training.runs import REFERENCE
         cfg, made = prepare_tree(cfg, args.root, preset, work)
         paths = load_index(cfg)["path"].astype(str).tolist()
         reset_peak(device)

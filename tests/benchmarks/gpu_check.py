@@ -41,10 +41,10 @@ from preprocess.analyze import load_index, run_analyze  # noqa: E402
 from preprocess.cache import image_cache  # noqa: E402
 from preprocess.preprocess import run_split  # noqa: E402
 from preprocess.synthetic import make_synthetic  # noqa: E402
-from stages.engine.data import prepare_run  # noqa: E402
-from stages.engine.predict import amp_settings  # noqa: E402
-from stages.predict import load_predictor  # noqa: E402
-from stages.runs import REFERENCE, all_runs  # noqa: E402
+from stages.training.data import prepare_run  # noqa: E402
+from stages.training.forward import amp_settings  # noqa: E402
+from stages.inference.predictor import load_predictor  # noqa: E402
+from stages.training.runs import REFERENCE, all_runs  # noqa: E402
 from utils.helpers import read_json, setup_logging  # noqa: E402
 
 PARTS = ("tree", "prepare", "cv", "bench", "predict", "torchrun", "jobs", "compile", "memory", "estimate")

@@ -1,6 +1,6 @@
 """The service: POST /predict scores uploaded images with the predict stage's code, GET /health, GET /model.
 
-python -m stages.serve --output-dir OUT [--checkpoint FILE | --onnx FILE | --ensemble] [--host 127.0.0.1] [--port 8000]
+python -m stages.inference.serve --output-dir OUT [--checkpoint FILE | --onnx FILE | --ensemble] [--host 127.0.0.1] [--port 8000]
 """
 import argparse
 import math
@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse
 
 from config import Config
 from preprocess.analyze import IMAGE_EXTS, parse_name
-from stages.engine.predict import amp_settings
-from stages.predict import load_predictor, onnx_predictor, score_images
+from stages.training.forward import amp_settings
+from stages.inference.predictor import load_predictor, onnx_predictor, score_images
 from utils.env import resolve_device
 from utils.helpers import PipelineError
 
@@ -203,7 +203,7 @@ def load_service(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m stages.serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stages.inference.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="output", help="where models/best_model.pth is (default: output)")
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--checkpoint", default="", help="a checkpoint instead of OUT/models/best_model.pth")

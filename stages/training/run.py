@@ -7,13 +7,13 @@ import numpy as np
 
 from backbones import build_model
 from config import to_dict
-from stages.engine.checkpoint import read_checkpoint, save, slim_last
-from stages.engine.data import prepare_run
-from stages.engine.evaluate import evaluate
-from stages.engine.inner import oof_threshold, wanted
-from stages.engine.probe import NAME as PROBE
-from stages.engine.probe import probe_run
-from stages.engine.train import fit
+from stages.training.checkpoint import read_checkpoint, save, slim_last
+from stages.training.data import prepare_run
+from stages.training.evaluate import evaluate
+from stages.training.inner import oof_threshold, wanted
+from stages.training.probe import NAME as PROBE
+from stages.training.probe import probe_run
+from stages.training.train import fit
 from utils.checks import resource_errors
 from utils.env import resolve_device, seed_everything
 from utils.helpers import log, read_json_or_none, run_dir, write_csv, write_json

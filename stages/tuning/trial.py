@@ -12,11 +12,11 @@ from backbones import REFERENCE_MODEL, build_model
 from preprocess.analyze import subtype_classes
 from preprocess.cache import cache_folder
 from preprocess.tuples import TrainBatches, eval_batches, eval_tuples, groups, image_bank
-from stages.engine.data import RunData, make_criterion, model_kwargs, reads_features, split_frames
-from stages.engine.features import feature_bank
-from stages.engine.predict import amp_settings, predict
-from stages.engine.train import fit, validation_row
-from stages.tune_space import suggest
+from stages.training.data import RunData, make_criterion, model_kwargs, reads_features, split_frames
+from stages.training.features import feature_bank
+from stages.training.forward import amp_settings, predict
+from stages.training.train import fit, validation_row
+from stages.tuning.space import suggest
 from utils.checks import check_config, resource_errors
 from utils.env import resolve_device, seed_everything
 from utils.helpers import log, output_path

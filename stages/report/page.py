@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from stages import report_facts as facts
-from stages.runs import REFERENCE
+from stages.report import facts
+from stages.training.runs import REFERENCE
 from utils.helpers import write_text
 from utils.paper import PaperTable, assemble, count, num
 from utils.tables import TABLE_NAMES

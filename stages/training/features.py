@@ -14,7 +14,7 @@ from backbones.common import feature_backbone, normalization
 from preprocess.cache import cache_folder, drop_dead_tmp
 from preprocess.transforms import normalize, to_float
 from preprocess.tuples import Resident
-from stages.engine.predict import autocast
+from stages.training.forward import autocast
 from utils.env import amp_dtype, fits_on_gpu
 from utils.helpers import PipelineError, log
 

@@ -8,8 +8,8 @@ from preprocess.analyze import load_index, subtype_classes
 from preprocess.cache import cache_folder
 from preprocess.preprocess import load_split
 from preprocess.tuples import ImageBank, TrainBatches, eval_batches, eval_tuples, groups, image_bank
-from stages.engine.features import FeatureBank, feature_bank
-from stages.engine.probe import NAME as PROBE
+from stages.training.features import FeatureBank, feature_bank
+from stages.training.probe import NAME as PROBE
 from utils.checks import resource_errors
 from utils.env import resolve_device
 from utils.helpers import PipelineError, run_dir, warn

@@ -9,12 +9,12 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from stages.engine.checkpoint import (check_checkpoint, checkpoint, load_state, read_checkpoint, rng_state, save,
+from stages.training.checkpoint import (check_checkpoint, checkpoint, load_state, read_checkpoint, rng_state, save,
                                       set_rng_state)
-from stages.engine.features import install_backbone
-from stages.engine.live import Curves
-from stages.engine.predict import amp_settings, autocast, predict, targets
-from stages.engine.selection import Selection, recompute_batchnorm
+from stages.training.features import install_backbone
+from stages.training.live import Curves
+from stages.training.forward import amp_settings, autocast, predict, targets
+from stages.training.selection import Selection, recompute_batchnorm
 from utils.env import switch
 from utils.helpers import PipelineError, log, warn, write_csv
 from utils.metrics import binary_metrics, patient_level, safe_auc, youden_threshold

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from stages.engine.run import fold_line, holder, run_one, trained_by
+from stages.training.run import fold_line, holder, run_one, trained_by
 from utils.env import resolve_device
 from utils.helpers import PipelineError, log, run_dir, setup_logging
 

@@ -8,9 +8,9 @@ import pandas as pd
 
 from backbones import build_model
 from preprocess.preprocess import inner_splits, load_split
-from stages.engine.data import prepare_run
-from stages.engine.predict import amp_settings, predict
-from stages.engine.train import fit
+from stages.training.data import prepare_run
+from stages.training.forward import amp_settings, predict
+from stages.training.train import fit
 from utils.helpers import log, write_csv
 from utils.metrics import youden_threshold
 from utils.scoring import check_no_leak, seen_patients, union_seen

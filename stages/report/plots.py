@@ -1,7 +1,7 @@
 """Report plots: confusion matrices, calibration, magnification importance, ROC curves and training curves."""
 import pandas as pd
 
-from stages.runs import REFERENCE
+from stages.training.runs import REFERENCE
 from utils import plottings as plots
 from utils import scoring
 from utils.helpers import plots_dir

@@ -1,34 +1,19 @@
 """What the report page says about a run: settings, data, environment, commit, the headline against the PRD targets,
 and the files it can link (figures, CSVs, tuning, TensorBoard)."""
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from utils.env import commit
 from utils.helpers import read_json_or_none
 from utils.paper import RULE_TEXT, num
 
-REPO = Path(__file__).resolve().parents[1]
 TARGETS = [("accuracy", "Accuracy", 0.96, "≥ 0.96 (PRD: 96-98 %)"), ("balanced_accuracy", "Balanced accuracy", None, "—"),
            ("f1", "F1", 0.95, "> 0.95"), ("auc", "AUC", 0.98, "> 0.98")]
 SETTINGS = ["backbone", "pretrained", "image_size", "feature_stage", "epochs", "batch_size", "lr", "selection",
             "threshold_rule", "tuples_per_patient", "freeze_backbone", "frozen_epochs", "smote", "tta", "stain_norm",
             "precision", "seed", "n_folds", "bootstrap", "device"]
-
-
-def commit():
-    """The code's git commit (and whether the tree had changes), or '' outside a git checkout."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    if head.returncode != 0:
-        return ""
-    return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
 def read_csv(path):

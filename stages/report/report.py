@@ -1,8 +1,8 @@
 """Report stage: every table, paper table and plot rebuilt from output/runs, and the one page that shows them."""
-from stages.efficiency import efficiency_table
-from stages.report_page import write_page
-from stages.report_plots import write_plots
-from stages.runs import REFERENCE, magnification_runs, table_runs
+from stages.report.efficiency import efficiency_table
+from stages.report.page import write_page
+from stages.report.plots import write_plots
+from stages.training.runs import REFERENCE, magnification_runs, table_runs
 from utils import plottings as plots
 from utils import scoring
 from utils.helpers import PipelineError, log, plots_dir, runs_dir, tables_dir, write_text

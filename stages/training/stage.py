@@ -1,10 +1,10 @@
 """Training stages: the reference model on the CV folds and the fixed split, baselines and ablations, same tuples."""
 from backbones import create_backbone
 from preprocess.preprocess import cv_split_names, member_split_names
-from stages.engine.run import copy_best, summary_line
-from stages.ensemble import member_ensemble
-from stages.runs import REFERENCE, stage_runs
-from stages.schedule import run_units, world_size
+from stages.training.run import copy_best, summary_line
+from stages.training.ensemble import member_ensemble
+from stages.training.runs import REFERENCE, stage_runs
+from stages.training.schedule import run_units, world_size
 from utils.helpers import PipelineError, log, models_dir, read_json, require, run_dir, split_path, warn
 
 
@@ -49,9 +49,12 @@ def weights_missing(cfg, spec):
     return False
 
 
-def run_stage(cfg, stage):
-    """This process's share of the (run, split) units of one training stage, in the fixed order of the run list;
-    alone (no torchrun) it also finishes the stage, under torchrun main.py does once every rank is done."""
+def run_training(cfg, stage):
+    """Stage cv, fixed, baselines or ablations: this process's share of the stage's (run, split) units, in the fixed
+    order of the run list; alone (no torchrun) it also finishes the stage, under torchrun main.py does once every rank
+    is done. cv: MMNet on every selected fold; fixed: MMNet on the fixed split (its best checkpoint becomes
+    models/best_model.pth) and table 2's ensemble members; baselines: simple concatenation, each magnification alone,
+    ResNet50 transfer and the linear probe; ablations: MMNet without each component and on each magnification."""
     specs = [spec for spec in stage_runs(cfg, stage) if not weights_missing(cfg, spec)]
     run_units(cfg, [(spec, split) for spec in specs for split in stage_splits(cfg, stage, spec)])
     if world_size() == 1:
@@ -72,24 +75,3 @@ def finish_stage(cfg, stage):
         log(summary_line(name, results, cfg.threshold_rule))
     if stage == "fixed" and any(spec.members for spec in stage_runs(cfg, stage)):
         member_ensemble(cfg)
-
-
-def run_cv(cfg):
-    """The reference model on every selected cross-validation fold."""
-    run_stage(cfg, "cv")
-
-
-def run_fixed(cfg):
-    """The reference model on the fixed 70/15/15 split (its best checkpoint becomes output/models/best_model.pth), and
-    the members of table 2's ensemble on K grouped folds of the fixed train+val patients."""
-    run_stage(cfg, "fixed")
-
-
-def run_baselines(cfg):
-    """Simple concatenation, one model per magnification and the ResNet50 transfer baseline, on the CV folds."""
-    run_stage(cfg, "baselines")
-
-
-def run_ablations(cfg):
-    """The reference model without each component, and on each magnification alone, on the CV folds."""
-    run_stage(cfg, "ablations")

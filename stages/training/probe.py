@@ -12,8 +12,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from stages.engine.evaluate import score
-from stages.engine.train import TrainState
+from stages.training.evaluate import score
+from stages.training.train import TrainState
 from utils.helpers import log
 from utils.metrics import patient_level, safe_auc, youden_threshold
 

@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from stages.engine.predict import amp_settings, predict
+from stages.training.forward import amp_settings, predict
 from utils.scoring import (binary_block, check_no_leak, class_index, levels, patient_rows, seen_patients,
                            subtype_block, validation_thresholds)
 from utils.subtype_head import refit_subtype_head

@@ -1,27 +1,22 @@
-"""Predict stage: score new patients (folders or image files) with best_model.pth or the CV ensemble."""
-import shutil
+"""The models behind a prediction (checkpoints, the CV fold ensemble, an ONNX graph) and the one path from image files
+to patient decisions, shared by the predict stage, export and the service."""
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pandas as pd
 import torch
 
-from backbones.our.gradcam import attention_maps, gradcam
-from preprocess.transforms import prepare
-from preprocess.tuples import eval_batches, eval_tuples, tuple_rows
-from stages.engine.checkpoint import load_model, read_checkpoint
-from stages.engine.onnx_export import OnnxModel
-from stages.engine.predict import amp_settings, predict
-from stages.predict_inputs import load_images
-from stages.runs import REFERENCE
-from utils import plottings as plots
-from utils.env import resolve_device
-from utils.helpers import PipelineError, log, models_dir, output_path, warn, write_csv
-from utils.metrics import binary_metrics
+from preprocess.tuples import eval_batches, eval_tuples
+from stages.inference.inputs import load_images
+from stages.training.checkpoint import load_model, read_checkpoint
+from stages.training.forward import predict
+from stages.training.runs import REFERENCE
+from utils.helpers import PipelineError, models_dir
 
 NEEDED = ("model", "model_name", "model_kwargs", "classes", "magnifications", "image_size", "normalization", "threshold")
-SHOWN = 20
 
 
 @dataclass
@@ -193,103 +188,57 @@ def image_table(tuples, frame, problems, left_out, p):
     return pd.concat([table, pd.DataFrame(others)], ignore_index=True) if others else table
 
 
-def safe(text):
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
+INPUTS = ("images", "mask")
 
 
-def overlay_title(row, what):
-    truth = f", true {row['true_class']}" if row["true_class"] else ""
-    return (f"{what} | patient {row['patient_id']}: P(malignant) = {row['prob_malignant']:.3f}, "
-            f"{row['decision']} at threshold {row['threshold']:.2f} ({row['threshold_rule']}){truth}")
+OUTPUTS = ("prob_malignant", "subtype_prob", "mag_weights")
 
 
-def explain_batch(p, x, mask):
-    """Grad-CAM and spatial attention (None when a model has none) averaged over the models."""
-    cams = torch.stack([gradcam(model, x, mask) for model in p.models]).mean(0)
-    maps = [attention_maps(model, x, mask)[0] for model in p.models]
-    attn = None if any(a is None for a in maps) else torch.stack(maps).mean(0)
-    return cams.cpu().numpy(), None if attn is None else attn.cpu().numpy()
+META = ("model_name", "source", "members", "classes", "magnifications", "image_size", "normalization", "threshold",
+        "threshold_rule", "stain_norm", "parity")
 
 
-def overlays(p, tuples, patients, bank, folder, device, batch_size):
-    """Per patient one Grad-CAM and one attention figure of its first tuple, a panel per magnification."""
-    first = tuples.drop_duplicates("patient_id").set_index("patient_id").loc[patients["patient_id"]].reset_index()
-    used = [any(j in m.used_mags for m in p.models) for j in range(len(p.mags))]
-    shutil.rmtree(folder, ignore_errors=True)
-    for start in range(0, len(first), batch_size):
-        part = first.iloc[start:start + batch_size]
-        images, mask = bank.gather(tuple_rows(part, p.mags, bank.row_of), device)
-        x, mask = prepare(images, mask, device, **p.normalization)
-        cams, attn = explain_batch(p, x, mask)
-        images, mask = images.cpu().numpy(), mask.cpu().tolist()
-        for i, row in enumerate(patients.iloc[start:start + batch_size].to_dict("records")):
-            stem = safe(row["patient_id"])
-            captions = [f"weight {row[f'weight_{m}']:.2f}" if mask[i][j] else "" for j, m in enumerate(p.mags)]
-            plots.overlay_panels(images[i], cams[i], mask[i], used, p.mags, overlay_title(row, "Grad-CAM"),
-                                 folder / f"{stem}_gradcam.png", "Grad-CAM (scaled per image)", captions)
-            if attn is not None:
-                plots.overlay_panels(images[i], attn[i], mask[i], used, p.mags, overlay_title(row, "Spatial attention"),
-                                     folder / f"{stem}_attention.png", "attention (scaled per image)", captions)
+def read_metadata(session):
+    props = session.get_modelmeta().custom_metadata_map
+    missing = [k for k in META if k not in props and k not in ("parity", "threshold_rule")]
+    if missing:
+        raise PipelineError(f"the ONNX file lacks {', '.join(missing)} in its metadata: export it with this pipeline "
+                            f"(python main.py --stages export).")
+    return {k: json.loads(v) for k, v in props.items() if k in META}
 
 
-def run_name(cfg):
-    first = Path(cfg.input[0]).resolve()
-    name = safe(first.stem if first.is_file() else first.name) or "input"
-    more = f"_and_{len(cfg.input) - 1}_more" if len(cfg.input) > 1 else ""
-    model = "ensemble" if cfg.ensemble else safe(Path(cfg.checkpoint or "best_model.pth").stem)
-    return f"{name}{more}_{model}"
+def session_of(path, threads=0):
+    """An onnxruntime session on the GPU where onnxruntime has one, else on the CPU (`threads` 0: its default)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for any unusable file
+        raise PipelineError(f"{path} is not a usable ONNX model ({type(e).__name__}: {str(e)[:200]}). Export it "
+                            f"again: python main.py --stages export") from None
 
 
-def summary(p, patients, n_images, folder):
-    """The console lines: what was scored, the first patients, accuracy where names carry labels."""
-    log(f"Scored {len(patients)} patient(s) from {n_images} image(s) with {p.source} "
-        f"(decision threshold {p.threshold['decision']:.3f}, {p.rule}; high sensitivity {p.threshold['sens95']:.3f}, "
-        f"from validation)")
-    columns = ["patient_id", *[f"n_{m}" for m in p.mags], "prob_malignant", "decision", "decision_high_sensitivity",
-               "subtype", "subtype_prob", "true_class"]
-    log(patients[columns].head(SHOWN).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    if len(patients) > SHOWN:
-        log(f"... {len(patients) - SHOWN} more in patients.csv")
-    known = patients[patients["true_class"] != ""]
-    if len(known):
-        m = binary_metrics(known["true_class"].eq("malignant"), known["prob_malignant"], p.threshold["decision"])
-        log(f"File names carry labels for {len(known)} patient(s): accuracy {m['accuracy']:.3f}, sensitivity "
-            f"{m['recall']:.3f}, specificity {m['specificity']:.3f}, AUC {m['auc']:.3f} at the decision threshold")
-    log(f"-> {folder}: patients.csv, images.csv, overlays/")
+class OnnxModel:
+    """An onnxruntime session with a model's interface: eval(), normalization, and (x, mask) -> the output dict,
+    whose logits are those of the graph's probabilities."""
 
+    def __init__(self, path, threads=0):
+        self.session = session_of(path, threads)
+        self.meta = read_metadata(self.session)
+        self.normalization = self.meta["normalization"]
+        self.magnifications = tuple(self.meta["magnifications"])
+        self.used_mags = list(range(len(self.magnifications)))
 
-def problem_text(problems):
-    listed = "; ".join(f"{path}: {why}" for path, why in problems[:5])
-    return listed + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    def eval(self):
+        return self
 
+    def to(self, device):
+        return self
 
-def run_predict(cfg):
-    """Stage: malignant probability, decisions, subtype and overlays for every patient in --input."""
-    if not cfg.input:
-        raise PipelineError("the predict stage needs --input PATH: a folder of images (any layout analyze accepts, "
-                            "or flat) or image files, comma-separated. Example: python main.py --input new_patients/")
-    device = resolve_device(cfg.device)
-    p = load_predictor(cfg, device)
-    dtype, _ = amp_settings(cfg, device)
-    scored = score_images(p, cfg.input, cfg.batch_size, device, dtype, cfg.tta)
-    problems, frame = scored.problems, scored.frame
-    for path, why in problems:
-        warn(f"{path}: {why}; not scored")
-    for path, why in scored.left_out:
-        warn(f"{path}: {why}; left out")
-    if frame.empty:
-        raise PipelineError(f"nothing to score in {', '.join(cfg.input)}: {problem_text(problems + scored.left_out)}. "
-                            f"Give image files or folders of them (.png as in BreakHis).")
-    own = frame[frame["label"] < 0]
-    if len(own):
-        warn(f"{len(own)} file(s) without a BreakHis name (e.g. {own['file'].iloc[0]}) are each their own patient, "
-             f"at the magnification of their folder or else {p.mags[0]} (see the note column of images.csv)")
-    folder = output_path(cfg, "predictions", run_name(cfg))
-    write_csv(scored.patients, folder / "patients.csv", index=False)
-    write_csv(scored.images, folder / "images.csv", index=False)
-    plots.setup_style()
-    overlays(p, scored.tuples, scored.patients, scored.bank, folder / "overlays", device, cfg.batch_size)
-    summary(p, scored.patients, len(frame), folder)
-    if problems:
-        raise PipelineError(f"{len(problems)} input(s) were not scored ({problem_text(problems)}); the other "
-                            f"patients are in {folder}. Fix or remove those files.")
+    def __call__(self, x, mask):
+        feeds = {"images": x.detach().float().cpu().numpy(), "mask": mask.detach().bool().cpu().numpy()}
+        prob, subtype, weights = (torch.from_numpy(v).to(x.device) for v in self.session.run(list(OUTPUTS), feeds))
+        return dict(binary_logits=torch.logit(prob.double()).float(), subtype_logits=subtype.log(),
+                    mag_weights=weights)

@@ -2,7 +2,7 @@
 from dataclasses import dataclass, field
 
 from backbones import REFERENCE_MODEL
-from stages.engine.probe import NAME as LINEAR_PROBE
+from stages.training.probe import NAME as LINEAR_PROBE
 from utils.helpers import PipelineError
 
 REFERENCE = REFERENCE_MODEL

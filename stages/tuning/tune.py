@@ -19,10 +19,10 @@ from optuna.trial import FixedTrial, TrialState
 
 from backbones import REFERENCE_MODEL
 from config import to_dict
-from stages.schedule import all_ok, exit_with, job_count, rank, world_size
-from stages.training import checked_cv_names
-from stages.tune_space import load_space, space_key, suggest
-from stages.tune_trial import INNER, Objective, inner_rows, trial_config, tuning_dir
+from stages.training.schedule import all_ok, exit_with, job_count, rank, world_size
+from stages.training.stage import checked_cv_names
+from stages.tuning.space import load_space, space_key, suggest
+from stages.tuning.trial import INNER, Objective, inner_rows, trial_config, tuning_dir
 from utils.helpers import PipelineError, log, setup_logging, warn, write_csv, write_json
 from utils.lock import alive
 from utils.plottings import save

@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 
 from preprocess.preprocess import member_split_names
-from stages.engine.checkpoint import load_model
-from stages.engine.data import prepare_run
-from stages.engine.evaluate import score
-from stages.engine.predict import amp_settings, predict
-from stages.engine.run import finished
-from stages.engine.train import TrainState
-from stages.runs import MEMBERS, REFERENCE
+from stages.training.checkpoint import load_model
+from stages.training.data import prepare_run
+from stages.training.evaluate import score
+from stages.training.forward import amp_settings, predict
+from stages.training.run import finished
+from stages.training.train import TrainState
+from stages.training.runs import MEMBERS, REFERENCE
 from utils.env import resolve_device
 from utils.helpers import log, read_json, read_json_or_none, run_dir, write_csv, write_json
 from utils.scoring import BLOCKS, union_seen

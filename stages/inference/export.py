@@ -1,20 +1,79 @@
-"""Export stage: best_model.pth, --checkpoint FILE or the fold ensemble (--ensemble) to ONNX, then onnxruntime
+"""Export stage: best_model.pth, --checkpoint FILE or the fold ensemble (--ensemble) as one ONNX graph (the mean of
+the models; dynamic batch, the magnification mask an input) with its settings in metadata_props, then onnxruntime
 checked against torch on the fixed split's test tuples."""
+import json
+import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+import torch.nn as nn
 
 from preprocess.tuples import image_bank
-from stages.engine.data import split_frames
-from stages.engine.onnx_export import Averaged, example_inputs, export_onnx, write_metadata
-from stages.predict import checkpoint_paths, load_predictor, onnx_predictor, score
-from stages.runs import REFERENCE
+from stages.inference.predictor import INPUTS, OUTPUTS, checkpoint_paths, load_predictor, onnx_predictor, score
+from stages.training.data import split_frames
+from stages.training.runs import REFERENCE
 from utils.helpers import PipelineError, index_path, log, models_dir, split_path
 
 TOLERANCE = 1e-4
 CPU = torch.device("cpu")
+
+
+class Averaged(nn.Module):
+    """What the graph computes: the mean over the models of P(malignant), subtype probabilities and magnification
+    weights of normalised (B, M, 3, S, S) tuples with their presence mask (B, M)."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, images, mask):
+        outs = [m(images, mask) for m in self.models]
+        prob = torch.stack([torch.sigmoid(o["binary_logits"].float()) for o in outs]).mean(0)
+        subtype = torch.stack([o["subtype_logits"].float().softmax(1) for o in outs]).mean(0)
+        weights = torch.stack([o["mag_weights"].float() for o in outs]).mean(0)
+        return prob, subtype, weights
+
+
+def example_inputs(n_mags, size, batch=2):
+    mask = torch.ones(batch, n_mags, dtype=torch.bool)
+    mask[-1, 1:] = False
+    return torch.randn(batch, n_mags, 3, size, size), mask
+
+
+def quiet_export(module, inputs, path):
+    """torch.onnx.export through the dynamo exporter (the TorchScript one cannot trace MSAP's adaptive pooling)."""
+    batch = torch.export.Dim("batch", min=1)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    program = torch.onnx.export(module, inputs, dynamo=True, verbose=False, input_names=list(INPUTS),
+                                output_names=list(OUTPUTS), dynamic_shapes={"images": {0: batch}, "mask": {0: batch}})
+    program.save(str(path))
+
+
+def export_onnx(models, path, meta):
+    """Write the models' mean as ONNX at `path` with `meta` (JSON values) in its metadata_props."""
+    module = Averaged([m.cpu().eval() for m in models]).eval()
+    inputs = example_inputs(len(meta["magnifications"]), int(meta["image_size"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
+    try:
+        quiet_export(module, inputs, tmp)
+        write_metadata(tmp, meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_metadata(path, meta):
+    model = onnx.load(str(path))
+    known = {p.key: p for p in model.metadata_props}
+    for key, value in meta.items():
+        prop = known.get(key) or model.metadata_props.add()
+        prop.key, prop.value = key, json.dumps(value)
+    onnx.save(model, str(path))
 
 
 def onnx_path(cfg):

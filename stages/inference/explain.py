@@ -8,10 +8,10 @@ from backbones.our.gradcam import attention_maps, gradcam
 from preprocess.analyze import load_index
 from preprocess.transforms import prepare
 from preprocess.tuples import eval_batches, eval_tuples, image_bank, tuple_rows
-from stages.engine.checkpoint import load_model
-from stages.engine.data import split_frames
-from stages.engine.predict import predict
-from stages.runs import REFERENCE
+from stages.training.checkpoint import load_model
+from stages.training.data import split_frames
+from stages.training.forward import predict
+from stages.training.runs import REFERENCE
 from utils import plottings as plots
 from utils import scoring
 from utils.env import resolve_device

@@ -19,9 +19,9 @@ from stages.report.report import run_report
 from stages.training.distill import run_distill
 from stages.training.schedule import all_ok, close_distributed, init_distributed, rank, world_size
 from stages.training.runs import check_run_names
-from stages.training.stage import finish_stage, run_training
+from stages.training.stage import check_units, finish_stage, run_training
 from stages.tuning.tune import finish_tune, run_tune
-from utils.checks import check_config
+from utils.checks import RULES, check_config
 from utils.config_file import read_config_file
 from utils.env import environment, seed_everything
 from utils.helpers import PipelineError, log, output_path, setup_logging, write_json, write_text
@@ -47,56 +47,39 @@ DEMO_ROOT = "data/synthetic"
 FROZEN_CNN_STAGE = (2,)
 
 
-def parse_list(kind):
-    def parse(text):
-        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
-    return parse
-
-
-def add_flag(parser, f):
-    flag = "--" + f.name.replace("_", "-")
-    default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-    common = dict(default=None, help=f"default: {default if default != '' else 'none'}")
-    if isinstance(f.default, bool):
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
-        return
-    if isinstance(f.default, tuple):
-        parser.add_argument(flag, type=parse_list(list_kind(f.name)), metavar="A,B", **common)
-        return
-    parser.add_argument(flag, type=type(f.default), **common)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        known = [a for action in self._actions for a in action.option_strings]
-        hint = ""
-        for word in message.split():
-            close = difflib.get_close_matches(word.strip("'\","), known, n=1)
-            hint = f" Did you mean {close[0]}?" if close else hint
-        self.exit(2, f"{self.prog}: error: {message}.{hint}\nValid flags: {' '.join(sorted(known))}\n")
-
-
-def build_parser():
-    parser = Parser(description=__doc__, allow_abbrev=False, epilog=f"Stages, in order: {', '.join(DEFAULT)}. "
-                    "--demo runs them all on synthetic data with CPU-sized settings. On request: "
-                    "--stages predict --input PATH scores new patients; --stages tune searches the training settings; "
-                    "--stages distill trains a smaller student; --stages export writes ONNX.")
-    parser.add_argument("--config", metavar="FILE", default=None,
-                        help="JSON or YAML of config fields (e.g. output/tuning/best_config.json or output/config.json); "
-                             "flags given beside it override it")
-    for f in config_fields().values():
-        add_flag(parser, f)
-    return parser
+def main(argv=None):
+    """Settings, the check that no run would be reused under other settings, the output folder, then the stages."""
+    setup_logging()
+    try:
+        cfg = resolve_config(argv)
+        check_units(cfg, stage_list(cfg))
+        start(cfg)
+        write_times(cfg, run_stages(cfg))
+    except PipelineError as e:
+        log(f"ERROR: {e}")
+        return 2
+    except StageFailed:
+        return 2
+    except KeyboardInterrupt:
+        log("Interrupted. Finished runs are kept; continue with the same command plus --resume.")
+        return 130
+    finally:
+        close_distributed()
+    return 0
 
 
 def resolve_config(argv=None):
+    """Config from the defaults, --demo's CPU-sized settings, a --config file and the flags (in that order), the two
+    logged rewrites of pretrained encoders trained frozen, then every field checked."""
     args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     loaded = read_config_file(args.pop("config")) if "config" in args else {}
     cfg = Config()
     if args.get("demo", loaded.get("demo")):
         cfg = replace(cfg, data_root=DEMO_ROOT, **demo_overrides())
     given = {**loaded, **args}
-    cfg = frozen_cnn_stage(frozen_encoder(replace(cfg, **given), given), given)
+    cfg = replace(cfg, **given)
+    cfg = frozen_encoder(cfg, given)
+    cfg = frozen_cnn_stage(cfg, given)
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(unknown)}. Valid stages, in order: {', '.join(STAGES)}")
@@ -127,6 +110,75 @@ def frozen_cnn_stage(cfg, args):
     return replace(cfg, feature_stage=FROZEN_CNN_STAGE)
 
 
+def build_parser():
+    parser = Parser(description=__doc__, allow_abbrev=False, epilog=f"Stages, in order: {', '.join(DEFAULT)}. "
+                    "--demo runs them all on synthetic data with CPU-sized settings. On request: "
+                    "--stages predict --input PATH scores new patients; --stages tune searches the training settings; "
+                    "--stages distill trains a smaller student; --stages export writes ONNX.")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="JSON or YAML of config fields (e.g. output/tuning/best_config.json or output/config.json); "
+                             "flags given beside it override it")
+    for f in config_fields().values():
+        add_flag(parser, f)
+    return parser
+
+
+def add_flag(parser, f):
+    """--field-name for a Config field: its help line, what it accepts (utils/checks.py) and its default."""
+    flag = "--" + f.name.replace("_", "-")
+    default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+    accepts = "" if isinstance(f.default, bool) or RULES[f.name].choices else f"; {RULES[f.name].allowed}"
+    text = f"{f.metadata['help']}{accepts}; default: {default if default != '' else 'none'}"
+    common = dict(default=None, help=text.replace("%", "%%"))
+    if isinstance(f.default, bool):
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        return
+    kind = parse_list(list_kind(f.name)) if isinstance(f.default, tuple) else type(f.default)
+    parser.add_argument(flag, type=kind, metavar=metavar(f.name, f.default), **common)
+
+
+def metavar(name, default):
+    """How a flag's value is shown in --help: its choices, PATH, N (a whole number) or X (a number)."""
+    if RULES[name].choices:
+        return "{" + ",".join(RULES[name].choices) + "}"
+    if isinstance(default, tuple):
+        return "A,B"
+    if name.endswith(("_root", "_dir", "_path", "checkpoint", "_space")):
+        return "PATH"
+    return {int: "N", float: "X"}.get(type(default), "TEXT")
+
+
+def parse_list(kind):
+    def parse(text):
+        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        known = [a for action in self._actions for a in action.option_strings]
+        hint = ""
+        for word in message.split():
+            close = difflib.get_close_matches(word.strip("'\","), known, n=1)
+            hint = f" Did you mean {close[0]}?" if close else hint
+        self.exit(2, f"{self.prog}: error: {message}.{hint}\nValid flags: {' '.join(sorted(known))}\n")
+
+
+def start(cfg):
+    """Output folder, log file, config.json and the demo data, written once (rank 0) before any stage."""
+    check_writable(cfg)
+    init_distributed()
+    name = "pipeline.log" if rank() == 0 else f"pipeline.rank{rank()}.log"
+    setup_logging(output_path(cfg, "logs", name), console=rank() == 0)
+    env = environment()
+    if rank() == 0:
+        write_json(output_path(cfg, "config.json"), dict(synthetic_data=cfg.synthetic, config=to_dict(cfg), environment=env))
+        banner(cfg, env)
+        prepare_demo(cfg)
+    if not all_ok(True):
+        raise PipelineError("the torchrun ranks could not start together")
+
+
 def check_writable(cfg):
     path = Path(cfg.output_dir)
     try:
@@ -155,26 +207,6 @@ def prepare_demo(cfg):
     make_synthetic(cfg.data_root, preset="demo", seed=cfg.seed)
 
 
-def run_stage(name, cfg):
-    """Training and tuning run on every torchrun rank (each its share of the runs or trials); the others on rank 0."""
-    if name not in EVERY_RANK and rank() != 0:
-        return
-    STAGES[name](cfg)
-
-
-def stage_ok(name, cfg):
-    try:
-        run_stage(name, cfg)
-    except PipelineError as e:
-        log(f"ERROR: {e}" if rank() == 0 else f"ERROR on rank {rank()}: {e}")
-        return False
-    return True
-
-
-class StageFailed(Exception):
-    """A stage stopped with a message already shown (on this rank or another)."""
-
-
 def stage_list(cfg):
     """The stages named by --stages in pipeline order; else predict alone with --input, the whole pipeline without."""
     if not cfg.stages and cfg.input:
@@ -196,6 +228,26 @@ def run_stages(cfg):
     return times
 
 
+def stage_ok(name, cfg):
+    try:
+        run_stage(name, cfg)
+    except PipelineError as e:
+        log(f"ERROR: {e}" if rank() == 0 else f"ERROR on rank {rank()}: {e}")
+        return False
+    return True
+
+
+def run_stage(name, cfg):
+    """Training and tuning run on every torchrun rank (each its share of the runs or trials); the others on rank 0."""
+    if name not in EVERY_RANK and rank() != 0:
+        return
+    STAGES[name](cfg)
+
+
+class StageFailed(Exception):
+    """A stage stopped with a message already shown (on this rank or another)."""
+
+
 def finish(cfg, name):
     """Under torchrun, once every rank is done: the stage's summary (tables, tuning outputs) on rank 0."""
     if name == "tune":
@@ -213,40 +265,6 @@ def write_times(cfg, times):
     log(f"  {'total':<10} {sum(s for _, s in times):8.1f} s")
     lines = ["stage,seconds"] + [f"{n},{s:.2f}" for n, s in times]
     write_text(output_path(cfg, "logs", "stage_times.csv"), "\n".join(lines) + "\n")
-
-
-def start(cfg):
-    """Output folder, log file, config.json and the demo data, written once (rank 0) before any stage."""
-    check_writable(cfg)
-    init_distributed()
-    name = "pipeline.log" if rank() == 0 else f"pipeline.rank{rank()}.log"
-    setup_logging(output_path(cfg, "logs", name), console=rank() == 0)
-    env = environment()
-    if rank() == 0:
-        write_json(output_path(cfg, "config.json"), dict(synthetic_data=cfg.synthetic, config=to_dict(cfg), environment=env))
-        banner(cfg, env)
-        prepare_demo(cfg)
-    if not all_ok(True):
-        raise PipelineError("the torchrun ranks could not start together")
-
-
-def main(argv=None):
-    setup_logging()
-    try:
-        cfg = resolve_config(argv)
-        start(cfg)
-        write_times(cfg, run_stages(cfg))
-    except PipelineError as e:
-        log(f"ERROR: {e}")
-        return 2
-    except StageFailed:
-        return 2
-    except KeyboardInterrupt:
-        log("Interrupted. Finished runs are kept; continue with the same command plus --resume.")
-        return 130
-    finally:
-        close_distributed()
-    return 0
 
 
 if __name__ == "__main__":

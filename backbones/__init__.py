@@ -1,4 +1,5 @@
-"""Model registry: name -> model class, every class built from one ModelConfig over the full magnification tuple."""
+"""Model registry: name -> model class, every class built from one ModelConfig over the full magnification tuple;
+model_config is the one place a model's settings are taken from the run's Config."""
 from dataclasses import asdict
 
 from utils.helpers import PipelineError
@@ -13,7 +14,7 @@ MODELS = {cls.name: cls for cls in (MMNet, SimpleConcat, SingleMag, ResNet50Tran
 REFERENCE_MODEL = MMNet.name
 
 __all__ = ["MODELS", "REFERENCE_MODEL", "ModelConfig", "build_model", "create_backbone", "list_models",
-           "model_config", "model_kwargs_of"]
+           "magnifications_read", "model_config", "model_kwargs_of"]
 
 
 def list_models():
@@ -26,9 +27,24 @@ def model_class(name):
     return MODELS[name]
 
 
-def model_config(name, **kwargs):
-    """ModelConfig for a registered model: its defaults under the given settings."""
-    return config_from(model_class(name).defaults, kwargs)
+def model_config(cfg, name, num_subtypes, **flags):
+    """ModelConfig of model `name` for a run with settings `cfg`: the main backbone and its weights, stage(s), dropout
+    and magnifications, then the run's own flags. A run on a backbone of its own (ResNet50, the student) takes that
+    backbone's hub weights and last stage."""
+    settings = dict(magnifications=tuple(cfg.magnifications), num_subtypes=num_subtypes, backbone=cfg.backbone,
+                    pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path, drop_rate=cfg.drop_rate,
+                    feature_stage=tuple(cfg.feature_stage), shared_backbone=cfg.shared_backbone)
+    if flags.get("backbone", cfg.backbone) != cfg.backbone:
+        settings.update(pretrained_path="", feature_stage=(-1,))
+    defaults = MODELS[name].defaults if name in MODELS else {}
+    return config_from(defaults, {**settings, **flags})
+
+
+def magnifications_read(name, settings):
+    """The magnifications model `name` reads under `settings` (a ModelConfig or its dict): one for the
+    single-magnification models, MMNet's use_mags, else the whole tuple (the linear probe too)."""
+    settings = settings if isinstance(settings, ModelConfig) else ModelConfig(**settings)
+    return MODELS[name].reads(settings) if name in MODELS else tuple(settings.magnifications)
 
 
 def build_model(name, cfg=None, **kwargs):

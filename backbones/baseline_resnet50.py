@@ -22,18 +22,11 @@ def freeze_early_layers(net):
             p.requires_grad_(False)
 
 
-def rename_old_head(module, state_dict, prefix, *args):
-    """Checkpoints from before the shared heads stored the binary head as `binary_head.1.*`."""
-    old = prefix + "binary_head.1."
-    for key in [k for k in state_dict if k.startswith(old)]:
-        state_dict[prefix + "binary_head." + key[len(old):]] = state_dict.pop(key)
-
-
 class ResNet50Transfer(SingleMagnificationModel):
     """ResNet50 (timm) -> Dropout(0.5)-Linear(2048,512)-BN-ReLU embedding -> Dropout binary and subtype heads."""
 
     name = "resnet50_transfer"
-    defaults = dict(backbone="resnet50", embed_dim=512)
+    defaults = dict(embed_dim=512)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -47,7 +40,6 @@ class ResNet50Transfer(SingleMagnificationModel):
             nn.Dropout(0.5), nn.Linear(self.num_features, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
         )
         self.init_heads(dim)
-        self.register_load_state_dict_pre_hook(rename_old_head)
 
     def embed(self, images):
         feats = self.feature_tap(self.backbone(images))

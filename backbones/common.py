@@ -1,10 +1,9 @@
 """Pieces every model shares: the model config, masked feature extraction, MLP, heads, base class."""
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 
 import torch
 import torch.nn as nn
 
-from config import MAGNIFICATIONS
 from utils.helpers import PipelineError
 
 from .encoders import create_backbone, feature_backbone, normalization
@@ -15,15 +14,17 @@ __all__ = ["ModelConfig", "MagnificationModel", "SingleMagnificationModel", "cre
 
 @dataclass
 class ModelConfig:
-    """What a model is built from; checkpoints store it as the `model_kwargs` dict."""
-    magnifications: tuple = MAGNIFICATIONS
-    num_subtypes: int = 8
-    backbone: str = "mobilenetv4_conv_small"
-    pretrained: bool = True
-    pretrained_path: str = ""
-    drop_rate: float = 0.3
+    """What a model is built from; checkpoints store it as the `model_kwargs` dict. The first eight come from the run's
+    settings (backbones.model_config builds them from Config); the rest are the model's own choices and ablations."""
+    magnifications: tuple
+    num_subtypes: int
+    backbone: str
+    pretrained: bool
+    pretrained_path: str
+    drop_rate: float
+    feature_stage: tuple
+    shared_backbone: bool
     embed_dim: int = 256
-    shared_backbone: bool = True
     use_spatial: bool = True
     use_channel: bool = True
     use_hma: bool = True
@@ -31,26 +32,23 @@ class ModelConfig:
     use_mags: tuple | None = None
     mag: str = "40X"
     freeze: bool = True
-    feature_stage: tuple = (-1,)
 
     def __post_init__(self):
         self.magnifications = tuple(self.magnifications)
-        self.feature_stage = stage_tuple(self.feature_stage)
+        self.feature_stage = tuple(int(k) for k in self.feature_stage)
         if self.use_mags is not None:
             self.use_mags = tuple(self.use_mags)
 
 
-def stage_tuple(stages):
-    """Backbone stage indices as a tuple; checkpoints from before stage lists store one int."""
-    return (int(stages),) if isinstance(stages, int) else tuple(int(k) for k in stages)
-
-
 def config_from(defaults, kwargs):
-    """ModelConfig from a model's defaults and keyword overrides; unknown keys are a PipelineError."""
+    """ModelConfig from a model's defaults and keyword settings; unknown or missing settings are a PipelineError."""
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise PipelineError(f"unknown model setting(s) {', '.join(unknown)}. Valid settings: {', '.join(sorted(known))}")
+    needed = sorted(f.name for f in fields(ModelConfig) if f.default is MISSING and f.name not in {**defaults, **kwargs})
+    if needed:
+        raise PipelineError(f"model setting(s) {', '.join(needed)} missing; build models with backbones.model_config")
     return ModelConfig(**dict(defaults, **kwargs))
 
 
@@ -154,6 +152,11 @@ class MagnificationModel(nn.Module):
         self.feature_tap = nn.Identity()
         self.on_features = False
 
+    @staticmethod
+    def reads(cfg):
+        """The magnifications a model built from `cfg` reads."""
+        return tuple(cfg.magnifications)
+
     def read_features(self, on=True):
         """Take cached backbone feature maps instead of images (frozen backbone); the backbone stays in the model."""
         if on and not self.takes_features:
@@ -192,6 +195,10 @@ class MagnificationModel(nn.Module):
 
 class SingleMagnificationModel(MagnificationModel):
     """A model reading one magnification `cfg.mag` of the tuple: backbone -> embedding -> two heads."""
+
+    @staticmethod
+    def reads(cfg):
+        return (cfg.mag,)
 
     def __init__(self, cfg):
         super().__init__(cfg)

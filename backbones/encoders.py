@@ -3,7 +3,7 @@ normalisation from their pretrained config, and feature maps of one stage for CN
 import json
 import os
 import re
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 
 import timm
@@ -243,8 +243,7 @@ def feature_backbone(cfg):
 
 def cut_after_last_stage(net):
     """Drop the blocks after the deepest selected stage (timm's EfficientNet/MobileNet feature nets keep and run them;
-    its other feature nets drop them already), so a middle-stage backbone trains, counts and runs only what it uses.
-    State dicts that still hold the dropped blocks (older checkpoints) load."""
+    its other feature nets drop them already), so a middle-stage backbone trains, counts and runs only what it uses."""
     blocks, stages = getattr(net, "blocks", None), getattr(net, "_stage_out_idx", None)
     if not isinstance(blocks, nn.Sequential) or not stages or getattr(net, "feature_hooks", None) is not None:
         return net
@@ -252,14 +251,7 @@ def cut_after_last_stage(net):
     if keep >= len(blocks):
         return net
     net.blocks = blocks[:keep]
-    net.register_load_state_dict_pre_hook(partial(drop_blocks_from, keep))
     return net
-
-
-def drop_blocks_from(keep, module, state, prefix, *args):
-    head = f"{prefix}blocks."
-    for key in [k for k in state if k.startswith(head) and int(k[len(head):].split(".")[0]) >= keep]:
-        del state[key]
 
 
 def feature_net(cfg, **kwargs):

@@ -1,6 +1,7 @@
 """Decode every PNG once into a resized uint8 array on disk, memory-mapped on load."""
 import hashlib
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,9 +30,9 @@ def fingerprint(paths):
     return h.hexdigest()[:16]
 
 
-def cache_path(cfg, paths):
-    tag = "_macenko" if cfg.stain_norm else ""
-    return cache_folder(cfg) / f"images_{cfg.image_size}{tag}_{fingerprint(paths)}.npy"
+def cache_path(folder, size, stain_norm, paths):
+    tag = "_macenko" if stain_norm else ""
+    return Path(folder) / f"images_{size}{tag}_{fingerprint(paths)}.npy"
 
 
 def tissue_fraction(rgb, io=240, beta=0.15):
@@ -41,43 +42,62 @@ def tissue_fraction(rgb, io=240, beta=0.15):
 
 
 def macenko(rgb, min_tissue=0.1):
-    """Macenko normalisation (torchstain) to a fixed H&E reference; the raw image for background or a failed fit."""
+    """(Macenko normalisation (torchstain) to a fixed H&E reference, ''), or (the raw image, why) for background or a
+    failed fit."""
     if tissue_fraction(rgb) < min_tissue:
-        return rgb
+        return rgb, "background"
     try:
         norm, _, _ = STAIN.normalize(torch.from_numpy(rgb).permute(2, 0, 1), stains=False)
     except RuntimeError:
-        return rgb
+        return rgb, "failed fit"
     if norm.min() < 0:  # a NaN from a degenerate fit casts to a negative int
-        return rgb
-    return norm.numpy().astype(np.uint8)
+        return rgb, "failed fit"
+    return norm.numpy().astype(np.uint8), ""
 
 
 def decode(path, size, stain_norm=False):
-    """One PNG as an RGB uint8 (size, size, 3) array: the whole field of view resized square."""
+    """(One PNG as an RGB uint8 (size, size, 3) array: the whole field of view resized square, why Macenko left it
+    as it is or '')."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise PipelineError(f"cannot decode {path}. Rerun the 'analyze' stage so unreadable images are excluded.")
     img = cv2.resize(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), (size, size), interpolation=cv2.INTER_AREA)
-    return macenko(img) if stain_norm else img
+    return macenko(img) if stain_norm else (img, "")
 
 
-def build_cache(cfg, paths, target, threads=None):
-    """Decode `paths` in parallel threads into a .npy written atomically at `target`."""
+def log_fallbacks(reasons, stain_norm):
+    """One line counting the images Macenko normalisation left as they were, and why."""
+    if not stain_norm:
+        return
+    counts = Counter(r for r in reasons if r)
+    kept = ", ".join(f"{n} {why}" for why, n in sorted(counts.items()))
+    log(f"Macenko stain normalisation: {len(reasons) - sum(counts.values())} of {len(reasons)} images normalised"
+        + (f"; left as they are: {kept}" if kept else ""))
+
+
+def build_cache(paths, target, size, stain_norm):
+    """Decode `paths` into a .npy written atomically at `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.npy")
-    size = cfg.image_size
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
-    threads = threads or min(16, (os.cpu_count() or 2) * 2)
+    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+    reasons = decode_into(store, paths, size, stain_norm)
+    del store
+    os.replace(tmp, target)
+    log_fallbacks(reasons, stain_norm)
+
+
+def decode_into(store, paths, size, stain_norm):
+    """Decode `paths` into the rows of `store` in parallel threads and flush it; why Macenko left each image as it was
+    ('' where it normalised it)."""
+    reasons = [""] * len(paths)
 
     def work(i):
-        arr[i] = decode(paths[i], size, cfg.stain_norm)
+        store[i], reasons[i] = decode(paths[i], size, stain_norm)
 
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(min(16, (os.cpu_count() or 2) * 2)) as pool:
         list(pool.map(work, range(len(paths))))
-    arr.flush()
-    del arr
-    os.replace(tmp, target)
+    store.flush()
+    return reasons
 
 
 def drop_stale(target):
@@ -97,21 +117,22 @@ def drop_dead_tmp(folder, pattern):
             tmp.unlink(missing_ok=True)
 
 
-def image_cache(cfg, paths):
-    """(memory-mapped uint8 array (N, S, S, 3), its .npy file, {path: row}) for `paths`, built on first use."""
+def image_cache(paths, size, stain_norm, folder):
+    """(memory-mapped uint8 array (N, S, S, 3), its .npy file, {path: row}) of `paths` at `size` px, Macenko
+    normalised or not, cached in `folder`; built on first use."""
     paths = [str(p) for p in paths]
-    target = cache_path(cfg, paths)
+    target = cache_path(folder, size, stain_norm, paths)
     if str(target) in _OPEN:
         return _OPEN[str(target)]
     if not target.exists():
-        log(f"Caching {len(paths)} images at {cfg.image_size}x{cfg.image_size} -> {target}")
+        log(f"Caching {len(paths)} images at {size}x{size} -> {target}")
         drop_stale(target)
-        build_cache(cfg, paths, target)
+        build_cache(paths, target, size, stain_norm)
     try:
         arr = np.load(target, mmap_mode="r")
     except (ValueError, OSError) as e:
         warn(f"image cache {target} is unreadable ({e}); rebuilding it")
-        build_cache(cfg, paths, target)
+        build_cache(paths, target, size, stain_norm)
         arr = np.load(target, mmap_mode="r")
     _OPEN[str(target)] = (arr, target, {p: i for i, p in enumerate(paths)})
     return _OPEN[str(target)]

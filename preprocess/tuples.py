@@ -34,15 +34,20 @@ def tuple_frame(records, magnifications):
     return pd.DataFrame(records, columns=columns)
 
 
-def eval_tuples(index_rows, magnifications):
-    """Deterministic tuples: with n the largest image count of a group, tuple i takes image i mod n_m of each mag."""
+def eval_tuples(index_rows, magnifications, reads=None):
+    """Deterministic tuples: with n the largest image count of a group, tuple i takes image i mod n_m of each mag.
+    For a model that reads one magnification (`reads`), one tuple per distinct image of it (the first holding it),
+    so each of its images counts once in its patient's mean."""
     records = []
     for g in groups(index_rows, magnifications):
         n = max(len(p) for p in g["paths"].values())
         for i in range(n):
             paths = [g["paths"][m][i % len(g["paths"][m])] if g["paths"][m] else "" for m in magnifications]
             records.append([f"{g['group']}#{i}", g["patient_id"], g["group"], g["label"], g["subtype_label"], *paths])
-    return tuple_frame(records, magnifications)
+    frame = tuple_frame(records, magnifications)
+    if reads is None or len(reads) != 1:
+        return frame
+    return frame.drop_duplicates(["group", f"path_{reads[0]}"]).reset_index(drop=True)
 
 
 def draw_tuples(group_list, magnifications, per_group, rng):
@@ -156,9 +161,10 @@ class ImageBank(Resident):
 _BANKS = {}
 
 
-def image_bank(cfg, paths):
-    """The ImageBank of `paths` (built on first use, then shared by every run of the process)."""
-    arr, target, row_of = image_cache(cfg, paths)
+def image_bank(paths, size, stain_norm, folder):
+    """The ImageBank of `paths` at `size` px, Macenko normalised or not, cached in `folder` (built on first use, then
+    shared by every run of the process)."""
+    arr, target, row_of = image_cache(paths, size, stain_norm, folder)
     if str(target) not in _BANKS:
         _BANKS.clear()
         _BANKS[str(target)] = ImageBank(arr, row_of, str(target))

@@ -1,0 +1,1 @@
+"""The pipeline stages, by product: training, tuning, inference and report."""

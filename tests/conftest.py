@@ -8,7 +8,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from config import Config  # noqa: E402
+from config import MAGNIFICATIONS, Config  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -18,6 +18,14 @@ TEST_SETTINGS = dict(
     epochs=2, batch_size=8, tuples_per_patient=4, warmup_epochs=1, patience=5, bootstrap=50,
     amp=False, lr=2e-3, resnet_backbone="test_resnet",
 )
+
+MODEL_BASE = dict(magnifications=MAGNIFICATIONS, num_subtypes=8, backbone="test_efficientnet", pretrained=False,
+                  pretrained_path="", drop_rate=0.3, feature_stage=(-1,), shared_backbone=True)
+
+
+def model_settings(**settings):
+    """Every run-level model setting (backbones.model_config takes them from Config in the pipeline), overridden."""
+    return dict(MODEL_BASE, **settings)
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,11 @@ import backbones.encoders as common
 from backbones import build_model
 from backbones.common import ModelConfig
 from backbones.encoders import OPEN_ENCODERS, create_backbone, feature_backbone, hub_kwargs, normalization
+from tests.conftest import model_settings, same_normalisation
 from utils.checks import check_field
-from tests.conftest import same_normalisation
 from utils.helpers import PipelineError
+
+MAGS2 = ("40X", "100X")
 
 try:
     import httpx2 as httpx  # huggingface_hub >= 2 (older releases use httpx)
@@ -35,7 +37,7 @@ LUNIT_MEAN, LUNIT_STD = [0.70322989, 0.53606487, 0.66096631], [0.21716536, 0.260
 
 
 def backbone(name, **kwargs):
-    return feature_backbone(ModelConfig(backbone=name, pretrained=False, **kwargs))
+    return feature_backbone(ModelConfig(**model_settings(backbone=name, pretrained=False, **kwargs)))
 
 
 def batch(size, b=2, m=2):
@@ -95,7 +97,7 @@ def test_channels_last_backbones_give_nchw_maps():
 
 
 def test_feature_stage_picks_a_middle_stage_of_a_cnn():
-    last, middle = backbone(CNN), backbone(CNN, feature_stage=2)
+    last, middle = backbone(CNN), backbone(CNN, feature_stage=(2,))
     x = torch.randn(2, 3, 64, 64)
     assert middle.feature_info.channels()[-1] != last.feature_info.channels()[-1]
     assert middle(x)[-1].shape[1] == middle.feature_info.channels()[-1]
@@ -120,7 +122,7 @@ def test_a_register_token_vit_with_patch_14_pads_odd_sizes():
 
 
 def test_mmnet_with_a_vit_trains_at_32_px():
-    model = build_model("mmnet", magnifications=("40X", "100X"), num_subtypes=3, backbone=VIT, pretrained=False)
+    model = build_model("mmnet", **model_settings(magnifications=MAGS2, num_subtypes=3, backbone=VIT, pretrained=False))
     out = model(*batch(32))
     assert out["binary_logits"].shape == (2,)
     assert out["spatial_maps"].shape == (2, 2, 2, 2)
@@ -131,7 +133,7 @@ def test_mmnet_with_a_vit_trains_at_32_px():
 
 @pytest.mark.parametrize("name", ["simple_concat", "single_mag"])
 def test_baselines_with_a_vit_train_at_32_px(name):
-    model = build_model(name, magnifications=("40X", "100X"), num_subtypes=3, backbone=VIT, pretrained=False)
+    model = build_model(name, **model_settings(magnifications=MAGS2, num_subtypes=3, backbone=VIT, pretrained=False))
     out = model(*batch(32))
     assert out["binary_logits"].shape == (2,)
     out["binary_logits"].sum().backward()
@@ -159,7 +161,7 @@ def test_a_gated_model_without_token_names_the_page_and_the_token(monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(timm, "create_model", gated)
     with pytest.raises(PipelineError) as e:
-        feature_backbone(ModelConfig(backbone=GATED))
+        feature_backbone(ModelConfig(**model_settings(backbone=GATED, pretrained=True)))
     message = str(e.value)
     for part in (PAGE, "licence", "HF_TOKEN is not set", "export HF_TOKEN=", "--pretrained-path FILE"):
         assert part in message
@@ -172,7 +174,7 @@ def test_a_token_without_access_is_reported_but_never_printed(monkeypatch):
         raise HfHubHTTPError("403 Forbidden", response=response(403))
     monkeypatch.setattr(timm, "create_model", forbidden)
     with pytest.raises(PipelineError, match="refused") as e:
-        feature_backbone(ModelConfig(backbone=GATED))
+        feature_backbone(ModelConfig(**model_settings(backbone=GATED, pretrained=True)))
     assert "HF_TOKEN is set" in str(e.value) and PAGE in str(e.value)
     assert "hf_secret_value" not in str(e.value)
 
@@ -186,14 +188,14 @@ def test_no_network_names_the_page_and_the_offline_way(monkeypatch, error):
         raise error
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(PipelineError, match="could not reach the Hugging Face hub") as e:
-        feature_backbone(ModelConfig(backbone=GATED))
+        feature_backbone(ModelConfig(**model_settings(backbone=GATED, pretrained=True)))
     assert PAGE in str(e.value) and "--pretrained-path FILE" in str(e.value)
 
 
 def test_a_gated_config_stops_the_model_build(monkeypatch, hub_cache):
     monkeypatch.setattr(common, "hf_hub_download", gated)
     with pytest.raises(PipelineError, match="refused.*https://huggingface.co/test-org/gated"):
-        build_model("mmnet", magnifications=("40X", "100X"), num_subtypes=3, backbone=GATED)
+        build_model("mmnet", **model_settings(magnifications=MAGS2, num_subtypes=3, backbone=GATED, pretrained=True))
 
 
 def test_hub_normalisation_comes_from_the_cached_config(hub_cache):
@@ -201,7 +203,7 @@ def test_hub_normalisation_comes_from_the_cached_config(hub_cache):
 
 
 def test_a_hub_model_builds_from_its_cached_config_without_network(hub_cache):
-    model = build_model("mmnet", magnifications=("40X", "100X"), num_subtypes=3, backbone=HUB, pretrained=False)
+    model = build_model("mmnet", **model_settings(magnifications=MAGS2, num_subtypes=3, backbone=HUB, pretrained=False))
     assert same_normalisation(model.normalization, dict(mean=HUB_MEAN, std=HUB_STD))
     assert model(*batch(32))["binary_logits"].shape == (2,)
 
@@ -210,8 +212,8 @@ def test_hub_weights_arrive_through_pretrained_path(hub_cache, tmp_path):
     torch.manual_seed(3)
     source = timm.create_model(VIT, num_classes=0)
     torch.save(source.state_dict(), tmp_path / "weights.pth")
-    model = build_model("mmnet", magnifications=("40X", "100X"), num_subtypes=3, backbone=HUB,
-                        pretrained_path=str(tmp_path / "weights.pth"))
+    model = build_model("mmnet", **model_settings(magnifications=MAGS2, num_subtypes=3, backbone=HUB,
+                        pretrained_path=str(tmp_path / "weights.pth"), pretrained=True))
     net = model.backbones[0].model
     assert torch.equal(net.blocks[3].mlp.fc1.weight, source.blocks[3].mlp.fc1.weight)
     assert torch.equal(net.pos_embed, source.pos_embed)
@@ -221,7 +223,7 @@ def test_hub_weights_arrive_through_pretrained_path(hub_cache, tmp_path):
 def test_an_open_encoder_takes_its_model_card_mean_and_std_offline(hub_cache):
     assert normalization(LUNIT)["mean"] == pytest.approx(LUNIT_MEAN)
     assert normalization(LUNIT)["std"] == pytest.approx(LUNIT_STD)
-    model = build_model("mmnet", magnifications=("40X", "100X"), num_subtypes=3, backbone=LUNIT, pretrained=False)
+    model = build_model("mmnet", **model_settings(magnifications=MAGS2, num_subtypes=3, backbone=LUNIT))
     assert model.normalization["mean"] == pytest.approx(LUNIT_MEAN)
     assert model(*batch(32))["binary_logits"].shape == (2,)
 
@@ -252,6 +254,6 @@ def test_an_unreachable_open_encoder_says_no_token_is_needed(monkeypatch):
         raise LocalEntryNotFoundError("not in the cache")
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(PipelineError, match="needs no token") as e:
-        feature_backbone(ModelConfig(backbone=LUNIT))
+        feature_backbone(ModelConfig(**model_settings(backbone=LUNIT, pretrained=True)))
     assert "accept the model's licence" not in str(e.value)
     assert "https://huggingface.co/1aurent/vit_small_patch8_224.lunit_dino" in str(e.value)

@@ -72,7 +72,7 @@ def test_missing_magnification_and_single_image_patient_still_train(make_cfg, ti
 @pytest.mark.parametrize("stage,needs", [("split", "analyze"), ("cv", "split"), ("explain", "fixed"), ("report", "cv")])
 def test_stage_before_its_inputs(make_cfg, capsys, stage, needs):
     cfg = make_cfg()
-    before = [s for s in ("analyze", "split") if list(main.STAGES).index(s) < list(main.STAGES).index(needs)]
+    before = [s for s in ("analyze", "split") if list(main.DEFAULT).index(s) < list(main.DEFAULT).index(needs)]
     if before:
         assert run(cfg, ",".join(before)) == 0
         capsys.readouterr()

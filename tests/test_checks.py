@@ -108,3 +108,17 @@ def test_real_disk_full_is_caught():
 def test_other_errors_pass_through(tmp_path):
     with pytest.raises(FileNotFoundError), resource_errors("reading"):
         (tmp_path / "missing.txt").read_text()
+
+
+def test_every_flag_explains_itself():
+    """--help gives every flag a line of what it does beyond its default, and its choices where it has them."""
+    import main
+    actions = {a.dest: a for a in main.build_parser()._actions}
+    for name, f in config_fields().items():
+        action = actions[name]
+        what, _, default = action.help.partition("; default: ")
+        assert len(what) > 20 and default, name
+        assert f.metadata["help"].replace("%", "%%") in what, name
+        if RULES[name].choices:
+            assert action.metavar == "{" + ",".join(RULES[name].choices) + "}", name
+    assert len(actions["config"].help) > 20

@@ -35,7 +35,8 @@ def poisoned(cfg, tmp_path, split="fold_0"):
 
 
 def choices(metrics):
-    return {k: round(v, 6) for k, v in metrics["threshold"].items()} | {"C": metrics.get("probe", {}).get("C")}
+    thresholds = {f"{level}_{k}": round(v, 6) for level, kept in metrics["threshold"].items() for k, v in kept.items()}
+    return thresholds | {"C": metrics.get("probe", {}).get("C")}
 
 
 def test_the_probe_picks_c_by_inner_cv_and_ignores_the_test_patients(prepared, tmp_path, monkeypatch):
@@ -44,7 +45,8 @@ def test_the_probe_picks_c_by_inner_cv_and_ignores_the_test_patients(prepared, t
     from stages.training.run import run_one
     metrics = run_one(prepared, spec("linear_probe", "linear_probe"), "fold_0")
     by_c = metrics["probe"]["oof_auc_by_C"]
-    assert set(by_c) == {f"{c:g}" for c in C_GRID} and 0 < metrics["threshold"]["oof_youden"] < 1
+    assert set(by_c) == {f"{c:g}" for c in C_GRID}
+    assert all(0 < metrics["threshold"][level]["oof_youden"] < 1 for level in ("tuple", "patient"))
     assert "oof_youden" in metrics["test"]["patient"]
     cfg, test = poisoned(prepared, tmp_path)
     pooled = features.FeatureBank.pooled
@@ -74,7 +76,7 @@ def test_ties_take_the_stated_default_c():
 def test_inner_models_give_an_out_of_fold_threshold_that_no_test_patient_moves(prepared, tmp_path):
     from preprocess.preprocess import load_split
     from stages.training.run import run_one
-    from utils.helpers import run_dir
+    from utils.helpers import read_json, run_dir
     from utils.metrics import youden_threshold
     cfg = replace(prepared, threshold_rule="oof_youden")
     metrics = run_one(cfg, spec("inner"), "fold_0")
@@ -84,10 +86,14 @@ def test_inner_models_give_an_out_of_fold_threshold_that_no_test_patient_moves(p
     assert len(list(run_dir(cfg, "inner", "fold_0").glob("inner_*/oof.csv"))) == 3
     assert sorted(oof["patient_id"].unique()) == sorted(split.query("role != 'test'")["patient_id"])
     assert oof["patient_id"].is_unique is False and not oof.duplicated(["tuple_id"]).any()
-    assert metrics["threshold"]["oof_youden"] == pytest.approx(
+    assert metrics["threshold"]["tuple"]["oof_youden"] == pytest.approx(
         youden_threshold(oof["label"].to_numpy(), oof["prob_malignant"].to_numpy()))
+    means = oof.groupby("patient_id").agg(label=("label", "max"), prob=("prob_malignant", "mean"))
+    assert metrics["threshold"]["patient"]["oof_youden"] == pytest.approx(
+        youden_threshold(means["label"].to_numpy(), means["prob"].to_numpy()))
     assert metrics["inner"]["folds"] == 3
-    assert set(metrics["seen_patients"]["train"]) == set(split.query("role != 'test'")["patient_id"])
+    seen = read_json(run_dir(cfg, "inner", "fold_0") / "record.json")["seen_patients"]
+    assert set(seen["train"]) == set(split.query("role != 'test'")["patient_id"])
     poison, _ = poisoned(cfg, tmp_path)
     again = run_one(poison, spec("inner"), "fold_0")
     assert choices(again) == choices(metrics)

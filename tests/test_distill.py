@@ -74,11 +74,13 @@ def distilled(fixed_output, tmp_path_factory):
 def test_student_is_smaller_and_trained_on_the_fixed_training_patients(distilled):
     cfg, out = distilled
     metrics = read_json(out / "runs" / STUDENT / "fixed" / "metrics.json")
+    record = read_json(out / "runs" / STUDENT / "fixed" / "record.json")
     split = load_split(cfg, "fixed")
     roles = {r: set(split.loc[split["role"] == r, "patient_id"].astype(str)) for r in ("train", "val", "test")}
-    seen = set(metrics["seen_patients"]["train"] + metrics["seen_patients"]["val"])
-    assert roles["train"] <= set(metrics["seen_patients"]["train"]) and seen <= roles["train"] | roles["val"]
-    teachers = distill.teacher_members(cfg)
+    seen = set(record["seen_patients"]["train"] + record["seen_patients"]["val"])
+    assert roles["train"] <= set(record["seen_patients"]["train"]) and seen <= roles["train"] | roles["val"]
+    assert any(s["name"].startswith("the teacher's mmnet_fixed_member/") for s in record["sources"])
+    _, teachers = distill.teacher_run(cfg)
     assert len(teachers) == cfg.n_folds and all("mmnet_fixed_member" in str(p) for p in teachers)
     assert metrics["teacher"]["members"] == [str(p) for p in teachers] and metrics["teacher"]["run"] == TEACHER
     teacher_ckpt = teachers[0]
@@ -113,20 +115,22 @@ def test_table_4_has_the_student_beside_its_teacher(distilled):
 def test_a_teacher_that_saw_a_test_patient_is_refused(distilled, tmp_path, capsys):
     cfg, _ = distilled
     cfg = copy_output(cfg, tmp_path / "output")
-    metrics_file = Path(cfg.output_dir) / "runs" / "mmnet_fixed_member" / "member_0" / "metrics.json"
+    record_file = Path(cfg.output_dir) / "runs" / "mmnet_fixed_member" / "member_0" / "record.json"
     split = load_split(cfg, "fixed")
     test_patient = str(split.loc[split["role"] == "test", "patient_id"].iloc[0])
-    write_json(metrics_file, dict(read_json(metrics_file), seen_patients={"train": [test_patient], "val": []}))
+    record = read_json(record_file)
+    record["sources"][0]["train"].append(test_patient)
+    record["seen_patients"]["train"].append(test_patient)
+    write_json(record_file, record)
     assert main.main(flags(cfg, "distill") + STUDENT_FLAGS + ["--force"]) == 2
     text = capsys.readouterr().out
     assert test_patient in text and "Traceback" not in text
 
 
-def test_the_teacher_list_comes_from_one_switch(distilled, monkeypatch):
+def test_the_teacher_comes_from_one_switch(distilled, monkeypatch):
     cfg, out = distilled
     best = out / "runs" / REFERENCE / "fixed" / "checkpoints" / "best.pth"
-    assert distill.teacher_members(cfg) == ensemble.honest_members(cfg)
-    monkeypatch.setattr(ensemble, "honest_members", lambda c: [str(best), str(best)], raising=False)
-    assert distill.teacher_members(cfg) == [best, best]
+    folder, paths = distill.teacher_run(cfg)
+    assert paths == ensemble.honest_members(cfg) and folder == out / "runs" / ENSEMBLE / "fixed"
     monkeypatch.setattr(ensemble, "honest_members", lambda c: None)
-    assert distill.teacher_members(cfg) == [best]
+    assert distill.teacher_run(cfg) == (out / "runs" / REFERENCE / "fixed", [best])

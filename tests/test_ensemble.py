@@ -38,7 +38,7 @@ def patients(cfg, split, roles):
 def test_a_run_records_the_patients_it_trained_and_validated_on(trained):
     from utils.helpers import read_json, run_dir
     for name, split in (("mmnet", "fixed"), ("mmnet", "fold_0"), ("mmnet_fixed_member", "member_1")):
-        seen = read_json(run_dir(trained, name, split) / "metrics.json")["seen_patients"]
+        seen = read_json(run_dir(trained, name, split) / "record.json")["seen_patients"]
         assert seen["train"] == sorted(patients(trained, split, ["train"]))
         assert seen["val"] == sorted(patients(trained, split, ["val"]))
 
@@ -51,11 +51,11 @@ def test_the_ensemble_members_never_saw_a_fixed_test_patient(trained):
     assert len(members) == 3
     held = []
     for path in members:
-        seen = read_json(path.parent.parent / "metrics.json")["seen_patients"]
+        seen = read_json(path.parent.parent / "record.json")["seen_patients"]
         assert not test & set(seen["train"] + seen["val"])
         held.append(set(seen["val"]))
     assert set().union(*held) == patients(trained, "fixed", ["train", "val"]) and sum(map(len, held)) == len(set().union(*held))
-    ensemble = read_json(run_dir(trained, ENSEMBLE, "fixed") / "metrics.json")["seen_patients"]
+    ensemble = read_json(run_dir(trained, ENSEMBLE, "fixed") / "record.json")["seen_patients"]
     assert not test & set(ensemble["train"] + ensemble["val"])
 
 
@@ -77,7 +77,11 @@ def test_the_ensemble_averages_its_members_and_thresholds_on_their_out_of_fold_p
     assert set(oof["patient_id"]) == patients(trained, "fixed", ["train", "val"])
     metrics = read_json(run_dir(trained, ENSEMBLE, "fixed") / "metrics.json")
     expected = youden_threshold(oof["label"].to_numpy(), oof["prob_malignant"].to_numpy())
-    assert metrics["threshold"]["youden"] == pytest.approx(expected, abs=1e-4)
+    assert metrics["threshold"]["tuple"]["youden"] == pytest.approx(expected, abs=1e-4)
+    means = oof.groupby("patient_id").agg(label=("label", "max"), prob=("prob_malignant", "mean"))
+    expected = youden_threshold(means["label"].to_numpy(), means["prob"].to_numpy())
+    assert metrics["threshold"]["patient"]["youden"] == pytest.approx(expected, abs=1e-4)
+    assert metrics["threshold"]["patient"]["oof_youden"] == metrics["threshold"]["patient"]["youden"]
 
 
 def test_the_old_fold_ensemble_on_the_fixed_test_patients_is_refused(trained):
@@ -99,21 +103,23 @@ def test_the_report_refuses_a_run_whose_models_saw_a_test_patient(trained, tmp_p
     from utils.helpers import PipelineError, read_json, write_json
     out = tmp_path / "output"
     shutil.copytree(trained.output_dir, out)
-    path = out / "runs" / "mmnet" / "fixed" / "metrics.json"
-    metrics = read_json(path)
+    path = out / "runs" / "mmnet" / "fixed" / "record.json"
+    record = read_json(path)
     leaked = sorted(patients(trained, "fixed", ["test"]))[0]
-    metrics["seen_patients"]["train"].append(leaked)
-    write_json(path, metrics)
-    with pytest.raises(PipelineError, match=f"mmnet/fixed: refusing .*trained on {leaked}"):
+    record["sources"][0]["train"].append(leaked)
+    write_json(path, record)
+    with pytest.raises(PipelineError, match=f"mmnet/fixed: refusing .*mmnet/fixed trained on {leaked}"):
         run_report(replace(trained, output_dir=str(out)))
 
 
-def test_check_no_leak_names_the_run_and_the_patients():
+def test_check_no_leak_names_the_run_the_source_and_the_patients():
     from utils.helpers import PipelineError
     from utils.scoring import check_no_leak
-    check_no_leak({"train": ["a", "b"], "val": ["c"]}, ["d", "e"], "run/x")
-    with pytest.raises(PipelineError, match=r"run/x: refusing .*trained on b; validated on c"):
-        check_no_leak({"train": ["a", "b"], "val": ["c"]}, ["b", "c", "d"], "run/x")
+    sources = [dict(name="run/x", train=["a", "b"], val=["c"]), dict(name="tuning study S", train=["e"], val=[])]
+    check_no_leak(sources, ["d", "f"], "run/x")
+    with pytest.raises(PipelineError, match=r"run/x: refusing .*run/x trained on b; run/x validated on c; "
+                                            r"tuning study S trained on e"):
+        check_no_leak(sources, ["b", "c", "d", "e"], "run/x")
 
 
 def test_table_2_has_the_ensemble_row(trained):
@@ -149,6 +155,6 @@ def test_a_baseline_without_its_own_weights_is_skipped_with_a_warning(monkeypatc
     monkeypatch.setattr(training, "warn", warnings.append)
     cfg = replace(Config(), pretrained=True)
     skipped = [s.name for s in stage_runs(cfg, "baselines") if training.weights_missing(cfg, s)]
-    assert skipped == ["resnet50_transfer"]
+    assert skipped == ["resnet50_transfer_40X"]
     assert "OSError: offline" in warnings[0] and "--no-pretrained" in warnings[0]
     assert not training.weights_missing(replace(cfg, pretrained=False), stage_runs(cfg, "baselines")[-2])

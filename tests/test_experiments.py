@@ -1,5 +1,5 @@
 """Experiment stages on the tiny synthetic tree: learning, run folders, checkpoints, SMOTE, stage order."""
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pandas as pd
@@ -46,8 +46,7 @@ def test_run_folder_has_the_promised_files_and_fields(trained):
     assert history["epoch"].tolist() == list(range(1, len(history) + 1))
     for level in ("tuple", "patient"):
         assert set(metrics["test"][level]) == {"t0.5", "youden", "sens95"}
-        assert metrics["test"][level]["youden"]["threshold"] == pytest.approx(metrics["threshold"]["youden"])
-        assert set(metrics["test_tta"][level]) == {"t0.5", "youden", "sens95"}
+        assert metrics["test"][level]["youden"]["threshold"] == pytest.approx(metrics["threshold"][level]["youden"])
         assert "macro_f1" in metrics["subtype"][level] and "macro_f1" in metrics["subtype_smote"][level]
     assert metrics["classes"] and 1 <= metrics["best_epoch"] <= metrics["epochs"]
     for name in ("best.pth", "last.pth"):
@@ -57,7 +56,25 @@ def test_run_folder_has_the_promised_files_and_fields(trained):
     assert set(tuples["subtype_pred_smote"]) <= set(metrics["classes"])
     weights = tuples[[f"w_{m}" for m in MAGS]].astype(float).to_numpy()
     assert np.allclose(weights.sum(1), 1, atol=1e-4)
-    assert tuples["prob_malignant_tta"].astype(float).between(0, 1).all()
+    assert metrics["tta"] is True
+
+
+def test_tta_probabilities_reach_the_tables_and_their_thresholds(trained):
+    """Under --tta every reported probability is the mean over the four views, and the thresholds are fitted on them."""
+    from stages.training.checkpoint import load_model
+    from stages.training.data import prepare_run
+    from stages.training.forward import predict
+    from utils.metrics import youden_threshold
+    cfg, folder, pred, metrics = trained
+    model, _ = load_model(folder / "checkpoints" / "best.pth")
+    run = prepare_run(cfg, "check", "fold_0", "mmnet", {})
+    tta = predict(model, run.bank, run.batches["test"], torch.device("cpu"), tta=True)["prob"]
+    plain = predict(model, run.bank, run.batches["test"], torch.device("cpu"))["prob"]
+    test = pred[(pred["level"] == "tuple") & (pred["role"] == "test")]["prob_malignant"].astype(float).to_numpy()
+    assert np.allclose(test, tta, atol=1e-5) and not np.allclose(test, plain, atol=1e-4)
+    val = pred[(pred["level"] == "patient") & (pred["role"] == "val")]
+    fitted = youden_threshold(val["label"].astype(int), val["prob_malignant"].astype(float))
+    assert metrics["threshold"]["patient"]["youden"] == pytest.approx(fitted)
 
 
 def test_every_test_image_appears_in_predictions(trained):
@@ -88,20 +105,22 @@ def test_patient_rows_are_the_mean_of_their_tuples(trained):
 def test_checkpoint_reloads_through_the_registry_with_the_same_predictions(trained):
     from preprocess.analyze import load_index
     from preprocess.transforms import prepare
+    from preprocess.cache import cache_folder
     from preprocess.tuples import image_bank, tuple_rows
     from stages.training.checkpoint import load_model
+    from stages.training.forward import tta_prob
     cfg, folder, pred, _ = trained
     model, ckpt = load_model(folder / "checkpoints" / "best.pth")
     assert ckpt["model_name"] == "mmnet" and ckpt["classes"]["binary"] == ["benign", "malignant"]
     assert ckpt["magnifications"] == list(MAGS) and ckpt["image_size"] == cfg.image_size
     rows = pred[(pred["level"] == "tuple") & (pred["role"] == "test")].reset_index(drop=True)
-    bank = image_bank(cfg, load_index(cfg)["path"].astype(str).tolist())
+    bank = image_bank(load_index(cfg)["path"].astype(str).tolist(), cfg.image_size, cfg.stain_norm, cache_folder(cfg))
     raw, mask = bank.gather(tuple_rows(rows, MAGS, bank.row_of), torch.device("cpu"))
     assert raw.dtype == torch.uint8 and raw.shape == (len(rows), len(MAGS), cfg.image_size, cfg.image_size, 3)
     assert torch.equal(mask, torch.tensor((rows[[f"path_{m}" for m in MAGS]] != "").to_numpy()))
     x, mask = prepare(raw, mask, torch.device("cpu"))
     with torch.no_grad():
-        prob = torch.sigmoid(model(x, mask)["binary_logits"]).numpy()
+        prob = tta_prob(model, x, mask, torch.device("cpu"), None)
     assert np.allclose(prob, rows["prob_malignant"].astype(float), atol=1e-5)
 
 
@@ -115,17 +134,17 @@ def test_a_finished_run_is_skipped_unless_forced(trained):
 
 def test_every_baseline_and_ablation_builds_and_reads_the_full_tuple(make_cfg):
     from backbones import MODELS, build_model
-    from stages.training.data import model_kwargs
+    from backbones import model_config
     from stages.training.runs import ablation_runs, baseline_runs
     cfg = make_cfg(resnet_backbone="test_resnet")
     specs = baseline_runs(cfg) + ablation_runs(cfg)
     names = [s.name for s in specs]
-    assert names == ["simple_concat", "single_40X", "single_100X", "single_200X", "single_400X", "resnet50_transfer",
+    assert names == ["simple_concat", "single_40X", "single_100X", "single_200X", "single_400X", "resnet50_transfer_40X",
                      "linear_probe", "mmnet_no_spatial", "mmnet_no_channel", "mmnet_no_hma", "mmnet_no_cmf", "mmnet_only_40X",
                      "mmnet_only_100X", "mmnet_only_200X", "mmnet_only_400X"]
     x, mask = torch.randn(2, 4, 3, 32, 32), torch.tensor([[True, True, False, True]] * 2)
     for spec in [s for s in specs if s.model in MODELS]:
-        model = build_model(spec.model, **model_kwargs(cfg, spec.model, 3, spec.flags)).eval()
+        model = build_model(spec.model, **asdict(model_config(cfg, spec.model, 3, **spec.flags))).eval()
         with torch.no_grad():
             out = model(x, mask)
         assert out["binary_logits"].shape == (2,) and out["subtype_logits"].shape == (2, 3), spec.name

@@ -11,6 +11,7 @@ import main
 from stages.training.checkpoint import load_model
 from stages.inference.predictor import OnnxModel
 from config import Config
+from preprocess.cache import cache_folder
 from preprocess.tuples import image_bank
 from stages.training.data import split_frames
 from stages.inference.predictor import onnx_predictor, score
@@ -55,7 +56,7 @@ def test_onnxruntime_reproduces_the_fixed_evaluation(exported):
     """The graph's probabilities on the fixed test tuples are those the evaluation wrote to predictions.csv."""
     cfg, path = exported
     index, parts = split_frames(cfg, "fixed")
-    bank = image_bank(cfg, index["path"].astype(str))
+    bank = image_bank(index["path"].astype(str).tolist(), cfg.image_size, cfg.stain_norm, cache_folder(cfg))
     tuples, _ = score(onnx_predictor(path), parts["test"], bank, 5, torch.device("cpu"))
     expected = fixed_test_tuples(cfg).set_index("tuple_id")["prob_malignant"]
     gap = np.abs(tuples.set_index("tuple_id")["prob_malignant"] - expected.loc[tuples["tuple_id"]].to_numpy())
@@ -89,7 +90,7 @@ def test_ensemble_export_is_the_mean_of_its_members(exported):
              for k, v in ckpt["model"].items()}
     (models / "checkpoints").mkdir(exist_ok=True)
     torch.save(ckpt, models / "checkpoints" / f"{REFERENCE}_fold_0.pth")
-    torch.save(dict(ckpt, model=other, threshold={"youden": 0.2, "sens95": 0.1}),
+    torch.save(dict(ckpt, model=other, threshold={"youden": 0.2, "sens95": 0.1, "decision": 0.2}),
                models / "checkpoints" / f"{REFERENCE}_fold_1.pth")
     assert export(cfg, "--ensemble") == 0
     path = models / f"{REFERENCE}_fold_ensemble.onnx"

@@ -126,7 +126,7 @@ def test_every_stage_runs_with_a_frozen_backbone_and_table_4_has_the_probe(tmp_p
     import main
     from tests.test_pipeline import flags
     cfg = make_cfg(output_dir=str(tmp_path / "out"))
-    assert main.main(flags(cfg, ",".join(main.STAGES)) + ["--folds", "0", "--freeze-backbone"]) == 0
+    assert main.main(flags(cfg, ",".join(main.DEFAULT)) + ["--folds", "0", "--freeze-backbone"]) == 0
     table = pd.read_csv(tmp_path / "out" / "tables" / "table_4_baseline_comparison.csv")
     assert "linear_probe" in set(table["model"])
     assert (tmp_path / "out" / "runs" / "mmnet_fixed_ensemble" / "fixed" / "metrics.json").exists()

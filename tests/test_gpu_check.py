@@ -57,9 +57,9 @@ def test_a_failing_part_is_named_and_the_others_still_run(tmp_path, gpu_check, c
 
 
 def test_run_costs_come_from_the_measured_baselines(gpu_check):
-    runs = dict(simple_concat=10.0, single_40X=2.5, resnet50_transfer=30.0)
+    runs = dict(simple_concat=10.0, single_40X=2.5, resnet50_transfer_40X=30.0)
     assert gpu_check.cost("single_40X", runs) == 0.25
     assert gpu_check.cost("mmnet_only_40X", runs) == 0.25
-    assert gpu_check.cost("resnet50_transfer", runs) == 3.0
+    assert gpu_check.cost("resnet50_transfer_40X", runs) == 3.0
     assert gpu_check.cost("mmnet_no_hma", runs) == gpu_check.cost("mmnet", runs) == 1.0
     assert gpu_check.cost("single_40X", {}) == 1.0

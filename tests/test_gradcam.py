@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from backbones import build_model
 from backbones.our.gradcam import attention_maps, gradcam
+from tests.conftest import model_settings
 
 MAGS = ("40X", "100X", "200X", "400X")
 SIZE = 48  # test_efficientnet has stride 32: 48 px gives 2x2 feature maps, 32 px a single cell
@@ -13,8 +14,7 @@ SIZE = 48  # test_efficientnet has stride 32: 48 px gives 2x2 feature maps, 32 p
 
 def tiny(name, **flags):
     torch.manual_seed(0)
-    return build_model(name, magnifications=MAGS, num_subtypes=3, backbone="test_efficientnet", pretrained=False,
-                       drop_rate=0.0, **flags)
+    return build_model(name, **model_settings(magnifications=MAGS, num_subtypes=3, drop_rate=0.0, **flags))
 
 
 def hook_count(model):

@@ -1,5 +1,6 @@
 """Models: outputs, masking, ablations, gradients, registry, config, compile, pretrained errors, CAM taps, profile."""
 import json
+from dataclasses import replace
 
 import huggingface_hub.constants
 import pytest
@@ -7,15 +8,17 @@ import timm
 import torch
 import torch.nn as nn
 
-from backbones import REFERENCE_MODEL, ModelConfig, build_model, list_models, model_config, model_kwargs_of
+from backbones import REFERENCE_MODEL, build_model, list_models, model_config, model_kwargs_of
 from backbones.baseline_resnet50 import ResNet50Transfer
+from config import Config
 from stages.report.efficiency import count_params, profile_model
 from utils.helpers import PipelineError
+from tests.conftest import model_settings
 
 MAGS = ("40X", "100X", "200X", "400X")
 KEYS = {"binary_logits", "subtype_logits", "embedding", "mag_weights", "hma_weights", "spatial_maps"}
-TINY = dict(backbone="test_efficientnet", pretrained=False, num_subtypes=5)
-TINY_RESNET = dict(backbone="test_resnet", pretrained=False, num_subtypes=5)
+TINY = model_settings(num_subtypes=5)
+TINY_RESNET = model_settings(backbone="test_resnet", num_subtypes=5)
 VARIANTS = {
     "mmnet": ("mmnet", {}),
     "mmnet_separate": ("mmnet", dict(shared_backbone=False)),
@@ -82,7 +85,7 @@ def test_single_mag_weights_one_hot():
 
 
 def test_hma_follows_magnification_order():
-    model = build_model("mmnet", magnifications=("400X", "40X", "200X", "100X"), **TINY)
+    model = build_model("mmnet", **dict(TINY, magnifications=("400X", "40X", "200X", "100X")))
     assert model.used_mags == [1, 3, 2, 0]
 
 
@@ -140,7 +143,7 @@ def test_subset_of_magnifications_is_smaller():
     assert single.used_mags == [2] and len(single.branches) == 1
     assert count_params(single) < count_params(full)
     with pytest.raises(PipelineError):
-        build_model("mmnet", use_mags=("1000X",), **TINY)
+        build_model("mmnet", **dict(TINY, use_mags=("1000X",)))
 
 
 def test_separate_backbones_have_more_params():
@@ -212,19 +215,19 @@ def test_config_round_trips_through_checkpoint_kwargs(name):
     assert from_cfg.cfg.num_subtypes == 7 and from_cfg.cfg.backbone == model.cfg.backbone
 
 
-def test_model_defaults_and_unknown_settings():
-    assert model_config("resnet50_transfer").backbone == "resnet50"
-    assert model_config("resnet50_transfer").embed_dim == 512
-    assert model_config("mmnet") == ModelConfig()
+def test_model_settings_come_from_the_config_and_unknown_or_missing_ones_are_named():
+    cfg = Config()
+    mmnet = model_config(cfg, "mmnet", 8)
+    assert (mmnet.backbone, mmnet.feature_stage, mmnet.drop_rate, mmnet.embed_dim) == (cfg.backbone, cfg.feature_stage,
+                                                                                       cfg.drop_rate, 256)
+    resnet = model_config(replace(cfg, pretrained_path="w.pth", feature_stage=(2,)), "resnet50_transfer", 8,
+                          backbone=cfg.resnet_backbone)
+    assert (resnet.backbone, resnet.embed_dim, resnet.pretrained_path, resnet.feature_stage) == ("resnet50", 512, "",
+                                                                                                 (-1,))
     with pytest.raises(PipelineError, match="use_hma"):
         build_model("mmnet", use_hmaa=False, **TINY)
-
-
-def test_resnet_checkpoint_with_old_head_keys_loads():
-    model = registry_model("resnet50_transfer")
-    old = {k.replace("binary_head.", "binary_head.1."): v.clone() + 1 for k, v in model.state_dict().items()}
-    model.load_state_dict(old)
-    assert torch.equal(model.binary_head.weight, old["binary_head.1.weight"])
+    with pytest.raises(PipelineError, match="backbone"):
+        build_model("mmnet", num_subtypes=3)
 
 
 @pytest.mark.parametrize("name", ["mmnet", "simple_concat", "single_mag", "resnet50_transfer"])
@@ -247,15 +250,15 @@ def test_fullgraph_compile_forward_and_backward(name):
 
 def test_unknown_model_lists_valid_names():
     with pytest.raises(PipelineError, match="simple_concat"):
-        build_model("mmnett")
+        build_model("mmnett", **TINY)
     with pytest.raises(PipelineError, match="timm backbone"):
-        build_model("mmnet", backbone="no_such_net", pretrained=False)
+        build_model("mmnet", **dict(TINY, backbone="no_such_net"))
     with pytest.raises(PipelineError, match="ResNet backbone"):
         build_model("resnet50_transfer", **TINY)
 
 
 def test_resnet50_transfer_freezing_pattern():
-    model = ResNet50Transfer(model_config("resnet50_transfer", num_subtypes=5, pretrained=False))
+    model = ResNet50Transfer(model_config(replace(Config(), pretrained=False), "resnet50_transfer", 5, backbone="resnet50"))
     net = model.backbone
     assert not any(p.requires_grad for p in net.conv1.parameters())
     assert not any(p.requires_grad for p in net.layer1[0].conv1.parameters())
@@ -271,7 +274,7 @@ def test_resnet50_transfer_freezing_pattern():
 
 
 def test_resnet50_transfer_reads_only_its_magnification():
-    model = build_model("resnet50_transfer", mag="200X", **TINY_RESNET).eval()
+    model = build_model("resnet50_transfer", **dict(TINY_RESNET, mag="200X")).eval()
     x = batch(64, n=2)
     y = x.clone()
     y[:, [0, 1, 3]] = torch.randn_like(y[:, [0, 1, 3]])
@@ -282,7 +285,7 @@ def test_resnet50_transfer_reads_only_its_magnification():
 def test_offline_pretrained_is_a_pipeline_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PipelineError) as err:
-        build_model("mmnet", backbone="test_efficientnet", pretrained=True)
+        build_model("mmnet", **model_settings(backbone="test_efficientnet", pretrained=True))
     message = str(err.value)
     assert "test_efficientnet" in message and "--no-pretrained" in message and "--pretrained-path" in message
 
@@ -292,12 +295,12 @@ def test_pretrained_path_loads_local_weights(tmp_path):
     source = timm.create_model("test_efficientnet")
     path = tmp_path / "weights.pth"
     torch.save(source.state_dict(), path)
-    model = build_model("mmnet", backbone="test_efficientnet", pretrained_path=str(path), num_subtypes=5)
+    model = build_model("mmnet", **model_settings(pretrained_path=str(path), num_subtypes=5, pretrained=True))
     assert torch.equal(model.backbones[0].conv_stem.weight, source.conv_stem.weight)
     with pytest.raises(PipelineError, match="does not exist"):
-        build_model("mmnet", backbone="test_efficientnet", pretrained_path=str(tmp_path / "nope.pth"))
+        build_model("mmnet", **model_settings(pretrained_path=str(tmp_path / "nope.pth"), pretrained=True))
     with pytest.raises(PipelineError, match="not a weights file"):
-        build_model("single_mag", backbone="test_resnet", pretrained_path=str(path))
+        build_model("single_mag", **model_settings(backbone="test_resnet", pretrained_path=str(path), pretrained=True))
 
 
 @pytest.mark.parametrize("name", ["mmnet", "mmnet_separate", "mmnet_40X_400X", "simple_concat", "single_100X"])

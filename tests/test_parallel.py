@@ -80,7 +80,7 @@ def test_torchrun_two_ranks_share_the_runs(sequential, tmp_path):
 
 
 def trainer(out, unit):
-    return json.loads((out / "runs" / unit / "config.json").read_text())["trained_by"].split("@")[0]
+    return json.loads((out / "runs" / unit / "record.json").read_text())["trained_by"].split("@")[0]
 
 
 def test_two_processes_on_one_output_folder_each_train_a_share(sequential, tmp_path):
@@ -113,6 +113,7 @@ def test_two_processes_on_one_output_folder_each_train_a_share(sequential, tmp_p
 def held_and_stale(tmp_path_factory, tiny_root, monkeypatch, name, jobs):
     """fold_0 held by a live process elsewhere (finished once this process has trained fold_2), fold_1 by a dead
     one (old heartbeat), fold_2 free; run_units over the three: (config, the pipeline's log lines)."""
+    import stages.training.record as record
     import stages.training.schedule as schedule
     from stages.training.runs import stage_runs
     from utils.helpers import logger, run_dir
@@ -130,7 +131,8 @@ def held_and_stale(tmp_path_factory, tiny_root, monkeypatch, name, jobs):
     logger.addHandler(handler)
     level = logger.level
     logger.setLevel(logging.INFO)
-    elsewhere = threading.Thread(target=finish_elsewhere, args=(live, free), daemon=True)
+    live_digest = record.digest(record.expected(cfg, spec, "fold_0"))
+    elsewhere = threading.Thread(target=finish_elsewhere, args=(live, free, live_digest), daemon=True)
     elsewhere.start()
     try:
         schedule.run_units(cfg, [(spec, f"fold_{k}") for k in range(3)])
@@ -170,14 +172,15 @@ def test_jobs_take_up_a_held_run_after_the_free_ones(tmp_path_factory, tiny_root
     assert sorted(result_lines(text)) == ["mmnet/fold_0", "mmnet/fold_1", "mmnet/fold_2"]
 
 
-def finish_elsewhere(live, free, timeout=300):
-    """The other host's process: it finishes its run (a copy of the free run's metrics, marked) once this one has
-    trained the free run."""
+def finish_elsewhere(live, free, digest, timeout=300):
+    """The other host's process: it finishes its run (a copy of the free run's metrics, marked, and of its record
+    under the live run's settings digest) once this one has trained the free run."""
     deadline = time.time() + timeout
     while not (free / "metrics.json").exists() and time.time() < deadline:
         time.sleep(0.05)
     metrics = dict(json.loads((free / "metrics.json").read_text()), marker="trained elsewhere")
-    (live / "config.json").write_text(json.dumps(dict(trained_by="1@elsewhere")))
+    record = dict(json.loads((free / "record.json").read_text()), digest=digest, trained_by="1@elsewhere")
+    (live / "record.json").write_text(json.dumps(record))
     (live / "metrics.json").write_text(json.dumps(metrics))
     (live / ".lock").unlink()
 

@@ -34,7 +34,7 @@ def full_run(tmp_path_factory, tiny_root):
     from dataclasses import replace
     out = tmp_path_factory.mktemp("e2e") / "output"
     cfg = replace(Config(), **dict(TEST_SETTINGS, data_root=str(tiny_root), output_dir=str(out)))
-    code = main.main(flags(cfg, ",".join(main.STAGES)) + ["--folds", "0"])
+    code = main.main(flags(cfg, ",".join(main.DEFAULT)) + ["--folds", "0"])
     return code, out
 
 
@@ -42,7 +42,7 @@ def test_every_stage_runs(full_run):
     code, out = full_run
     assert code == 0
     times = pd.read_csv(out / "logs" / "stage_times.csv")
-    assert list(times.stage) == list(main.STAGES)
+    assert list(times.stage) == list(main.DEFAULT)
 
 
 def test_promised_files_exist_and_are_not_empty(full_run):

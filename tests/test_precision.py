@@ -14,7 +14,7 @@ from stages.training.data import prepare_run
 from stages.training.forward import amp_settings, predict
 from stages.training.train import build_optimizer, fit
 from stages.training.runs import REFERENCE
-from tests.conftest import prepared_output
+from tests.conftest import model_settings, prepared_output
 from utils.env import precision_dtype, switch
 
 CPU = torch.device("cpu")
@@ -91,7 +91,7 @@ def test_fp16_with_a_grad_scaler_trains_and_resumes_on_cpu(prepared):
 
 
 def test_fused_adamw_follows_its_setting(prepared):
-    model = build_model(REFERENCE, backbone=prepared.backbone, pretrained=False, num_subtypes=2)
+    model = build_model(REFERENCE, **model_settings(backbone=prepared.backbone, num_subtypes=2))
     assert build_optimizer(model, replace(prepared, fused_adamw="on"), CPU).defaults["fused"]
     assert not build_optimizer(model, prepared, CPU).defaults["fused"]
 

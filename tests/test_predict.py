@@ -14,7 +14,8 @@ from stages.training.runs import REFERENCE
 from tests.conftest import TEST_SETTINGS
 from tests.test_pipeline import flags
 from utils.helpers import read_json
-from utils.scoring import decision_threshold
+from utils.metrics import youden_threshold
+from utils.scoring import threshold_of
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_probabilities_match_the_fixed_evaluation(trained, tmp_path):
     patients = patients.set_index("patient_id")
     assert sorted(patients.index) == sorted(expected.index)
     np.testing.assert_allclose(patients["prob_malignant"], expected.loc[patients.index, "prob_malignant"], atol=1e-5)
-    thresholds = read_json(run / "metrics.json")["threshold"]
+    thresholds = read_json(run / "metrics.json")["threshold"]["patient"]
     assert (patients["threshold_rule"] == "fixed_0.5").all() and (patients["threshold"] == 0.5).all()
     assert (patients["decision"].eq("malignant") == (patients["prob_malignant"] >= 0.5)).all()
     high = patients["decision_high_sensitivity"].eq("malignant")
@@ -80,15 +81,20 @@ def test_probabilities_match_the_fixed_evaluation(trained, tmp_path):
     assert sorted((Path(cfg.output_dir) / "cache").iterdir()) == cache
 
 
-def test_checkpoint_carries_the_validation_thresholds_and_its_decision_rule(trained):
+def test_checkpoint_carries_the_patient_thresholds_and_its_decision_rule(trained):
+    """Predict decides patients, so the checkpoint carries the thresholds fitted on the validation patients' mean
+    probabilities, not on tuples."""
     cfg, run = trained
     ckpt = torch.load(Path(cfg.output_dir) / "models" / "best_model.pth", weights_only=False)
-    thresholds = read_json(run / "metrics.json")["threshold"]
+    thresholds = read_json(run / "metrics.json")["threshold"]["patient"]
     assert ckpt["threshold"] == pytest.approx({**thresholds, "decision": 0.5})
     assert ckpt["threshold_rule"] == cfg.threshold_rule == "fixed_0.5"
-    assert decision_threshold(thresholds, "val_youden") == ("val_youden", pytest.approx(thresholds["youden"]))
-    assert decision_threshold({**thresholds, "oof_youden": 0.7}, "oof_youden") == ("oof_youden", 0.7)
-    assert decision_threshold(thresholds, "oof_youden") == ("val_youden", pytest.approx(thresholds["youden"]))
+    pred = pd.read_csv(run / "predictions.csv", dtype={"patient_id": str})
+    val = pred.query("level == 'patient' and role == 'val'")
+    assert thresholds["youden"] == pytest.approx(youden_threshold(val["label"], val["prob_malignant"]))
+    assert threshold_of(thresholds, "val_youden") == pytest.approx(thresholds["youden"])
+    assert threshold_of({**thresholds, "oof_youden": 0.7}, "oof_youden") == 0.7
+    assert threshold_of(thresholds, "oof_youden") is None
 
 
 def test_ensemble_averages_the_fold_models(trained, tmp_path):
@@ -97,7 +103,8 @@ def test_ensemble_averages_the_fold_models(trained, tmp_path):
     ckpt = torch.load(models / "best_model.pth", weights_only=False)
     weights = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() and "running_" not in k else v
                for k, v in ckpt["model"].items()}
-    other = dict(ckpt, model=weights, threshold={"youden": 0.3, "sens95": 0.1})
+    other = dict(ckpt, model=weights, threshold={"youden": 0.3, "sens95": 0.1, "decision": 0.3},
+                 threshold_rule="val_youden")
     (models / "checkpoints").mkdir(exist_ok=True)
     torch.save(ckpt, models / "checkpoints" / f"{REFERENCE}_fold_0.pth")
     torch.save(other, models / "checkpoints" / f"{REFERENCE}_fold_1.pth")
@@ -175,7 +182,8 @@ def test_missing_or_old_checkpoint(trained, tmp_path, capsys):
     assert "threshold" in text and "older version" in text and "Traceback" not in text
     assert predict(cfg, [folder], "--checkpoint", str(tmp_path / "old.pth"), "--ensemble") == 2
     assert "--ensemble" in capsys.readouterr().out
-    other = dict(old, threshold={"youden": 0.5, "sens95": 0.5}, normalization={"mean": [0.5] * 3, "std": [0.5] * 3})
+    other = dict(old, threshold={"youden": 0.5, "sens95": 0.5, "decision": 0.5},
+                 normalization={"mean": [0.5] * 3, "std": [0.5] * 3})
     torch.save(other, tmp_path / "other.pth")
     assert predict(cfg, [folder], "--checkpoint", str(tmp_path / "other.pth")) == 2
     assert "normalised" in capsys.readouterr().out

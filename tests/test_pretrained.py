@@ -1,5 +1,5 @@
 """The pretrained path: weights through --pretrained-path, checked arrival, the backbone's normalisation, LR scale."""
-from dataclasses import replace
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,15 +8,14 @@ import timm
 import torch
 
 import main
-from backbones import REFERENCE_MODEL, build_model
+from backbones import REFERENCE_MODEL, build_model, model_config
 from backbones.common import normalization
 from config import Config
 from stages.training.checkpoint import checkpoint
-from stages.training.data import model_kwargs
 from stages.training.forward import predict
 from preprocess.tuples import ImageBank
 from stages.training.train import build_optimizer
-from tests.conftest import same_normalisation
+from tests.conftest import model_settings, same_normalisation
 from utils.helpers import PipelineError
 
 IMAGENET = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
@@ -44,7 +43,7 @@ def flag_config(*argv):
 def test_weights_arrive_through_the_flag(weights):
     path, source = weights
     cfg = flag_config("--pretrained-path", str(path))
-    model = build_model(REFERENCE_MODEL, **model_kwargs(cfg, REFERENCE_MODEL, 3, {}))
+    model = build_model(REFERENCE_MODEL, **asdict(model_config(cfg, REFERENCE_MODEL, 3)))
     backbone = model.backbones[0].state_dict()
     shared = [k for k in backbone if k in source and backbone[k].is_floating_point()]
     assert len(shared) > 20
@@ -53,7 +52,7 @@ def test_weights_arrive_through_the_flag(weights):
 
 def test_random_init_does_not_match_the_file(weights):
     path, source = weights
-    model = build_model(REFERENCE_MODEL, **model_kwargs(flag_config("--no-pretrained"), REFERENCE_MODEL, 3, {}))
+    model = build_model(REFERENCE_MODEL, **asdict(model_config(flag_config("--no-pretrained"), REFERENCE_MODEL, 3)))
     assert not torch.equal(model.backbones[0].conv_stem.weight, source["conv_stem.weight"])
 
 
@@ -61,7 +60,7 @@ def test_a_file_for_another_backbone_is_refused(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save(timm.create_model("test_resnet").state_dict(), path)
     with pytest.raises(PipelineError, match="not a weights file for backbone 'test_efficientnet'"):
-        build_model(REFERENCE_MODEL, backbone="test_efficientnet", pretrained_path=str(path), num_subtypes=3)
+        build_model(REFERENCE_MODEL, **model_settings(pretrained_path=str(path), num_subtypes=3))
 
 
 def test_a_partial_file_loads_with_a_warning(weights, tmp_path, monkeypatch):
@@ -71,8 +70,7 @@ def test_a_partial_file_loads_with_a_warning(weights, tmp_path, monkeypatch):
     keys = list(source)
     partial = {k: v for k, v in source.items() if k not in keys[-len(keys) // 4:]}
     torch.save(partial, tmp_path / "partial.pth")
-    model = build_model(REFERENCE_MODEL, backbone="test_efficientnet", pretrained_path=str(tmp_path / "partial.pth"),
-                        num_subtypes=3)
+    model = build_model(REFERENCE_MODEL, **model_settings(pretrained_path=str(tmp_path / "partial.pth"), num_subtypes=3))
     assert torch.equal(model.backbones[0].conv_stem.weight, source["conv_stem.weight"])
     assert len(warnings) == 1 and "keep their random init" in warnings[0]
 
@@ -82,7 +80,7 @@ def test_normalisation_follows_the_backbone_into_the_checkpoint():
     assert same_normalisation(normalization("test_resnet"), HALF)
     cfg = Config()
     for backbone, expected in (("test_efficientnet", IMAGENET), ("test_resnet", HALF)):
-        kwargs = dict(backbone=backbone, pretrained=False, num_subtypes=2)
+        kwargs = model_settings(backbone=backbone, num_subtypes=2)
         model = build_model("single_mag", **kwargs)
         meta = SimpleNamespace(model_name="single_mag", model_kwargs=kwargs, classes=["a", "b"])
         assert same_normalisation(checkpoint(model, meta, cfg, 1, 0.5)["normalization"], expected)
@@ -125,7 +123,7 @@ def test_prediction_normalises_with_the_models_statistics(norm):
 
 
 def backbone_lrs(cfg):
-    model = build_model(REFERENCE_MODEL, backbone="test_efficientnet", pretrained=False, num_subtypes=3)
+    model = build_model(REFERENCE_MODEL, **model_settings(num_subtypes=3))
     return sorted({g["lr"] for g in build_optimizer(model, cfg, torch.device("cpu")).param_groups})
 
 

@@ -1,6 +1,8 @@
 """Report stage on fabricated run folders: every table and plot, consistent summaries, CIs, ECE, missing runs."""
 import json
 from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from config import Config
+from tests.conftest import model_settings
 from utils import plottings as P
 from utils import scoring as S
 from utils import tables as T
@@ -22,9 +25,9 @@ RUNS = {
     "mmnet": FOLDS + ["fixed"], "mmnet_no_spatial": FOLDS, "mmnet_no_channel": FOLDS, "mmnet_no_hma": FOLDS,
     "mmnet_no_cmf": FOLDS, "mmnet_only_40X": FOLDS[:3], "mmnet_only_100X": FOLDS[:3], "mmnet_only_200X": FOLDS[:3],
     "simple_concat": FOLDS[:3], "single_40X": FOLDS[:3], "single_100X": FOLDS[:3], "single_200X": FOLDS[:3],
-    "single_400X": FOLDS[:3], "resnet50_transfer": FOLDS[:2],
+    "single_400X": FOLDS[:3], "resnet50_transfer_40X": FOLDS[:2],
 }
-SKILL = {"mmnet": 2.0, "simple_concat": 1.2, "resnet50_transfer": 0.8}
+SKILL = {"mmnet": 2.0, "simple_concat": 1.2, "resnet50_transfer_40X": 0.8}
 PROFILED = {"mmnet": ("mmnet", {}), "single_40X": ("single_mag", {"mag": "40X"})}
 
 
@@ -93,7 +96,7 @@ def history(seed, epochs=5):
 def save_checkpoint(folder, run):
     from backbones import build_model
     model_name, flags = PROFILED[run]
-    kwargs = dict(magnifications=MAGS, num_subtypes=len(CLASSES), backbone="test_efficientnet", pretrained=False, **flags)
+    kwargs = model_settings(magnifications=MAGS, num_subtypes=len(CLASSES), **flags)
     model = build_model(model_name, **kwargs)
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.save(dict(model=model.state_dict(), model_name=model_name, model_kwargs=kwargs, magnifications=list(MAGS),
@@ -102,15 +105,35 @@ def save_checkpoint(folder, run):
                folder / "checkpoints" / "best.pth")
 
 
+def record(run, split, settings=None):
+    """A run's record.json as training writes it: what it reads, its settings, the patients behind it."""
+    role_of = roles(split, patients())
+    own = {r: sorted(p for p, role in role_of.items() if role == r) for r in ("train", "val")}
+    one = run.removeprefix("single_").removeprefix("mmnet_only_").removeprefix("resnet50_transfer_")
+    reads = [one] if one in MAGS else list(MAGS)
+    return dict(run=run, split=split, reads=reads, digest=f"{run}/{split}", settings=settings or dict(epochs=5),
+                run_settings={}, seen_patients=own, sources=[dict(name=f"{run}/{split}", **own)])
+
+
+def write_run(cfg, run, split, seed):
+    """A run folder as training writes it: predictions, history, metrics (thresholds fitted per level) and record."""
+    folder = run_dir(cfg, run, split)
+    folder.mkdir(parents=True, exist_ok=True)
+    pred = predictions(run, split, seed=seed)
+    pred.to_csv(folder / "predictions.csv", index=False)
+    history(seed).to_csv(folder / "history.csv", index=False)
+    val = pred[pred["role"] == "val"]
+    thresholds = {level: S.fitted_thresholds(val[val["level"] == level]) for level in S.LEVELS}
+    (folder / "metrics.json").write_text(json.dumps(dict(run=run, split=split, seed=0, classes=CLASSES,
+                                                         threshold=thresholds)))
+    (folder / "record.json").write_text(json.dumps(record(run, split)))
+    return folder
+
+
 def fabricate(cfg, with_checkpoints=False):
     for i, (run, splits) in enumerate(RUNS.items()):
         for j, split in enumerate(splits):
-            folder = run_dir(cfg, run, split)
-            folder.mkdir(parents=True, exist_ok=True)
-            predictions(run, split, seed=100 * i + j).to_csv(folder / "predictions.csv", index=False)
-            history(i + j).to_csv(folder / "history.csv", index=False)
-            (folder / "metrics.json").write_text(json.dumps(dict(run=run, split=split, seed=0, classes=CLASSES,
-                                                                 threshold=dict(youden=0.5, sens95=0.3))))
+            folder = write_run(cfg, run, split, 100 * i + j)
             if with_checkpoints and run in PROFILED and j == 0:
                 save_checkpoint(folder, run)
 
@@ -194,15 +217,18 @@ def test_bootstrap_ci_contains_the_point_estimate(report):
     assert (comparison["auc_pooled"] <= comparison["auc_ci_high"] + 1e-4).all()
 
 
-def test_thresholds_come_from_validation_rows(report):
+def test_each_level_is_decided_at_the_threshold_fitted_on_that_level(report):
     cfg, out = report
-    run = S.load_run(run_dir(cfg, "mmnet", "fixed"))
-    val = run["pred"][(run["pred"]["level"] == "tuple") & (run["pred"]["role"] == "val")]
     from utils.metrics import youden_threshold
-    expected = youden_threshold(val["label"], val["prob_malignant"])
+    run = S.load_run(run_dir(cfg, "mmnet", "fixed"))
     t2 = table(out, "fixed")
-    row = t2[(t2["level"] == "tuple") & (t2["threshold_rule"] == "val_youden")].iloc[0]
-    assert row["threshold"] == pytest.approx(expected, abs=1e-4)
+    fitted = {}
+    for level in S.LEVELS:
+        val = run["pred"][(run["pred"]["level"] == level) & (run["pred"]["role"] == "val")]
+        fitted[level] = youden_threshold(val["label"], val["prob_malignant"])
+        row = t2[(t2["level"] == level) & (t2["threshold_rule"] == "val_youden")].iloc[0]
+        assert row["threshold"] == pytest.approx(fitted[level], abs=1e-4)
+    assert fitted["tuple"] != pytest.approx(fitted["patient"], abs=1e-3)
     assert set(t2["threshold_rule"]) == {"fixed_0.5", "val_youden", "val_sens95"}
 
 
@@ -255,9 +281,7 @@ def test_report_with_no_runs_says_which_stages(tmp_path):
 
 def test_report_with_fixed_run_only(tmp_path):
     cfg = replace(Config(), output_dir=str(tmp_path / "output"), bootstrap=20, device="cpu")
-    folder = run_dir(cfg, "mmnet", "fixed")
-    folder.mkdir(parents=True)
-    predictions("mmnet", "fixed", 3).to_csv(folder / "predictions.csv", index=False)
+    write_run(cfg, "mmnet", "fixed", 3)
     run_report(cfg)
     assert len(pd.read_csv(tmp_path / "output" / "tables" / T.TABLE_NAMES["fixed"])) == 6
     assert "table 1" in (tmp_path / "output" / "tables" / "report_notes.txt").read_text()
@@ -290,20 +314,20 @@ def test_explain_writes_gradcam_attention_and_importance(make_cfg):
     from preprocess.preprocess import run_split
     from utils.helpers import models_dir
     from stages.inference.explain import run_explain
+    from stages.training.checkpoint import checkpoint
     cfg = make_cfg(image_size=48, explain_samples=1)
     run_analyze(cfg)
     run_split(cfg)
     classes = subtype_classes(load_index(cfg))
-    kwargs = dict(magnifications=tuple(cfg.magnifications), num_subtypes=len(classes), backbone=cfg.backbone,
-                  pretrained=False)
+    kwargs = model_settings(magnifications=tuple(cfg.magnifications), num_subtypes=len(classes), backbone=cfg.backbone)
     torch.manual_seed(0)
     model = build_model("mmnet", **kwargs)
     models_dir(cfg).mkdir(parents=True, exist_ok=True)
-    torch.save(dict(model=model.state_dict(), model_name="mmnet", model_kwargs=kwargs,
-                    magnifications=list(cfg.magnifications), image_size=cfg.image_size,
-                    classes={"binary": ["benign", "malignant"], "subtype": classes}),
-               models_dir(cfg) / "best_model.pth")
+    meta = SimpleNamespace(model_name="mmnet", model_kwargs=kwargs, classes=classes)
+    trained_with = replace(cfg, stain_norm=True)
+    torch.save(checkpoint(model, meta, trained_with, 1, 0.5), models_dir(cfg) / "best_model.pth")
     run_explain(cfg)
+    assert list((Path(cfg.output_dir) / "cache").glob("images_48_macenko_*.npy")), "the checkpoint's stain setting"
     plots = models_dir(cfg).parent / "plots"
     listing = pd.read_csv(plots / "gradcam" / "index.csv")
     assert set(listing["category"]) == {"benign_correct", "benign_wrong", "malignant_correct", "malignant_wrong"}

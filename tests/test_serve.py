@@ -5,7 +5,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,6 @@ import torch
 from fastapi.testclient import TestClient
 
 import main
-from config import Config
 from stages.training.checkpoint import load_model
 from stages.inference.export import export_onnx
 from stages.inference.export import metadata
@@ -137,9 +135,9 @@ def test_bad_uploads_get_a_4xx_with_a_message(served, case):
 
 def test_onnx_service_matches_torch(served, tmp_path):
     cfg, client, images = served
-    c = replace(Config(), output_dir=cfg.output_dir)
-    p = load_predictor(c, torch.device("cpu"))
-    export_onnx(p.models, tmp_path / "model.onnx", metadata(p, checkpoint_paths(c)))
+    paths = checkpoint_paths(cfg.output_dir)
+    p = load_predictor(paths, torch.device("cpu"))
+    export_onnx(p.models, tmp_path / "model.onnx", metadata(p, paths))
     onnx = TestClient(create_app(load_service(parse_args(["--onnx", str(tmp_path / "model.onnx")]))))
     assert onnx.get("/model").json()["kind"] == "onnxruntime"
     want = patients_of(client.post("/predict", files=uploads(images[:12])))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from tests.conftest import prepared_output
+from tests.conftest import model_settings, prepared_output
 from utils import metrics as M
 from utils.helpers import PipelineError
 
@@ -110,16 +110,16 @@ def test_resume_with_another_configuration_names_the_differences(prepared):
     with pytest.raises(KeyboardInterrupt):
         run_one(prepared, spec("mismatch"), "fold_0", callback=interrupt)
     changed = replace(prepared, resume=True, image_size=48, backbone="test_resnet")
-    with pytest.raises(PipelineError, match="does not match") as info:
+    with pytest.raises(PipelineError, match="trained under other settings") as info:
         run_one(changed, spec("mismatch"), "fold_0")
-    assert "backbone" in str(info.value) and "image_size" in str(info.value)
+    assert "backbone test_efficientnet -> test_resnet" in str(info.value) and "image_size 32 -> 48" in str(info.value)
 
 
 def test_checkpoint_of_another_configuration_gives_a_clear_message(prepared, tmp_path):
     from backbones import build_model
     from types import SimpleNamespace
     from stages.training.checkpoint import checkpoint, load_model, save
-    kwargs = dict(magnifications=prepared.magnifications, num_subtypes=3, backbone="test_efficientnet", pretrained=False)
+    kwargs = model_settings(magnifications=prepared.magnifications, num_subtypes=3)
     meta = SimpleNamespace(model_name="mmnet", model_kwargs=kwargs, classes=["a", "b", "c"])
     save(checkpoint(build_model("mmnet", **kwargs), meta, prepared, 1, 0.5), tmp_path / "a.pth")
     other = SimpleNamespace(model_name="mmnet", model_kwargs=dict(kwargs, backbone="test_resnet", num_subtypes=4),

@@ -26,7 +26,7 @@ from utils.config_file import read_config_file
 from utils.helpers import PipelineError
 
 ISSUE_SPACE = {"lr", "weight_decay", "drop_rate", "focal_gamma", "tuples_per_patient", "warmup_epochs",
-               "frozen_epochs", "feature_stage", "selection"}
+               "frozen_epochs", "feature_stage"}
 
 
 def flags(settings):
@@ -41,14 +41,17 @@ def flags(settings):
 
 
 def tune_cfg(make_cfg, tmp_path, **overrides):
-    cfg = make_cfg(stages=("tune",), folds=(0,), tune_trials=2, cache_dir=str(tmp_path / "cache"), **overrides)
+    """Fold 0's own study (two inner splits of its train+val patients), two trials."""
+    settings = dict(stages=("tune",), folds=(0,), tune_trials=2, tune_scope="per_fold", inner_folds=2,
+                    cache_dir=str(tmp_path / "cache"))
+    cfg = make_cfg(**dict(settings, **overrides))
     run_analyze(cfg)
     run_split(cfg)
     return cfg
 
 
-def trials(cfg):
-    return pd.read_csv(f"{cfg.output_dir}/tuning/trials.csv")
+def trials(cfg, folder="fold_0"):
+    return pd.read_csv(f"{cfg.output_dir}/tuning/{folder}/trials.csv")
 
 
 def test_default_space_covers_the_training_settings(make_cfg):
@@ -63,20 +66,31 @@ def test_default_space_covers_the_training_settings(make_cfg):
 
 def test_space_file_replaces_drops_and_fixes(make_cfg, tmp_path):
     path = tmp_path / "space.yaml"
-    path.write_text("lr: {type: float, low: 0.001, high: 0.002}\ndrop_rate: null\nselection: auc\n"
+    path.write_text("lr: {type: float, low: 0.001, high: 0.002}\ndrop_rate: null\npatience: 3\n"
                     "epochs: {type: int, low: 2, high: 3}\n")
     space = load_space(make_cfg(tune_space=str(path)))
     assert space["lr"]["low"] == 0.001 and "drop_rate" not in space and "epochs" in space
     params = {"lr": 0.0015, "epochs": 3, "weight_decay": 0.01, "focal_gamma": 1.0, "tuples_per_patient": 4,
               "warmup_epochs": 0, "frozen_epochs": 0, "feature_stage": "-1"}
     values = suggest(FixedTrial(params), space)
-    assert values["selection"] == "auc" and values["epochs"] == 3 and isinstance(values["lr"], float)
+    assert values["patience"] == 3 and values["epochs"] == 3 and isinstance(values["lr"], float)
+
+
+def test_selection_is_never_tuned(make_cfg, tmp_path):
+    """Trials keep weights by swa: a rule that picks the epoch on the validation patients would inflate the score
+    that compares trials."""
+    assert "selection" not in default_space(make_cfg())
+    path = tmp_path / "space.yaml"
+    path.write_text("selection: {type: categorical, choices: [auc, swa]}\n")
+    with pytest.raises(PipelineError, match="selection cannot be tuned"):
+        load_space(make_cfg(tune_space=str(path)))
+    assert tune_trial.trial_config(make_cfg(selection="auc"), {"lr": 1e-3}).selection == "swa"
 
 
 @pytest.mark.parametrize("text, words", [
     ("lr: {type: gauss, low: 1, high: 2}", "type 'gauss'"),
     ("lr: {type: float, low: 0.01, high: 0.001}", "low <= high"),
-    ("selection: {type: categorical, choices: [auc, best]}", "'best'"),
+    ("threshold_rule: {type: categorical, choices: [fixed_0.5, best]}", "'best'"),
     ("tuples_per_patient: {type: float, low: 2, high: 8}", "use type int"),
     ("learning_rate: {type: float, low: 0.1, high: 0.2}", "unknown field"),
     ("[1, 2]", "mapping"),
@@ -144,19 +158,21 @@ def test_tuning_never_reads_a_test_patient_and_resumes(make_cfg, tiny_root, tmp_
         with open(path, "wb") as f:
             f.write(b"not an image any more")
     assert cv2.imread(str(path)) is None
-    argv = flags({k: getattr(cfg, k) for k in (*TEST_SETTINGS, "data_root", "output_dir", "cache_dir")})
+    argv = flags({k: getattr(cfg, k) for k in (*TEST_SETTINGS, "data_root", "output_dir", "cache_dir", "tune_scope",
+                                                 "inner_folds")})
     assert main.main([*argv, "--stages", "cv", "--folds", "0"]) == 2
     assert main.main([*argv, "--stages", "tune", "--folds", "0", "--tune-trials", "2"]) == 0
     first = trials(cfg)
-    seen = json.loads((tmp_path / "output" / "tuning" / "seen_patients.json").read_text())["seen_patients"]
-    assert seen["train"] and seen["val"] and not test_ids & (set(seen["train"]) | set(seen["val"]))
+    written = json.loads((tmp_path / "output" / "tuning" / "fold_0" / "best_config.json").read_text())
+    seen = written["tuning_study"]["seen_patients"]
+    assert set(seen["train"]) | set(seen["val"]) == set(split.loc[split.role != "test", "patient_id"])
     assert list(first.state) == ["COMPLETE", "COMPLETE"] and first.value.between(0, 1).all()
-    best = read_config_file(f"{cfg.output_dir}/tuning/best_config.json")
-    assert best["lr"] == first.sort_values("value", ascending=False).lr.iloc[0]
+    best = read_config_file(f"{cfg.output_dir}/tuning/fold_0/best_config.json")
+    assert best["lr"] == first.sort_values("value", ascending=False).lr.iloc[0] and best["selection"] == "swa"
     assert main.main([*argv, "--stages", "tune", "--folds", "0", "--tune-trials", "1"]) == 0
     again = trials(cfg)
     assert list(again.number) == [0, 1, 2] and again.study.nunique() == 1
-    assert (tmp_path / "output" / "tuning" / "optimization_history.png").stat().st_size > 0
+    assert (tmp_path / "output" / "tuning" / "fold_0" / "optimization_history.png").stat().st_size > 0
 
 
 def test_out_of_memory_trial_fails_and_the_study_goes_on(make_cfg, tmp_path, monkeypatch):
@@ -175,7 +191,7 @@ def test_out_of_memory_trial_fails_and_the_study_goes_on(make_cfg, tmp_path, mon
     table = trials(cfg)
     assert list(table.state) == ["FAIL", "COMPLETE"]
     assert "out of GPU memory" in table.error.iloc[0]
-    best = json.loads((tmp_path / "output" / "tuning" / "best_config.json").read_text())
+    best = json.loads((tmp_path / "output" / "tuning" / "fold_0" / "best_config.json").read_text())
     assert best["lr"] == table.lr.iloc[1]
 
 
@@ -185,7 +201,7 @@ def test_parallel_processes_share_one_study(make_cfg, tmp_path):
     table = trials(cfg)
     assert len(table) >= 2 and table.number.is_unique and set(table.state) == {"COMPLETE"}
     assert set(table.worker) <= {0, 1}
-    logs = list((tmp_path / "output" / "tuning").glob("*/worker*.log"))
+    logs = list((tmp_path / "output" / "tuning" / "fold_0").glob("*/worker*.log"))
     assert sorted(p.name for p in logs) == ["worker0.log", "worker1.log"]
 
 
@@ -202,3 +218,28 @@ def test_a_trial_left_running_by_a_dead_process_is_marked_failed(make_cfg):
     fail_stale(study, store)
     states = [t.state.name for t in open_study(cfg, "stale", storage(cfg)).trials]
     assert states == ["FAIL", "RUNNING"]
+
+
+def test_the_fixed_split_study_is_honest_for_fixed_runs_and_refused_for_cv(make_cfg, tmp_path, capsys):
+    """The default study tunes on the fixed split's train+val patients (its member splits) and never reads a fixed test
+    patient; its patients travel in best_config.json, so fixed runs trained with it pass the leak guard while a cv run,
+    whose test patients the study saw, is refused before anything trains, naming the study."""
+    cfg = tune_cfg(make_cfg, tmp_path, tune_scope="fixed", n_folds=2, tune_trials=1, epochs=1)
+    argv = flags({k: getattr(cfg, k) for k in (*TEST_SETTINGS, "data_root", "output_dir", "cache_dir", "n_folds")})
+    assert main.main([*argv, "--stages", "tune", "--tune-trials", "1", "--epochs", "1"]) == 0
+    path = tmp_path / "output" / "tuning" / "best_config.json"
+    block = json.loads(path.read_text())["tuning_study"]
+    fixed = load_split(cfg, "fixed")
+    assert block["splits"] == ["member_0", "member_1"] and block["outer"] == "fixed"
+    assert set(block["seen_patients"]["train"]) | set(block["seen_patients"]["val"]) == set(
+        fixed.loc[fixed.role != "test", "patient_id"])
+    tuned = ["--config", str(path), "--output-dir", cfg.output_dir, "--cache-dir", cfg.cache_dir]
+    assert main.main([*tuned, "--stages", "fixed", "--runs", "mmnet"]) == 0
+    record = json.loads((tmp_path / "output" / "runs" / "mmnet" / "fixed" / "record.json").read_text())
+    assert record["tuning"] == str(path) and any(block["study"] in s["name"] for s in record["sources"])
+    capsys.readouterr()
+    assert main.main([*tuned, "--stages", "cv", "--folds", "0", "--runs", "mmnet"]) == 2
+    text = capsys.readouterr().out
+    assert f"tuning study {block['study']}" in text and "mmnet/fold_0" in text
+    assert not (tmp_path / "output" / "runs" / "mmnet" / "fold_0").exists()
+    assert main.main([*tuned, "--stages", "report"]) == 0

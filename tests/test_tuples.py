@@ -1,7 +1,6 @@
 """Magnification tuples, the image cache and the batch augmentation."""
 import os
 import shutil
-from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -9,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from preprocess.cache import image_cache, macenko
+from preprocess.cache import cache_folder, image_cache, macenko
 from preprocess.transforms import augment, prepare, tta_views
 from preprocess.tuples import ImageBank, TrainBatches, draw_tuples, eval_batches, eval_tuples, groups
 from tests.conftest import SAMPLES
@@ -102,17 +101,17 @@ def test_cache_decodes_once_and_is_rebuilt_when_a_source_file_changes(make_cfg, 
     for f in files:
         shutil.copy(f, tmp_path / f.name)
         paths.append(str(tmp_path / f.name))
-    arr, file, rows = image_cache(cfg, paths)
+    arr, file, rows = image_cache(paths, cfg.image_size, cfg.stain_norm, cache_folder(cfg))
     assert isinstance(arr, np.memmap) and arr.shape == (3, 16, 16, 3) and arr.dtype == np.uint8
     expected = cv2.resize(cv2.cvtColor(cv2.imread(paths[1]), cv2.COLOR_BGR2RGB), (16, 16), interpolation=cv2.INTER_AREA)
     assert np.array_equal(arr[rows[paths[1]]], expected)
     write_png(paths[1], np.zeros((40, 60, 3), dtype=np.uint8))
     os.utime(paths[1], ns=(1, 10**18))
-    arr2, file2, rows2 = image_cache(cfg, paths)
+    arr2, file2, rows2 = image_cache(paths, cfg.image_size, cfg.stain_norm, cache_folder(cfg))
     assert file2 != file and not file.exists()
     assert arr2[rows2[paths[1]]].max() == 0
     assert np.array_equal(arr2[0], arr[0])
-    stained, file3, _ = image_cache(replace(cfg, stain_norm=True), paths)
+    stained, file3, _ = image_cache(paths, cfg.image_size, True, cache_folder(cfg))
     assert "macenko" in file3.name and file2.exists()
     assert stained.shape == arr2.shape and not np.array_equal(stained[0], arr2[0])
 
@@ -120,14 +119,25 @@ def test_cache_decodes_once_and_is_rebuilt_when_a_source_file_changes(make_cfg, 
 def test_macenko_normalises_tissue_and_leaves_background_alone():
     rgb = cv2.cvtColor(cv2.imread(str(sorted(SAMPLES.glob("*.png"))[0])), cv2.COLOR_BGR2RGB)
     rgb = cv2.resize(rgb, (128, 84))
-    out = macenko(rgb)
-    assert out.shape == rgb.shape and out.dtype == np.uint8
+    out, why = macenko(rgb)
+    assert out.shape == rgb.shape and out.dtype == np.uint8 and why == ""
     assert not np.array_equal(out, rgb)
     blank = np.full((32, 32, 3), 245, dtype=np.uint8)
-    assert np.array_equal(macenko(blank), blank)
+    assert np.array_equal(macenko(blank)[0], blank) and macenko(blank)[1] == "background"
     one_cell = np.full((3, 3, 3), 250, dtype=np.uint8)
     one_cell[1, 1] = (120, 60, 150)
-    assert np.array_equal(macenko(one_cell), one_cell)
+    assert np.array_equal(macenko(one_cell)[0], one_cell)
+
+
+def test_macenko_fallbacks_are_counted_in_the_log(tmp_path, monkeypatch):
+    from preprocess import cache
+    lines = []
+    monkeypatch.setattr(cache, "log", lines.append)
+    real = sorted(SAMPLES.glob("*.png"))[0]
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((40, 60, 3), 245, dtype=np.uint8))
+    cache.build_cache([str(real), str(blank), str(blank)], tmp_path / "images.npy", 32, True)
+    assert lines == ["Macenko stain normalisation: 1 of 3 images normalised; left as they are: 2 background"]
 
 
 def test_augmentation_is_independent_per_image_and_adds_no_noise():

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from config import COMPILE_BACKENDS, MAGNIFICATIONS, PRECISIONS, SELECTIONS, SWITCHES, THRESHOLD_RULES, config_fields
+from config import (COMPILE_BACKENDS, MAGNIFICATIONS, PRECISIONS, SELECTIONS, SWITCHES, THRESHOLD_RULES, TUNE_SCOPES,
+                    config_fields)
 from utils.helpers import PipelineError
 
 STRIDE = 32  # timm CNN backbones downsample by 32 at their last stage, so sizes that are multiples of 32 always fit
@@ -22,6 +23,7 @@ class Rule:
     allowed: str
     bad: Any
     problem: str = "is not valid"
+    choices: tuple = ()
 
 
 def is_int(v):
@@ -108,6 +110,16 @@ def space_file():
                 "empty (the default search space) or an existing JSON/YAML file", "missing/space.yaml", "is not a file")
 
 
+def folder_or_empty():
+    return Rule(lambda v: isinstance(v, str) and (v == "" or Path(v).is_dir()),
+                "empty or the tuning folder of --stages tune --tune-scope per_fold", "missing/tuning", "is not a folder")
+
+
+def tuning_file():
+    return Rule(lambda v: isinstance(v, str) and (v == "" or Path(v).is_file()),
+                "empty or a best_config.json written by the tune stage", "missing/best_config.json", "is not a file")
+
+
 def path_list():
     return Rule(lambda v: distinct(v) and all(isinstance(p, str) and p.strip() for p in v),
                 "image files or folders, comma-separated (empty: none)", ("",))
@@ -133,7 +145,7 @@ def stage_list():
 
 
 def choice(options):
-    return Rule(lambda v: v in options, f"one of {', '.join(options)}", "none")
+    return Rule(lambda v: v in options, f"one of {', '.join(options)}", "none", choices=tuple(options))
 
 
 def name_list():
@@ -175,7 +187,8 @@ RULES = dict(
     bootstrap=integer(0), explain_samples=integer(0), resnet_backbone=timm_model(),
     input=path_list(), checkpoint=checkpoint_file(), ensemble=boolean(),
     lock_stale_s=integer(10),
-    tune_trials=integer(1), tune_minutes=number(0), tune_space=space_file(),
+    tune_trials=integer(1), tune_minutes=number(0), tune_space=space_file(), tune_scope=choice(TUNE_SCOPES),
+    tuned_folds=folder_or_empty(), tuning=tuning_file(),
     tensorboard=boolean(),
     student_backbone=backbone_name(), student_image_size=image_size(), student_embed_dim=integer(8),
     distill_temperature=number(0, low_open=True), distill_weight=number(0, 1),

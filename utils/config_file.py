@@ -9,6 +9,8 @@ from config import config_fields, list_kind
 from utils.checks import check_field
 from utils.helpers import PipelineError
 
+STUDY_KEY = "tuning_study"
+
 
 def read_mapping(path, flag):
     """A JSON or YAML file holding one mapping; any other content is a PipelineError naming `flag`."""
@@ -62,10 +64,13 @@ def coerce(name, value):
 
 def read_config_file(path, flag="--config"):
     """{field: value} from a file of Config fields (flat, or under "config" as output/config.json writes them),
-    every value checked against its field's rule."""
+    every value checked against its field's rule. A best_config.json of the tune stage also names itself as the
+    settings' `tuning` (its study's patients then travel with every run trained with them)."""
     data = read_mapping(path, flag)
     if isinstance(data.get("config"), dict):
         data = data["config"]
+    if isinstance(data.get(STUDY_KEY), dict):
+        data = {k: v for k, v in data.items() if k != STUDY_KEY} | {"tuning": str(path)}
     check_names(list(data), path, flag)
     values = {name: coerce(name, value) for name, value in data.items()}
     for name, value in values.items():

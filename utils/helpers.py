@@ -1,6 +1,7 @@
-"""Paths, logging and the one error type the pipeline shows to users."""
+"""Paths, logging, atomic writes, the one error type the pipeline shows to users, and how numbers and names read."""
 import json
 import logging
+import math
 import os
 import secrets
 import sys
@@ -136,3 +137,30 @@ def read_json_or_none(path):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def is_finite(value):
+    """True for a finite real number (a NaN, an infinity, None or text is not)."""
+    try:
+        return math.isfinite(value)
+    except TypeError:
+        return False
+
+
+def num(value, digits=3, sign=False):
+    """A number as text with `digits` decimals (and its sign), n/a when it is not finite."""
+    if not is_finite(value):
+        return "n/a"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def mean_std(mean, std, digits=3):
+    """'0.912 ± 0.034'; the mean alone without a finite std (one fold); n/a without a finite mean."""
+    if not is_finite(mean) or not is_finite(std):
+        return num(mean, digits)
+    return f"{num(mean, digits)} ± {num(std, digits)}"
+
+
+def safe_name(text, keep="-_."):
+    """Text as a file name: letters, digits and `keep` stay, anything else becomes '_'."""
+    return "".join(c if c.isalnum() or c in keep else "_" for c in str(text))

@@ -5,10 +5,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from utils.helpers import write_text
+from utils.helpers import mean_std, num, write_text
 
-RULE_TEXT = {"val_youden": "Youden's J on the validation patients", "val_sens95":
-             "sensitivity >= 0.95 on the validation patients", "fixed_0.5": "0.5"}
+RULE_TEXT = {"fixed_0.5": "0.5",
+             "val_youden": "Youden's J on the validation patients",
+             "val_sens95": "sensitivity >= 0.95 on the validation patients",
+             "oof_youden": "Youden's J on inner models' out-of-fold predictions over the train+val patients"}
+LEVEL_TEXT = ("; a fitted threshold decides the units it was fitted on: patient rows at the one fitted on patients' "
+              "mean probabilities, tuple rows at the one fitted on tuples")
 METRICS = [("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced acc."), ("f1", "F1"), ("auc", "AUC")]
 MAGNIFICATION_COLUMNS = ["model", "level", "accuracy_mean", "accuracy_std", "auc_mean", "auc_std", "cmf_weight_mean",
                          "cmf_weight_std", "cmf_rank"]
@@ -28,18 +32,6 @@ class PaperTable:
     def frame(self, mark=lambda text: text):
         cells = [[mark(c) if b else c for c, b in zip(row, bold)] for row, bold in zip(self.rows, self.bold)]
         return pd.DataFrame(cells, columns=self.columns)
-
-
-def num(value, digits=3, sign=False):
-    if value is None or not np.isfinite(value):
-        return "n/a"
-    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
-
-
-def mean_std(mean, std, digits=3):
-    if not np.isfinite(std):
-        return num(mean, digits)
-    return f"{num(mean, digits)} ± {num(std, digits)}"
 
 
 def with_ci(value, low, high, sign=False):
@@ -81,6 +73,21 @@ def assemble(table, columns):
     return table
 
 
+def header(first):
+    """Columns of tables 1 and 2: what a row is, its test patients, the patient metrics and the tuple AUC."""
+    return [first, "Patients"] + [t for _, t in METRICS] + ["Tuple AUC"]
+
+
+def ci_cell(row, metric):
+    """'value [low, high]' of one metric of a wide-table row."""
+    return with_ci(*(float(row[c]) for c in (metric, f"{metric}_ci_low", f"{metric}_ci_high")))
+
+
+def both_levels(table, **match):
+    """(patient row, tuple row) of one split or model of a wide table."""
+    return level_row(table, "patient", **match), level_row(table, "tuple", **match)
+
+
 def level_row(frame, level, **match):
     rows = frame[frame["level"] == level]
     for col, value in match.items():
@@ -88,27 +95,44 @@ def level_row(frame, level, **match):
     return rows.iloc[0] if len(rows) else None
 
 
-def protocol(n_folds, n_patients, rule):
+def rules_text(table):
+    """The threshold rule(s) of a table's rows in words, naming the models of each where they differ."""
+    by_rule = table.groupby("threshold_rule", sort=False)["model"].unique() if "model" in table else None
+    rules = list(dict.fromkeys(table["threshold_rule"]))
+    fitted = LEVEL_TEXT if any(r != "fixed_0.5" for r in rules) else ""
+    if len(rules) == 1:
+        return f"threshold: {RULE_TEXT[rules[0]]}{fitted}"
+    parts = [f"{RULE_TEXT[r]} for {', '.join(by_rule[r])}" for r in rules]
+    return f"thresholds: {'; '.join(parts)}{fitted}"
+
+
+def protocol(n_folds, n_patients, table):
     folds = f"patient-wise {n_folds}-fold cross-validation" if n_folds > 1 else "the fixed patient-wise split"
-    return f"{folds}, {n_patients} test patients; threshold: {RULE_TEXT.get(rule, rule)}"
+    return f"{folds}, {n_patients} test patients; {rules_text(table)}"
 
 
-def cv_paper(cv, rule, synthetic=False):
+def tail(synthetic, differs):
+    """The end of a caption: settings that differ between its rows, and the synthetic-data stamp."""
+    text = f" Settings differ between rows: {'; '.join(differs)}." if differs else ""
+    return text + (" SYNTHETIC DATA." if synthetic else "")
+
+
+def fold_cells(split, p, t):
+    """Table 1's row of one fold: its test patients, the patient metrics and the tuple AUC."""
+    return [split.replace("_", " "), count(p["n_patients"])] + [num(float(p[m])) for m, _ in METRICS] + [
+        num(float(t["auc"]))], {}
+
+
+def cv_paper(cv, rule, end=""):
     table = cv[cv["threshold_rule"] == rule] if len(cv) else cv
     if table.empty:
         return None
     folds = [s for s in dict.fromkeys(table["split"]) if str(s).startswith("fold_")]
     pooled = level_row(table, "patient", split="pooled")
     n = int(pooled["n_patients"]) if pooled is not None else int(table["n_patients"].max())
-    out = PaperTable("table_1", "Table 1", f"MMNet, {protocol(len(folds), n, rule)}. Per fold; mean ± std over the "
-                     f"folds; all folds' test patients pooled with the 95 % bootstrap CI over patients."
-                     f"{' SYNTHETIC DATA.' if synthetic else ''}",
-                     ["Split", "Patients"] + [t for _, t in METRICS] + ["Tuple AUC"])
-    rows = []
-    for split in folds:
-        p, t = level_row(table, "patient", split=split), level_row(table, "tuple", split=split)
-        rows.append(([split.replace("_", " "), count(p["n_patients"])] + [num(float(p[m])) for m, _ in METRICS] +
-                     [num(float(t["auc"]))], {}))
+    caption = (f"MMNet, {protocol(len(folds), n, table)}. Per fold; mean ± std over the folds; all folds' test "
+               f"patients pooled with the 95 % bootstrap CI over patients.{end}")
+    rows = [fold_cells(split, *both_levels(table, split=split)) for split in folds]
     mean, std = level_row(table, "patient", split="mean"), level_row(table, "patient", split="std")
     tmean, tstd = level_row(table, "tuple", split="mean"), level_row(table, "tuple", split="std")
     if mean is not None and len(folds) > 1:
@@ -116,55 +140,57 @@ def cv_paper(cv, rule, synthetic=False):
                      [mean_std(float(tmean["auc"]), float(tstd["auc"]))], {}))
     if pooled is not None and len(folds) > 1:
         tp = level_row(table, "tuple", split="pooled")
-        rows.append((["pooled [95 % CI]", count(pooled["n_patients"])] +
-                     [with_ci(*(float(pooled[c]) for c in (m, f"{m}_ci_low", f"{m}_ci_high"))) for m, _ in METRICS] +
-                     [with_ci(float(tp["auc"]), float(tp["auc_ci_low"]), float(tp["auc_ci_high"]))], {}))
-    return assemble(out, rows)
+        rows.append((["pooled [95 % CI]", count(pooled["n_patients"])] + [ci_cell(pooled, m) for m, _ in METRICS] +
+                     [ci_cell(tp, "auc")], {}))
+    return assemble(PaperTable("table_1", "Table 1", caption, header("Split")), rows)
 
 
-def fixed_paper(fixed, rule, synthetic=False):
+def fixed_paper(fixed, rule, end=""):
     table = fixed[fixed["threshold_rule"] == rule] if len(fixed) else fixed
     if table.empty:
         return None
     models = list(dict.fromkeys(table["model"]))
     n = int(table["n_patients"].max())
-    out = PaperTable("table_2", "Table 2", f"The fixed patient-wise 70/15/15 split, {n} test patients; threshold: "
-                     f"{RULE_TEXT.get(rule, rule)}; 95 % bootstrap CI over patients."
-                     f"{' SYNTHETIC DATA.' if synthetic else ''}",
-                     ["Model", "Patients"] + [t for _, t in METRICS] + ["Tuple AUC"])
+    ensemble = " The ensemble's thresholds come from its members' out-of-fold predictions over the fixed split's " \
+        "train+val patients." if table["model"].str.endswith("_ensemble").any() else ""
+    out = PaperTable("table_2", "Table 2", f"The fixed patient-wise 70/15/15 split, {n} test patients; "
+                     f"{rules_text(table)}; 95 % bootstrap CI over patients.{ensemble}{end}",
+                     header("Model"))
     rows = []
     for name in models:
-        p, t = level_row(table, "patient", model=name), level_row(table, "tuple", model=name)
+        p, t = both_levels(table, model=name)
         if p is None or t is None:
             continue
-        cells = [name, count(p["n_patients"])]
-        cells += [with_ci(*(float(p[c]) for c in (m, f"{m}_ci_low", f"{m}_ci_high"))) for m, _ in METRICS]
-        cells.append(with_ci(float(t["auc"]), float(t["auc_ci_low"]), float(t["auc_ci_high"])))
+        cells = [name, count(p["n_patients"])] + [ci_cell(p, m) for m, _ in METRICS] + [ci_cell(t, "auc")]
         values = {title: (float(p[m]), True) for m, title in METRICS}
         values["Tuple AUC"] = (float(t["auc"]), True)
         rows.append((cells, values))
     return assemble(out, rows) if rows else None
 
 
-def comparison_paper(table, reference, key, title, what, synthetic=False, speed=False):
-    """Tables 3 and 4: each model's fold mean ± std, the reference minus it with the paired CI, DeLong and McNemar."""
+def comparison_paper(table, reference, key, title, what, end="", speed=False, protocol_name="cv"):
+    """Tables 3 and 4: each model's fold mean ± std, the reference minus it with the paired CI, DeLong and McNemar;
+    the models run on the fixed split only are a table of their own beside the reference on that split."""
+    table = table[table["protocol"] == protocol_name] if len(table) else table
     if table.empty:
         return None
-    rule = table["threshold_rule"].iloc[0]
     ref = level_row(table, "patient", model=reference)
     n = int(ref["n_patients"]) if ref is not None else int(table["n_patients"].max())
     n_folds = int(ref["n_folds"]) if ref is not None else int(table["n_folds"].max())
     columns = ["Model", "Patients"] + [t for _, t in METRICS] + ["Tuple AUC", "ΔAUC [95 % CI]",
                                                                  "p DeLong (patient / tuple)", "p McNemar",
                                                                  "Params (M)", "MACs (G)"] + (["ms / patient"] if speed else [])
-    out = PaperTable(key, title, f"{what} against {reference} on the same test patients, {protocol(n_folds, n, rule)}. "
-                     f"Mean ± std over the folds each model shares with {reference}; ΔAUC = {reference} minus the "
-                     f"model (patient level, paired bootstrap 95 % CI); DeLong's test on the pooled test patients and "
-                     f"on the tuples (tuples of a patient are not independent: read the patient value); McNemar's "
-                     f"test of the patient decisions.{' SYNTHETIC DATA.' if synthetic else ''}", columns)
+    spread = (f"Mean ± std over the folds each model shares with {reference}" if protocol_name == "cv" else
+              "Values on the fixed split's test patients (no spread: one split)")
+    out = PaperTable(key, title, f"{what} against {reference} on the same test patients, {protocol(n_folds, n, table)}. "
+                     f"{spread}; ΔAUC = {reference} minus the model (patient level, paired bootstrap 95 % CI); "
+                     f"DeLong's test on the pooled test patients and on the tuples where both models read the same "
+                     f"images (tuples of a patient are not independent: read the patient value); McNemar's test of "
+                     f"the patient decisions. A model that reads one magnification scores a patient by the mean over "
+                     f"its distinct images of it.{end}", columns)
     rows = []
     for name in dict.fromkeys(table["model"]):
-        p, t = level_row(table, "patient", model=name), level_row(table, "tuple", model=name)
+        p, t = both_levels(table, model=name)
         if p is None or t is None:
             continue
         cells = [name, count(p["n_patients"])]
@@ -186,7 +212,7 @@ def comparison_paper(table, reference, key, title, what, synthetic=False, speed=
     return assemble(out, rows) if rows else None
 
 
-def magnification_paper(table, synthetic=False):
+def magnification_paper(table, end=""):
     if table.empty:
         return None
     table = table.reindex(columns=list(dict.fromkeys(list(table.columns) + MAGNIFICATION_COLUMNS)))
@@ -206,22 +232,27 @@ def magnification_paper(table, synthetic=False):
         return None
     out = PaperTable("table_5", "Table 5", "Each magnification alone (a single-magnification baseline and MMNet "
                      "restricted to it; patient level, mean ± std over the folds) beside MMNet's learned CMF weight "
-                     "for that magnification (mean ± std over its test tuples, rank 1 = largest)."
-                     f"{' SYNTHETIC DATA.' if synthetic else ''}",
+                     "for that magnification (mean ± std over its test tuples, rank 1 = largest); each model scores a "
+                     f"patient by the mean over its distinct images of that magnification.{end}",
                      ["Magnification", "Model", "Accuracy", "AUC", "Tuple AUC", "CMF weight", "CMF rank"])
     return assemble(out, rows)
 
 
-def paper_tables(tables, reference, rule, synthetic=False):
-    """Tables 1-5 in paper form; a table without rows is None."""
+def paper_tables(tables, reference, rule, synthetic=False, differs=None):
+    """Tables 1-5 (and 4b: the models run on the fixed split only) in paper form; a table without rows is None.
+    `differs` {"table k": [setting texts]} names settings that differ between a table's rows in its caption."""
+    end = {k: tail(synthetic, (differs or {}).get(k)) for k in ("table 1", "table 2", "table 3", "table 4", "table 5")}
     return {
-        "table_1": cv_paper(tables["cv"], rule, synthetic),
-        "table_2": fixed_paper(tables["fixed"], rule, synthetic),
+        "table_1": cv_paper(tables["cv"], rule, end["table 1"]),
+        "table_2": fixed_paper(tables["fixed"], rule, end["table 2"]),
         "table_3": comparison_paper(tables["ablation"], reference, "table_3", "Table 3", "Ablations of MMNet",
-                                    synthetic),
-        "table_4": comparison_paper(tables["baseline"], reference, "table_4", "Table 4", "Baselines", synthetic,
+                                    end["table 3"]),
+        "table_4": comparison_paper(tables["baseline"], reference, "table_4", "Table 4", "Baselines", end["table 4"],
                                     speed=True),
-        "table_5": magnification_paper(tables["magnification"], synthetic),
+        "table_4b": comparison_paper(tables["baseline"], reference, "table_4b", "Table 4b", "Models trained on the "
+                                     "fixed split (the distilled student and its teacher)", end["table 4"], speed=True,
+                                     protocol_name="fixed"),
+        "table_5": magnification_paper(tables["magnification"], end["table 5"]),
     }
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pandas as pd
 
-from utils.helpers import PipelineError, read_json
+from utils.helpers import PipelineError, read_json, read_json_or_none
 from utils.metrics import (binary_metrics, bootstrap_ci, key_metric, patient_level, safe_auc, sensitivity_threshold,
                            subtype_metrics, youden_threshold)
 
@@ -10,40 +10,52 @@ LEVELS = ("tuple", "patient")
 BINARY = ["accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auc"]
 KEY = ["accuracy", "balanced_accuracy", "f1", "auc"]
 SUBTYPE = ["subtype_macro_f1", "subtype_micro_f1", "subtype_balanced_accuracy"]
-RULES = {"fixed_0.5": None, "val_youden": youden_threshold, "val_sens95": sensitivity_threshold, "oof_youden": "oof"}
 BLOCKS = {"fixed_0.5": "t0.5", "val_youden": "youden", "val_sens95": "sens95", "oof_youden": "oof_youden"}
+RULES = tuple(BLOCKS)
 DECISION_RULES = ("fixed_0.5", "val_youden", "oof_youden")
+ROLES = ("train", "val")
 
 
-def decision_threshold(thresholds, rule):
-    """(rule, threshold) new patients are decided with: the rule in force, val_youden where the run lacks it."""
+def fitted_thresholds(frame):
+    """Youden's J and the sensitivity >= 0.95 threshold of one level's validation rows (tuples, or patient means):
+    each decides the units it was fitted on."""
+    y, p = frame["label"].to_numpy(), frame["prob_malignant"].to_numpy()
+    return dict(youden=youden_threshold(y, p), sens95=sensitivity_threshold(y, p, 0.95))
+
+
+def oof_thresholds(tuples):
+    """{level: Youden's J} of out-of-fold tuple predictions (patient_id, label, prob_malignant): on the tuples, and
+    on each patient's mean probability."""
+    return {"tuple": fitted_thresholds(tuples)["youden"], "patient": fitted_thresholds(patient_level(tuples))["youden"]}
+
+
+def threshold_of(thresholds, rule):
+    """The threshold of `rule` in one level's thresholds (0.5 for fixed_0.5), None where the run has none."""
     if rule == "fixed_0.5":
-        return rule, 0.5
-    key = BLOCKS[rule]
-    return (rule, float(thresholds[key])) if key in thresholds else ("val_youden", float(thresholds["youden"]))
-
-
-def seen_patients(tuples_by_role):
-    """{'train': [...], 'val': [...]}: sorted patient ids a model trained or validated on."""
-    return {role: sorted(map(str, set(tuples_by_role[role]["patient_id"]))) for role in ("train", "val")}
+        return 0.5
+    value = thresholds.get(BLOCKS[rule])
+    return None if value is None else float(value)
 
 
 def union_seen(seens):
-    """The patients any of several models trained or validated on (an ensemble, a distilled student)."""
-    return {role: sorted(set().union(*(s[role] for s in seens))) for role in ("train", "val")}
+    """The patients any of several groups (sources, runs) trained or validated on."""
+    return {role: sorted(set().union(*(set(map(str, s.get(role, []))) for s in seens))) for role in ROLES}
 
 
-def check_no_leak(seen, test_ids, tag):
-    """Refuse to score a run on a test patient that a contributing model trained or validated on."""
+def check_no_leak(sources, test_ids, tag):
+    """Refuse to score test patients that anything behind a run (its own training, a tuning study, a teacher,
+    ensemble members) trained or validated on, naming which source saw which patients."""
     test = set(map(str, test_ids))
-    leaks = {role: sorted(test & set(map(str, seen.get(role, [])))) for role in ("train", "val")}
-    if not leaks["train"] and not leaks["val"]:
-        return
-    verbs = {"train": "trained on", "val": "validated on"}
-    named = "; ".join(f"{verbs[role]} {', '.join(ids)}" for role, ids in leaks.items() if ids)
-    raise PipelineError(f"{tag}: refusing to score test patients that a model behind this run has seen ({named}). "
-                        f"Every reported number must rest on patients no contributing model trained or validated "
-                        f"on; rebuild the run from models that never saw its test patients.")
+    found = []
+    for source in sources:
+        for role, verb in (("train", "trained on"), ("val", "validated on")):
+            ids = sorted(test & set(map(str, source.get(role, []))))
+            if ids:
+                found.append(f"{source['name']} {verb} {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
+    if found:
+        raise PipelineError(f"{tag}: refusing to score test patients that something behind this run has seen "
+                            f"({'; '.join(found)}). Every reported number must rest on patients nothing behind it "
+                            f"trained or validated on: retrain it from models and settings that never saw them.")
 
 
 def run_test_ids(run):
@@ -51,26 +63,21 @@ def run_test_ids(run):
 
 
 def check_run(run, tag):
-    """The leak guard on a run read back from its folder, when its metrics.json records seen_patients."""
-    seen = run["metrics"].get("seen_patients")
-    if seen is not None:
-        check_no_leak(seen, run_test_ids(run), tag)
-
-
-def validation_thresholds(y, p):
-    return dict(youden=youden_threshold(y, p), sens95=sensitivity_threshold(y, p, 0.95))
+    """The leak guard on a run read back from its folder: its record's sources against its test patients."""
+    if run["record"] is None:
+        raise PipelineError(f"{tag} has no record.json (trained by an earlier version of the pipeline): retrain it "
+                            f"with --force, or report it from a separate --output-dir.")
+    check_no_leak(run["record"]["sources"], run_test_ids(run), tag)
 
 
 def class_index(names, classes):
     return np.array([classes.index(n) if n in classes else -1 for n in names])
 
 
-def binary_block(frame, thresholds, column="prob_malignant"):
-    """binary_metrics at 0.5, at the validation thresholds and at the out-of-fold one where the run has it."""
-    y, p = frame["label"].to_numpy(), frame[column].to_numpy()
-    block = {"t0.5": binary_metrics(y, p, 0.5)}
-    return block | {key: binary_metrics(y, p, thresholds[key]) for key in ("youden", "sens95", "oof_youden")
-                    if key in thresholds}
+def binary_block(frame, thresholds):
+    """binary_metrics at 0.5 and at each threshold of the frame's level (validation, out of fold)."""
+    y, p = frame["label"].to_numpy(), frame["prob_malignant"].to_numpy()
+    return {"t0.5": binary_metrics(y, p, 0.5)} | {key: binary_metrics(y, p, thr) for key, thr in thresholds.items()}
 
 
 def in_order(rule, rules):
@@ -95,11 +102,13 @@ def subtype_block(frame, classes, column):
 
 
 def levels(tuples, patients, fn):
-    return {"tuple": fn(tuples), "patient": fn(patients)}
+    """fn(frame, level) of the tuple rows and of the patient rows."""
+    return {"tuple": fn(tuples, "tuple"), "patient": fn(patients, "patient")}
 
 
-def patient_rows(tuples, subtype_columns=(), extra=()):
-    """One row per patient: mean malignant probability, the most common label, mean of `extra` columns."""
+def patient_rows(tuples, subtype_columns=()):
+    """One row per patient: mean malignant probability over its tuples, the most common subtype label, the subtype
+    predicted from the mean subtype probabilities."""
     pl = patient_level(tuples)
     at = tuples.groupby("patient_id", sort=True).indices
     pl.insert(0, "role", tuples["role"].iloc[0])
@@ -109,20 +118,17 @@ def patient_rows(tuples, subtype_columns=(), extra=()):
     pl["subtype_label"] = [tuples["subtype_label"].iloc[at[p]].mode().iloc[0] for p in pl["patient_id"]]
     for column, probs, classes in subtype_columns:
         pl[column] = [classes[probs[at[p]].mean(0).argmax()] for p in pl["patient_id"]] if probs is not None else ""
-    for column in extra:
-        pl[column] = [tuples[column].iloc[at[p]].mean() for p in pl["patient_id"]]
     return pl.drop(columns="n_tuples")
 
 
 def load_run(folder):
-    """predictions, history and metrics.json of one run folder."""
-    metrics = read_json(folder / "metrics.json") if (folder / "metrics.json").exists() else {}
+    """predictions, history, metrics.json and record.json of one run folder."""
+    metrics = read_json(folder / "metrics.json")
     history = folder / "history.csv"
-    pred = pd.read_csv(folder / "predictions.csv", dtype={"patient_id": str, "group": str})
-    classes = metrics.get("classes") or sorted(set(pred.get("subtype_label", pd.Series(dtype=str)).dropna()))
     return dict(
-        folder=folder, pred=pred, metrics=metrics, classes=list(classes), cache={},
-        history=pd.read_csv(history) if history.exists() else None,
+        folder=folder, pred=pd.read_csv(folder / "predictions.csv", dtype={"patient_id": str, "group": str}),
+        metrics=metrics, record=read_json_or_none(folder / "record.json"), classes=list(metrics["classes"]),
+        cache={}, history=pd.read_csv(history) if history.exists() else None,
         checkpoint=folder / "checkpoints" / "best.pth",
     )
 
@@ -134,7 +140,7 @@ def split_order(name):
 def load_runs(runs_folder):
     """{run_name: {split_name: run}} for every run folder holding predictions.csv; the leak guard checks each."""
     runs = {}
-    for path in sorted(runs_folder.glob("*/*/predictions.csv")):
+    for path in sorted(runs_folder.glob("*/*/metrics.json")):
         run = load_run(path.parent)
         check_run(run, f"{path.parent.parent.name}/{path.parent.name}")
         runs.setdefault(path.parent.parent.name, {})[path.parent.name] = run
@@ -154,26 +160,18 @@ def level_frame(pred, level, role):
     return patient_level(tuples) if len(tuples) else rows
 
 
-def threshold(run, rule):
-    """The rule's threshold, chosen on the validation tuples (or out of fold, by the run's inner models) and applied
-    unchanged at both levels; None where the run has no such threshold."""
-    if RULES[rule] is None:
-        return 0.5
-    if rule == "oof_youden":
-        return run["metrics"].get("threshold", {}).get("oof_youden")
-    val = level_frame(run["pred"], "tuple", "val")
-    if len(val) == 0:
-        saved = run["metrics"].get("threshold", {}).get(rule.replace("val_", ""))
-        return float(saved) if saved is not None else 0.5
-    return RULES[rule](val["label"].to_numpy(), val["prob_malignant"].to_numpy())
+def threshold(run, rule, level):
+    """The rule's threshold for one level, as the run fitted it on that level's validation (or out-of-fold) rows;
+    None where the run has no such threshold."""
+    return threshold_of(run["metrics"]["threshold"][level], rule)
 
 
 def scored_frame(run, level, rule):
-    """Test rows of one level with the rule's threshold in a `thr` column."""
+    """Test rows of one level with the rule's threshold for that level in a `thr` column (empty without one)."""
     key = (level, rule)
     if key not in run["cache"]:
         frame = level_frame(run["pred"], level, "test").copy()
-        thr = threshold(run, rule)
+        thr = threshold(run, rule, level)
         frame["thr"] = thr
         run["cache"][key] = frame if thr is not None else frame.iloc[:0]
     return run["cache"][key]
@@ -229,7 +227,7 @@ def subtype_summary(run, level):
 
 
 def has_rule(splits, rule):
-    return all(threshold(run, rule) is not None for run in splits.values())
+    return all(threshold(run, rule, level) is not None for run in splits.values() for level in LEVELS)
 
 
 def fold_scores(splits, names, level, rule="val_youden"):
@@ -240,7 +238,7 @@ def pooled_run(splits, names):
     """A run-like dict whose predictions are the concatenated test rows of several splits."""
     first = splits[names[0]]
     pred = pd.concat([splits[s]["pred"][splits[s]["pred"]["role"] == "test"] for s in names], ignore_index=True)
-    return dict(pred=pred, classes=first["classes"], metrics={}, cache={})
+    return dict(pred=pred, classes=first["classes"], metrics={}, record=None, cache={})
 
 
 def pooled_frames(splits, names, level, rule="val_youden"):

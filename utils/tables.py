@@ -1,14 +1,14 @@
-"""Result tables from scored runs: select rows, mean ± std over folds, CIs, comparisons with the reference; format."""
+"""Result tables from scored runs (tables 1, 2 and 5, subtypes): select rows, mean ± std over folds, CIs; format and
+write every table (tables 3 and 4 are built in utils/compare.py)."""
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from utils.compare import SIGNIFICANCE, significance
-from utils.helpers import log, tables_dir, write_csv
+from utils.helpers import log, mean_std, tables_dir, write_csv
 from utils.scoring import (BINARY, DECISION_RULES, KEY, LEVELS, RULES, SUBTYPE, binary_scores, confidence_intervals,
                            cv_splits, fold_scores, has_rule, in_order, level_frame, pooled_run, scored_frame,
-                           shared_splits, subtype_result, subtype_summary)
+                           subtype_result, subtype_summary)
 
 EFFICIENCY = ["model", "params", "params_m", "macs", "flops", "macs_g", "flops_g", "ms_per_tuple", "ms_per_patient",
               "tuples_per_patient", "image_size", "device", "checkpoint"]
@@ -35,9 +35,28 @@ class Book:
     seed: int = 0
     notes: list = field(default_factory=list)
     rule: str = "val_youden"
+    differs: dict = field(default_factory=dict)
 
     def cis(self, frame):
         return confidence_intervals(frame, self.bootstrap, self.seed)
+
+    def differing(self, label, shown):
+        """A note for each setting that differs between the runs behind one table's rows, `shown` {run: its splits
+        in the table} (the run-specific ones the table compares, such as the student's image size, aside)."""
+        values = {}
+        for name, splits in shown.items():
+            for split in splits:
+                run = self.runs[name][split]
+                record = run["record"] or {}
+                own = set(record.get("run_settings") or {})
+                for key, value in (record.get("settings") or {}).items():
+                    if key not in own:
+                        values.setdefault(key, {}).setdefault(str(value), []).append(f"{name}/{split}")
+        texts = [f"{key} " + "; ".join(f"{value} ({', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''})"
+                                        for value, runs in seen.items())
+                 for key, seen in values.items() if len(seen) > 1]
+        self.differs[label] = texts
+        self.notes += [f"{label}: setting {text} differ between its rows" for text in texts]
 
     def rule_for(self, name, *runs):
         """The rule in force, or val_youden for comparisons where a run lacks it (with a note)."""
@@ -45,7 +64,6 @@ class Book:
             return self.rule
         self.notes.append(f"{name}: no {self.rule} threshold in every run it compares; val_youden used there.")
         return "val_youden"
-
 
 
 def split_rows(book, name, splits, rules):
@@ -79,14 +97,8 @@ def mean_std_rows(book, rows, frames, pooled_subtype):
                         **pooled_subtype.get(level, {}), **book.cis(pooled)))
         out.append(dict(base, split="mean", **mean.to_dict()))
         out.append(dict(base, split="std", **std.to_dict()))
-        out.append(dict(base, split="mean ± std", **{k: mean_std_text(mean[k], std[k]) for k in numeric}))
+        out.append(dict(base, split="mean ± std", **{k: mean_std(mean[k], std[k], 4) for k in numeric}))
     return out
-
-
-def mean_std_text(mean, std):
-    if not np.isfinite(mean):
-        return "n/a"
-    return f"{mean:.4f}" if not np.isfinite(std) else f"{mean:.4f} ± {std:.4f}"
 
 
 def cv_table(book):
@@ -100,6 +112,7 @@ def cv_table(book):
     pooled_subtype = {level: subtype_summary(pooled, level) for level in LEVELS}
     table = pd.DataFrame(rows + mean_std_rows(book, rows, frames, pooled_subtype))
     table["n_folds"] = table["n_folds"].fillna(1).astype(int)
+    book.differing("table 1", {book.reference: list(folds)})
     return table
 
 
@@ -109,81 +122,14 @@ def fixed_table(book):
         book.notes.append(f"table 2: no fixed-split run of {book.reference} (run the 'fixed' stage).")
         return pd.DataFrame()
     rows, _ = split_rows(book, book.reference, {"fixed": run}, in_order(book.rule, RULES))
-    ensemble = book.runs.get(f"{book.reference}_fixed_ensemble", {}).get("fixed")
+    name = f"{book.reference}_fixed_ensemble"
+    ensemble = book.runs.get(name, {}).get("fixed")
     if ensemble is None:
         book.notes.append("table 2: no ensemble row (it needs every member run; run the 'fixed' stage).")
     else:
-        rows += split_rows(book, f"{book.reference}_fixed_ensemble", {"fixed": ensemble}, in_order(book.rule, RULES))[0]
+        rows += split_rows(book, name, {"fixed": ensemble}, in_order(book.rule, RULES))[0]
+    book.differing("table 2", {book.reference: ["fixed"]} | ({name: ["fixed"]} if ensemble is not None else {}))
     return pd.DataFrame(rows)
-
-
-
-
-def comparison_rows(book, name, splits, diff):
-    """Mean ± std over the folds shared with the reference, pooled CIs and the reference minus this model."""
-    reference = book.runs[book.reference]
-    shared = shared_splits(splits, reference)
-    rule = book.rule_for(name, {s: splits[s] for s in shared}, {s: reference[s] for s in shared})
-    rows = []
-    for level in LEVELS:
-        own = fold_scores(splits, shared, level, rule)
-        ref = fold_scores(reference, shared, level, rule)
-        pooled = pd.concat([scored_frame(splits[s], level, rule) for s in shared], ignore_index=True)
-        row = dict(model=name, level=level, threshold_rule=rule, folds=" ".join(shared), n_folds=len(shared),
-                   n_patients=pooled["patient_id"].nunique())
-        for m in KEY + ["precision", "recall", "specificity"]:
-            row[f"{m}_mean"], row[f"{m}_std"] = own[m].mean(), own[m].std(ddof=1)
-        scores = binary_scores(pooled)
-        row.update({f"{m}_pooled": scores[m] for m in KEY})
-        row.update(book.cis(pooled))
-        for m in KEY:
-            row[f"{m}_{diff}"] = ref[m].mean() - own[m].mean()
-        same = name == book.reference
-        row.update({c: np.nan for c in SIGNIFICANCE} if same else
-                   significance(reference, splits, shared, level, rule, book.bootstrap, book.seed))
-        rows.append(row)
-    return rows
-
-
-def comparison_table(book, table, diff, label):
-    reference = book.runs.get(book.reference)
-    if reference is None:
-        book.notes.append(f"{label}: no {book.reference} run to compare against (run the 'cv' stage).")
-        return pd.DataFrame()
-    rows = []
-    for name in [book.reference] + book.listed[table]:
-        splits = book.runs.get(name)
-        if splits is None:
-            book.notes.append(f"{label}: {name} has no finished run, skipped.")
-            continue
-        if not shared_splits(splits, reference):
-            book.notes.append(f"{label}: {name} shares no split with {book.reference}, skipped.")
-            continue
-        rows += comparison_rows(book, name, splits, diff)
-    return pd.DataFrame(rows)
-
-
-def with_efficiency(table, efficiency):
-    if table.empty:
-        return table
-    cols = ["model", "params", "params_m", "macs_g", "flops_g", "ms_per_tuple", "ms_per_patient"]
-    return table.merge(efficiency[cols], on="model", how="left")
-
-
-
-
-def ablation_table(book, efficiency):
-    return with_efficiency(comparison_table(book, "ablation", "drop", "table 3"), efficiency)
-
-
-def baseline_table(book, efficiency):
-    table = with_efficiency(comparison_table(book, "baseline", "improvement", "table 4"), efficiency)
-    if table.empty:
-        return table
-    table["auc_per_m_params"] = table["auc_mean"] / table["params_m"]
-    ref = table.loc[table["model"] == book.reference, "ms_per_patient"]
-    table[f"time_vs_{book.reference}"] = table["ms_per_patient"] / ref.iloc[0] if len(ref) else np.nan
-    return table
 
 
 def weight_frame(book):
@@ -211,7 +157,7 @@ def magnification_table(book):
     weights, source = weight_frame(book)
     if weights.empty:
         book.notes.append(f"table 5: no {book.reference} test predictions, CMF importance left out.")
-    rows = []
+    rows, shown = [], {}
     for mag, names in book.by_mag.items():
         importance = dict(weight_stats(weights, mag, "w"), **weight_stats(weights, mag, "hma"),
                           weights_from=" ".join(source))
@@ -221,18 +167,20 @@ def magnification_table(book):
             if splits is None:
                 continue
             found = True
-            names = cv_splits(splits) or list(splits)
-            rule = book.rule_for(name, {s: splits[s] for s in names})
+            folds = cv_splits(splits) or list(splits)
+            shown[name] = folds
+            rule = book.rule_for(name, {s: splits[s] for s in folds})
             for level in LEVELS:
-                scores = fold_scores(splits, names, level, rule)
-                row = dict(magnification=mag, model=name, level=level, threshold_rule=rule, folds=" ".join(names),
-                           n_folds=len(names))
+                scores = fold_scores(splits, folds, level, rule)
+                row = dict(magnification=mag, model=name, level=level, threshold_rule=rule, folds=" ".join(folds),
+                           n_folds=len(folds))
                 for m in KEY:
                     row[f"{m}_mean"], row[f"{m}_std"] = scores[m].mean(), scores[m].std(ddof=1)
                 rows.append(dict(row, **importance))
         if not found:
             book.notes.append(f"table 5: no {' or '.join(names)} run; only the CMF weight is listed.")
             rows.append(dict(magnification=mag, **importance))
+    book.differing("table 5", shown)
     table = pd.DataFrame(rows)
     if "cmf_weight_mean" in table:
         ranks = table.drop_duplicates("magnification").set_index("magnification")["cmf_weight_mean"].rank(ascending=False)
@@ -256,7 +204,6 @@ def per_class_rows(name, split, run_or_frame, level, classes):
         micro = m["micro_f1"]
         rows.append(dict(base, subtype="micro avg", precision=micro, recall=micro, f1=micro, support=m["n"]))
     return rows
-
 
 
 def per_class_scores(scores):
@@ -312,9 +259,6 @@ def tidy(table):
         elif table[col].dtype == object:
             table[col] = table[col].map(lambda v: round(v, 4) if isinstance(v, float) else v)
     return table
-
-
-
 
 
 CONSOLE = ["model", "split", "level", "threshold_rule", "magnification", "subtype", "smote", "accuracy",

@@ -125,13 +125,6 @@ class CrossMagnificationFusion(nn.Module):
         return self.proj(weighted.flatten(1)), weights
 
 
-def rename_single_pool(module, state_dict, prefix, *args):
-    """Checkpoints from before stage lists stored the one MSAP as `pool.*`."""
-    old = prefix + "pool."
-    for key in [k for k in state_dict if k.startswith(old)]:
-        state_dict[prefix + "pools.0." + key[len(old):]] = state_dict.pop(key)
-
-
 class MMNet(MagnificationModel):
     """Multi-magnification network: per-magnification attention branches, MSAP, HMA, CMF and two heads.
 
@@ -141,6 +134,10 @@ class MMNet(MagnificationModel):
 
     name = "mmnet"
     takes_features = True
+
+    @staticmethod
+    def reads(cfg):
+        return tuple(cfg.use_mags or cfg.magnifications)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -155,7 +152,6 @@ class MMNet(MagnificationModel):
             BranchAttention(c, cfg.use_channel, cfg.use_spatial) for c in channels for _ in range(n_used)
         ])
         self.pools = nn.ModuleList([MultiScaleAttentionPool(c) for c in channels])
-        self.register_load_state_dict_pre_hook(rename_single_pool)
         self.proj = nn.Sequential(nn.Linear(self.num_features, cfg.embed_dim), nn.LayerNorm(cfg.embed_dim), nn.GELU())
         fusing = n_used > 1
         self.hma = HierarchicalMagnificationAttention(cfg.embed_dim) if cfg.use_hma and fusing else None

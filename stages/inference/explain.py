@@ -1,50 +1,38 @@
 """Explain stage: Grad-CAM, spatial attention and magnification importance of best_model.pth on fixed-split test tuples."""
-from dataclasses import replace
-
 import numpy as np
 import pandas as pd
 
 from backbones.our.gradcam import attention_maps, gradcam
-from preprocess.analyze import load_index
+from preprocess.cache import cache_folder
 from preprocess.transforms import prepare
 from preprocess.tuples import eval_batches, eval_tuples, image_bank, tuple_rows
 from stages.training.checkpoint import load_model
 from stages.training.data import split_frames
+from stages.training.evaluate import tuple_predictions
 from stages.training.forward import predict
 from stages.training.runs import REFERENCE
 from utils import plottings as plots
-from utils import scoring
 from utils.env import resolve_device
-from utils.helpers import PipelineError, log, models_dir, plots_dir, require, runs_dir, write_csv
+from utils.helpers import (PipelineError, log, models_dir, plots_dir, read_json_or_none, require, runs_dir, safe_name,
+                           write_csv)
+from utils.scoring import threshold_of
 
 
-def fixed_threshold(cfg):
-    """The fixed reference run's threshold under the rule in force (validation Youden where it lacks it), else 0.5."""
-    folder = runs_dir(cfg) / REFERENCE / "fixed"
-    if not (folder / "predictions.csv").exists():
+def tuple_threshold(cfg, ckpt):
+    """The tuple-level threshold of the rule best_model.pth was trained under, from its fixed-split run (whose
+    validation tuples fitted it); 0.5 without that run."""
+    metrics = read_json_or_none(runs_dir(cfg) / REFERENCE / "fixed" / "metrics.json")
+    if metrics is None:
         return 0.5
-    return scoring.decision_threshold(scoring.load_run(folder)["metrics"]["threshold"], cfg.threshold_rule)[1]
+    return threshold_of(metrics["threshold"]["tuple"], ckpt["threshold_rule"]) or 0.5
 
 
 
-def test_tuples(cfg, mags):
-    _, parts = split_frames(cfg, "fixed")
-    return eval_tuples(parts["test"], mags)
-
-
-
-def predict_all(cfg, model, tuples, bank, device):
-    """Malignant probability and CMF/HMA weights of every tuple, through the one prediction path."""
-    mags = cfg.magnifications
-    batches = eval_batches(tuples, mags, bank.row_of, [], cfg.batch_size)
-    res = predict(model, bank, batches, device)
-    frame = tuples.copy()
-    frame["prob_malignant"] = res["prob"]
-    for j, mag in enumerate(mags):
-        frame[f"w_{mag}"] = res["mag_weights"][:, j]
-        frame[f"hma_{mag}"] = res["hma_weights"][:, j]
-        frame[f"mask_{mag}"] = (frame[f"path_{mag}"] != "").astype(int)
-    return frame
+def predict_all(model, tuples, mags, classes, bank, device, batch_size):
+    """predictions.csv's tuple rows (probability, CMF/HMA weights, masks) of every tuple, through the one prediction
+    path."""
+    batches = eval_batches(tuples, mags, bank.row_of, classes, batch_size)
+    return tuple_predictions(tuples, predict(model, bank, batches, device), mags, classes, "test")
 
 
 
@@ -74,9 +62,9 @@ def sample_title(row, what):
             f"patient {row['patient_id']}, tuple {row['tuple_id']}")
 
 
-def explain_figures(cfg, model, picks, bank, device):
+def explain_figures(cfg, model, picks, mags, bank, device):
     """Grad-CAM and spatial-attention figures of the picked tuples; returns the file list."""
-    mags = list(cfg.magnifications)
+    mags = list(mags)
     used = [j in set(model.used_mags) for j in range(len(mags))]
     images, mask = bank.gather(tuple_rows(picks, mags, bank.row_of), device)
     x, mask = prepare(images, mask, device, **model.normalization)
@@ -88,7 +76,7 @@ def explain_figures(cfg, model, picks, bank, device):
         log("explain: this model has no spatial attention maps; attention_maps/ is left empty")
     rows = []
     for i, row in enumerate(picks.to_dict("records")):
-        stem = f"{row['category']}_{row['rank']}_{safe(row['patient_id'])}"
+        stem = f"{row['category']}_{row['rank']}_{safe_name(row['patient_id'], '-_')}"
         captions = [f"CMF weight {w:.2f}" if m else "" for w, m in zip(weights[i], mask[i].tolist())]
         target = plots.CLASS_NAMES[int(row["pred"])]
         gc = plots.overlay_panels(images[i].numpy(), cams[i], mask[i].tolist(), used, mags,
@@ -110,9 +98,6 @@ def relative(cfg, path):
     return str(path.relative_to(plots_dir(cfg))) if path else ""
 
 
-def safe(text):
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(text))
-
 
 def run_explain(cfg):
     """Stage: Grad-CAM, spatial attention and magnification importance of best_model.pth on fixed-split test tuples."""
@@ -120,18 +105,20 @@ def run_explain(cfg):
     plots.setup_style()
     device = resolve_device(cfg.device)
     model, ckpt = load_model(path, device)
-    cfg = replace(cfg, magnifications=tuple(ckpt["magnifications"]), image_size=int(ckpt["image_size"]))
-    tuples = test_tuples(cfg, cfg.magnifications)
+    mags, classes = tuple(ckpt["magnifications"]), list(ckpt["classes"]["subtype"])
+    index, parts = split_frames(cfg, "fixed")
+    tuples = eval_tuples(parts["test"], mags)
     if tuples.empty:
         raise PipelineError("the fixed split has no test tuples to explain. "
                             "Rerun: python main.py --stages split,fixed,explain")
-    threshold = fixed_threshold(cfg)
-    bank = image_bank(cfg, load_index(cfg)["path"].astype(str).tolist())
-    frame = predict_all(cfg, model, tuples, bank, device)
-    plots.importance_plot(frame, cfg.magnifications, "Best model: magnification importance on the fixed-split test tuples",
+    threshold = tuple_threshold(cfg, ckpt)
+    bank = image_bank(index["path"].astype(str).tolist(), int(ckpt["image_size"]), bool(ckpt["config"]["stain_norm"]),
+                      cache_folder(cfg))
+    frame = predict_all(model, tuples, mags, classes, bank, device, cfg.batch_size)
+    plots.importance_plot(frame, mags, "Best model: magnification importance on the fixed-split test tuples",
                           plots_dir(cfg) / "magnification_importance" / "best_model_fixed_test.png")
     picks, empty = pick_samples(frame, threshold, cfg.explain_samples)
-    rows = explain_figures(cfg, model, picks, bank, device) if len(picks) else []
+    rows = explain_figures(cfg, model, picks, mags, bank, device) if len(picks) else []
     for kind in empty:
         cls, verdict = kind.split("_")
         rows.append(dict(category=kind, note=f"no {verdict} predictions for true {cls} tuples in the fixed test set"))

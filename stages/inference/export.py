@@ -4,7 +4,6 @@ checked against torch on the fixed split's test tuples."""
 import json
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import onnx
 import torch
 import torch.nn as nn
 
+from preprocess.cache import cache_folder
 from preprocess.tuples import image_bank
 from stages.inference.predictor import INPUTS, OUTPUTS, checkpoint_paths, load_predictor, onnx_predictor, score
 from stages.training.data import split_frames
@@ -86,8 +86,9 @@ def metadata(p, paths):
     validation thresholds, stain normalisation, where it came from."""
     return dict(model_name=p.models[0].name, source=p.source, members=[str(x) for x in paths],
                 classes={"binary": ["benign", "malignant"], "subtype": list(p.classes)},
-                magnifications=list(p.mags), image_size=p.image_size, normalization=p.normalization,
-                threshold=p.threshold, threshold_rule=p.rule, stain_norm=p.stain_norm)
+                magnifications=list(p.mags), reads=list(p.reads), image_size=p.image_size,
+                normalization=p.normalization, threshold=p.threshold, threshold_rule=p.rule, stain_norm=p.stain_norm,
+                tta=p.tta)
 
 
 def fixed_test_data(cfg, p):
@@ -95,7 +96,7 @@ def fixed_test_data(cfg, p):
     if not index_path(cfg).exists() or not split_path(cfg, "fixed").exists():
         return None
     index, parts = split_frames(cfg, "fixed")
-    bank = image_bank(replace(cfg, image_size=p.image_size, stain_norm=p.stain_norm), index["path"].astype(str))
+    bank = image_bank(index["path"].astype(str).tolist(), p.image_size, p.stain_norm, cache_folder(cfg))
     return parts["test"], bank
 
 
@@ -127,8 +128,8 @@ def parity(cfg, p, q):
 
 def run_export(cfg):
     """Stage: the model (or the fold ensemble's mean) as ONNX with its settings, checked against torch."""
-    paths = checkpoint_paths(cfg)
-    p = load_predictor(cfg, CPU)
+    paths = checkpoint_paths(cfg.output_dir, cfg.checkpoint, cfg.ensemble)
+    p = load_predictor(paths, CPU)
     path = onnx_path(cfg)
     log(f"Exporting {p.source} ({len(paths)} model(s)) to {path} (dynamic batch; inputs images, mask)")
     export_onnx(p.models, path, metadata(p, paths))

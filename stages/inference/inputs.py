@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from preprocess.analyze import IMAGE_EXTS, find_base, list_files, parse_name, validate
-from preprocess.cache import decode
+from preprocess.cache import decode, log_fallbacks
 from preprocess.tuples import ImageBank
 from utils.helpers import PipelineError
 
@@ -80,18 +80,20 @@ def collect(inputs, mags):
 
 
 def decode_all(paths, size, stain_norm):
-    """(images (N, S, S, 3) uint8, reason per path where decoding failed, '' where it worked): the training decode."""
+    """(images (N, S, S, 3) uint8, reason per path where decoding failed, '' where it worked): the training decode,
+    Macenko fallbacks counted in the log."""
     out = np.zeros((len(paths), size, size, 3), np.uint8)
-    reasons = [""] * len(paths)
+    reasons, kept = [""] * len(paths), [""] * len(paths)
 
     def work(i):
         try:
-            out[i] = decode(paths[i], size, stain_norm)
+            out[i], kept[i] = decode(paths[i], size, stain_norm)
         except (PipelineError, cv2.error):
             reasons[i] = "unreadable image (cannot be decoded)"
 
     with ThreadPoolExecutor(min(16, (os.cpu_count() or 2) * 2)) as pool:
         list(pool.map(work, range(len(paths))))
+    log_fallbacks([k for k, r in zip(kept, reasons) if not r], stain_norm)
     return out, reasons
 
 

@@ -7,18 +7,15 @@ import torch
 from backbones.our.gradcam import attention_maps, gradcam
 from preprocess.transforms import prepare
 from preprocess.tuples import tuple_rows
-from stages.inference.predictor import load_predictor, score_images
+from stages.inference.predictor import checkpoint_paths, load_predictor, score_images
 from stages.training.forward import amp_settings
 from utils import plottings as plots
 from utils.env import resolve_device
-from utils.helpers import PipelineError, log, output_path, warn, write_csv
+from utils.helpers import PipelineError, log, output_path, safe_name, warn, write_csv
 from utils.metrics import binary_metrics
 
 SHOWN = 20
 
-
-def safe(text):
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
 
 
 def overlay_title(row, what):
@@ -47,7 +44,7 @@ def overlays(p, tuples, patients, bank, folder, device, batch_size):
         cams, attn = explain_batch(p, x, mask)
         images, mask = images.cpu().numpy(), mask.cpu().tolist()
         for i, row in enumerate(patients.iloc[start:start + batch_size].to_dict("records")):
-            stem = safe(row["patient_id"])
+            stem = safe_name(row["patient_id"])
             captions = [f"weight {row[f'weight_{m}']:.2f}" if mask[i][j] else "" for j, m in enumerate(p.mags)]
             plots.overlay_panels(images[i], cams[i], mask[i], used, p.mags, overlay_title(row, "Grad-CAM"),
                                  folder / f"{stem}_gradcam.png", "Grad-CAM (scaled per image)", captions)
@@ -58,9 +55,9 @@ def overlays(p, tuples, patients, bank, folder, device, batch_size):
 
 def run_name(cfg):
     first = Path(cfg.input[0]).resolve()
-    name = safe(first.stem if first.is_file() else first.name) or "input"
+    name = safe_name(first.stem if first.is_file() else first.name) or "input"
     more = f"_and_{len(cfg.input) - 1}_more" if len(cfg.input) > 1 else ""
-    model = "ensemble" if cfg.ensemble else safe(Path(cfg.checkpoint or "best_model.pth").stem)
+    model = "ensemble" if cfg.ensemble else safe_name(Path(cfg.checkpoint or "best_model.pth").stem)
     return f"{name}{more}_{model}"
 
 
@@ -93,9 +90,9 @@ def run_predict(cfg):
         raise PipelineError("the predict stage needs --input PATH: a folder of images (any layout analyze accepts, "
                             "or flat) or image files, comma-separated. Example: python main.py --input new_patients/")
     device = resolve_device(cfg.device)
-    p = load_predictor(cfg, device)
+    p = load_predictor(checkpoint_paths(cfg.output_dir, cfg.checkpoint, cfg.ensemble), device)
     dtype, _ = amp_settings(cfg, device)
-    scored = score_images(p, cfg.input, cfg.batch_size, device, dtype, cfg.tta)
+    scored = score_images(p, cfg.input, cfg.batch_size, device, dtype)
     problems, frame = scored.problems, scored.frame
     for path, why in problems:
         warn(f"{path}: {why}; not scored")

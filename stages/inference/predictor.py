@@ -9,28 +9,37 @@ import onnxruntime as ort
 import pandas as pd
 import torch
 
+from backbones import magnifications_read
 from preprocess.tuples import eval_batches, eval_tuples
 from stages.inference.inputs import load_images
 from stages.training.checkpoint import load_model, read_checkpoint
 from stages.training.forward import predict
 from stages.training.runs import REFERENCE
-from utils.helpers import PipelineError, models_dir
+from utils.helpers import PipelineError
 
-NEEDED = ("model", "model_name", "model_kwargs", "classes", "magnifications", "image_size", "normalization", "threshold")
+NEEDED = ("model", "model_name", "model_kwargs", "classes", "magnifications", "image_size", "normalization", "threshold",
+          "threshold_rule", "config")
+INPUTS = ("images", "mask")
+OUTPUTS = ("prob_malignant", "subtype_prob", "mag_weights")
+META = ("model_name", "source", "members", "classes", "magnifications", "reads", "image_size", "normalization",
+        "threshold", "threshold_rule", "stain_norm", "tta", "parity")
 
 
 @dataclass
 class Predictor:
-    """The models to average and what they share: magnifications, image size, stain normalisation, classes, thresholds."""
+    """The models to average and what they share: magnifications (those in a tuple, those the models read), image size,
+    stain normalisation and test-time augmentation as in training, classes, patient-level thresholds and their rule."""
     models: list
     mags: tuple
+    reads: tuple
     image_size: int
     stain_norm: bool
+    tta: bool
     classes: list
     threshold: dict
+    rule: str
     source: str
     normalization: dict
-    rule: str = "val_youden"
 
 
 @dataclass
@@ -66,50 +75,52 @@ def loaded(path, ckpt, device):
 
 
 def settings(ckpt):
+    """What the models of an ensemble must share, as trained: magnifications, those read, image size, stain
+    normalisation, test-time augmentation, classes, input normalisation."""
     norm = tuple(tuple(ckpt["normalization"][k]) for k in ("mean", "std"))
-    return (tuple(ckpt["magnifications"]), int(ckpt["image_size"]), bool(ckpt.get("config", {}).get("stain_norm")),
+    return (tuple(ckpt["magnifications"]), magnifications_read(ckpt["model_name"], ckpt["model_kwargs"]),
+            int(ckpt["image_size"]), bool(ckpt["config"]["stain_norm"]), bool(ckpt["config"]["tta"]),
             tuple(ckpt["classes"]["subtype"]), norm)
 
 
-def checkpoint_paths(cfg):
-    if cfg.ensemble and cfg.checkpoint:
+def checkpoint_paths(output_dir, checkpoint="", ensemble=False):
+    """The checkpoint(s) a prediction averages: `checkpoint`, the CV fold models (`ensemble`) or best_model.pth."""
+    if ensemble and checkpoint:
         raise PipelineError("--ensemble averages the CV fold models; it cannot be combined with --checkpoint. Drop one.")
-    if not cfg.ensemble:
-        path = Path(cfg.checkpoint) if cfg.checkpoint else models_dir(cfg) / "best_model.pth"
+    if not ensemble:
+        path = Path(checkpoint) if checkpoint else Path(output_dir) / "models" / "best_model.pth"
         if not path.is_file():
             raise PipelineError(f"checkpoint {path} not found. Train it (python main.py --stages fixed) or name "
                                 f"another with --checkpoint FILE.")
         return [path]
-    folder = models_dir(cfg) / "checkpoints"
+    folder = Path(output_dir) / "models" / "checkpoints"
     paths = sorted(folder.glob(f"{REFERENCE}_fold_*.pth"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
     if not paths:
         raise PipelineError(f"no CV fold models in {folder} for --ensemble. Train them: python main.py --stages cv")
     return paths
 
 
-def load_predictor(cfg, device):
-    """best_model.pth, --checkpoint FILE, or the CV fold models (--ensemble) with what they agree on."""
-    paths = checkpoint_paths(cfg)
+def load_predictor(paths, device):
+    """The checkpoints at `paths` (one model, or the CV fold models to average) with what they agree on."""
     ckpts = [checked(p) for p in paths]
     shared = {settings(c) for c in ckpts}
     if len(shared) > 1:
         raise PipelineError(f"the models of {', '.join(map(str, paths))} differ in magnifications, image size, "
                             f"stain or input normalisation or classes; an ensemble needs them alike. "
                             f"Retrain them: python main.py --stages cv --force")
-    mags, size, stain_norm, classes, (mean, std) = shared.pop()
+    mags, reads, size, stain_norm, tta, classes, (mean, std) = shared.pop()
     models = [loaded(p, c, device) for p, c in zip(paths, ckpts)]
     threshold, rule = decision_of(ckpts)
-    source = f"ensemble of {len(paths)} CV models" if cfg.ensemble else str(paths[0])
-    return Predictor(models, mags, size, stain_norm, list(classes), threshold, source, dict(mean=mean, std=std), rule)
+    source = f"ensemble of {len(paths)} CV models" if len(paths) > 1 else str(paths[0])
+    return Predictor(models, mags, reads, size, stain_norm, tta, list(classes), threshold, rule, source,
+                     dict(mean=mean, std=std))
 
 
 def decision_of(ckpts):
-    """The models' mean thresholds, `decision` the one new patients are decided with, and its rule (checkpoints and
-    ONNX metadata from before decision thresholds decide at validation Youden)."""
-    threshold = {k: float(np.mean([c["threshold"][k] for c in ckpts])) for k in ("youden", "sens95")}
-    threshold["decision"] = float(np.mean([c["threshold"].get("decision", c["threshold"]["youden"]) for c in ckpts]))
-    rules = sorted({c.get("threshold_rule", "val_youden") if "decision" in c["threshold"] else "val_youden"
-                    for c in ckpts})
+    """The models' mean patient-level thresholds (`decision`: the one new patients are decided with, under the rule
+    each was trained under) and that rule."""
+    threshold = {k: float(np.mean([c["threshold"][k] for c in ckpts])) for k in ("decision", "youden", "sens95")}
+    rules = sorted({c["threshold_rule"] for c in ckpts})
     return threshold, rules[0] if len(rules) == 1 else "mean of " + "/".join(rules)
 
 
@@ -118,31 +129,32 @@ def onnx_predictor(path, threads=0):
     model = OnnxModel(path, threads)
     m = model.meta
     threshold, rule = decision_of([m])
-    return Predictor([model], tuple(m["magnifications"]), int(m["image_size"]), bool(m["stain_norm"]),
-                     list(m["classes"]["subtype"]), threshold, f"{path} (onnxruntime)", m["normalization"], rule)
+    return Predictor([model], tuple(m["magnifications"]), tuple(m["reads"]), int(m["image_size"]),
+                     bool(m["stain_norm"]), bool(m["tta"]), list(m["classes"]["subtype"]), threshold, rule,
+                     f"{path} (onnxruntime)", m["normalization"])
 
 
-def score(p, frame, bank, batch_size, device, dtype=None, tta=False):
-    """Evaluation tuples of every patient with the models' outputs averaged: probability, weights, subtype probs."""
-    tuples = eval_tuples(frame, p.mags)
+def score(p, frame, bank, batch_size, device, dtype=None):
+    """Evaluation tuples of every patient (one per distinct image for a model that reads one magnification) with the
+    models' outputs averaged: probability (over the four views where the models were trained with --tta), weights,
+    subtype probabilities."""
+    tuples = eval_tuples(frame, p.mags, p.reads)
     batches = eval_batches(tuples, p.mags, bank.row_of, p.classes, batch_size)
-    runs = [predict(model, bank, batches, device, dtype, tta=tta) for model in p.models]
+    runs = [predict(model, bank, batches, device, dtype, tta=p.tta) for model in p.models]
     tuples["prob_malignant"] = np.mean([r["prob"] for r in runs], 0)
-    if tta:
-        tuples["prob_malignant_tta"] = np.mean([r["prob_tta"] for r in runs], 0)
     for j, m in enumerate(p.mags):
         tuples[f"w_{m}"] = np.mean([r["mag_weights"][:, j] for r in runs], 0)
     subtype = np.mean([r["subtype_prob"] for r in runs], 0)
     return tuples, subtype
 
 
-def score_images(p, inputs, batch_size, device, dtype=None, tta=False):
+def score_images(p, inputs, batch_size, device, dtype=None):
     """The one path from image files to patient decisions (predict stage and service): list and check the files,
     decode them as in training, score every patient's evaluation tuples, build the patient and image tables."""
     frame, bank, problems, left_out = load_images(inputs, p.mags, p.image_size, p.stain_norm, p.classes)
     if frame.empty:
         return Scored(frame, bank, None, None, None, problems, left_out)
-    tuples, subtype = score(p, frame, bank, batch_size, device, dtype, tta)
+    tuples, subtype = score(p, frame, bank, batch_size, device, dtype)
     patients = patient_table(tuples, subtype, frame, p)
     return Scored(frame, bank, tuples, patients, image_table(tuples, frame, problems, left_out, p), problems, left_out)
 
@@ -156,9 +168,7 @@ def patient_table(tuples, subtype, frame, p):
     at = tuples.groupby("patient_id", sort=True)
     counts = frame.groupby(["patient_id", "magnification"]).size().unstack(fill_value=0)
     table = counts.reindex(index=at.size().index, columns=list(p.mags), fill_value=0).add_prefix("n_")
-    for column in ("prob_malignant", "prob_malignant_tta"):
-        if column in tuples:
-            table[column] = at[column].mean()
+    table["prob_malignant"] = at["prob_malignant"].mean()
     table["decision"] = decision(table["prob_malignant"], p.threshold["decision"])
     table["decision_high_sensitivity"] = decision(table["prob_malignant"], p.threshold["sens95"])
     table["threshold"], table["threshold_high_sensitivity"] = p.threshold["decision"], p.threshold["sens95"]
@@ -188,19 +198,11 @@ def image_table(tuples, frame, problems, left_out, p):
     return pd.concat([table, pd.DataFrame(others)], ignore_index=True) if others else table
 
 
-INPUTS = ("images", "mask")
-
-
-OUTPUTS = ("prob_malignant", "subtype_prob", "mag_weights")
-
-
-META = ("model_name", "source", "members", "classes", "magnifications", "image_size", "normalization", "threshold",
-        "threshold_rule", "stain_norm", "parity")
 
 
 def read_metadata(session):
     props = session.get_modelmeta().custom_metadata_map
-    missing = [k for k in META if k not in props and k not in ("parity", "threshold_rule")]
+    missing = [k for k in META if k not in props and k != "parity"]
     if missing:
         raise PipelineError(f"the ONNX file lacks {', '.join(missing)} in its metadata: export it with this pipeline "
                             f"(python main.py --stages export).")

@@ -3,13 +3,12 @@
 python -m stages.inference.serve --output-dir OUT [--checkpoint FILE | --onnx FILE | --ensemble] [--host 127.0.0.1] [--port 8000]
 """
 import argparse
-import math
 import os
 import re
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,12 +16,10 @@ import uvicorn
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 
-from config import Config
 from preprocess.analyze import IMAGE_EXTS, parse_name
-from stages.training.forward import amp_settings
-from stages.inference.predictor import load_predictor, onnx_predictor, score_images
-from utils.env import resolve_device
-from utils.helpers import PipelineError
+from stages.inference.predictor import checkpoint_paths, load_predictor, onnx_predictor, score_images
+from utils.env import amp_dtype, resolve_device
+from utils.helpers import PipelineError, is_finite
 
 MIB = 2**20
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -103,9 +100,9 @@ def save_uploads(uploads, mags, folder, limits):
 
 
 def finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value.item() if hasattr(value, "item") else value
+    """A number as JSON has it: None where it is not finite."""
+    value = value.item() if hasattr(value, "item") else value
+    return value if is_finite(value) else None
 
 
 def patient_entries(scored, p):
@@ -195,11 +192,10 @@ def load_service(args):
     if args.onnx:
         return Service(onnx_predictor(args.onnx, args.threads), torch.device("cpu"), None, args.batch_size, limits,
                        "onnxruntime")
-    cfg = replace(Config(), output_dir=args.output_dir, checkpoint=args.checkpoint, ensemble=args.ensemble,
-                  device=args.device, amp=args.amp)
-    device = resolve_device(cfg.device)
-    dtype, _ = amp_settings(cfg, device)
-    return Service(load_predictor(cfg, device), device, dtype, args.batch_size, limits, "torch")
+    device = resolve_device(args.device)
+    dtype = amp_dtype(device) if args.amp else None
+    paths = checkpoint_paths(args.output_dir, args.checkpoint, args.ensemble)
+    return Service(load_predictor(paths, device), device, dtype, args.batch_size, limits, "torch")
 
 
 def parse_args(argv=None):

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 
 from utils.env import commit
-from utils.helpers import read_json_or_none
-from utils.paper import RULE_TEXT, num
+from utils.helpers import num, read_json_or_none
+from utils.paper import RULE_TEXT
 
 TARGETS = [("accuracy", "Accuracy", 0.96, "≥ 0.96 (PRD: 96-98 %)"), ("balanced_accuracy", "Balanced accuracy", None, "—"),
            ("f1", "F1", 0.95, "> 0.95"), ("auc", "AUC", 0.98, "> 0.98")]
@@ -55,18 +55,22 @@ def environment_rows(env):
     return rows
 
 
-def run_facts(cfg, out):
+def run_facts(cfg, out, record):
+    """What was run: the data, the splits, and the settings, commit and compute of the reference model's first run
+    (`record`; output/config.json, the last command's, where there is none) beside the report's own settings."""
     saved = read_json_or_none(out / "config.json") or {}
-    settings = saved.get("config") or vars(cfg)
-    env = saved.get("environment") or {}
+    record = record or {}
+    settings = {**(record.get("settings") or saved.get("config") or vars(cfg)), **record.get("compute", {}),
+                "bootstrap": cfg.bootstrap}
     data = dataset_facts(out)
     return dict(
-        data_root=str(Path(settings.get("data_root", cfg.data_root)).resolve()),
+        data_root=record.get("data_root") or str(Path(cfg.data_root).resolve()),
         synthetic=bool(saved.get("synthetic_data", cfg.synthetic)),
         patients=data.get("total_patients_by_stem", "n/a"), slides=data.get("slide_folders", "n/a"),
         images=data.get("total_images", "n/a"), magnifications=", ".join(settings.get("magnifications", [])),
         splits=split_facts(out), settings=[(k, settings[k]) for k in SETTINGS if k in settings],
-        environment=environment_rows(env), commit=commit() or "unknown",
+        environment=environment_rows(saved.get("environment") or {}),
+        commit=record.get("commit") or commit() or "unknown", tuning=record.get("tuning") or "",
         stage_times=read_csv(out / "logs" / "stage_times.csv").to_dict("records"),
     )
 

@@ -7,8 +7,8 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from stages.report import facts
 from stages.training.runs import REFERENCE
-from utils.helpers import write_text
-from utils.paper import PaperTable, assemble, count, num
+from utils.helpers import num, write_text
+from utils.paper import PaperTable, assemble, count
 from utils.tables import TABLE_NAMES
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -29,15 +29,17 @@ FIGURES = {
                 ([f"plots/roc_curves/{REF}_vs_ablations_tuple.png"], "Mean ROC against the ablations, tuples")],
     "table_4": [([f"plots/roc_curves/{REF}_vs_baselines_patient.png"], "Mean ROC against the baselines, patients"),
                 ([f"plots/roc_curves/{REF}_vs_baselines_tuple.png"], "Mean ROC against the baselines, tuples")],
+    "table_4b": [],
     "table_5": [([f"plots/magnification_importance/{REF}_pooled_cv.png",
                   f"plots/magnification_importance/{REF}_fold_0.png"], "Learned magnification importance, CV test tuples"),
                 (["plots/magnification_importance/best_model_fixed_test.png"], "Best model, fixed-split test tuples")],
 }
 TITLES = {"table_1": ("Table 1 · Cross-validation", "cv"), "table_2": ("Table 2 · Fixed split", "fixed"),
           "table_3": ("Table 3 · Ablations", "ablation"), "table_4": ("Table 4 · Baselines", "baseline"),
+          "table_4b": ("Table 4b · Student and teacher, fixed split", "baseline"),
           "table_5": ("Table 5 · Per magnification", "magnification")}
 STAGE_OF = {"table_1": "cv", "table_2": "fixed", "table_3": "ablations", "table_4": "baselines",
-            "table_5": "baselines,ablations"}
+            "table_4b": "fixed,distill", "table_5": "baselines,ablations"}
 
 
 def table_sections(out, paper, csv_names):
@@ -92,6 +94,12 @@ def run_pages(out):
     return [dict(src=str(p.relative_to(out)), caption=p.stem) for p in sorted(out.glob("plots/training_curves/*.png"))]
 
 
+def reference_record(book):
+    """The record of the reference model's first run (its CV folds first), or None before any is trained."""
+    splits = book.runs.get(REFERENCE, {})
+    return next(iter(splits.values()))["record"] if splits else None
+
+
 def render(context):
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True)
@@ -104,7 +112,7 @@ def write_page(cfg, book, tables, paper):
     csv_groups, run_csvs = facts.csv_groups(out)
     context = dict(
         title="MMNet report", generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        run=facts.run_facts(cfg, out), headline=facts.headline(tables, book.rule),
+        run=facts.run_facts(cfg, out, reference_record(book)), headline=facts.headline(tables, book.rule),
         sections=table_sections(out, paper, TABLE_NAMES), efficiency=efficiency_compact(tables["efficiency"]),
         subtypes=subtype_compact(tables["subtype"]),
         subtype_figures=[f for f in (facts.first_figure(out, [f"plots/confusion_matrices/{REF}_{s}_subtype{t}.png"

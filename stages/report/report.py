@@ -7,8 +7,8 @@ from utils import plottings as plots
 from utils import scoring
 from utils.helpers import PipelineError, log, plots_dir, runs_dir, tables_dir, write_text
 from utils.paper import paper_tables, write_paper
-from utils.tables import Book, ablation_table, baseline_table, cv_table, fixed_table, magnification_table, subtype_table
-from utils.tables import write_table
+from utils.compare import ablation_table, baseline_table
+from utils.tables import Book, cv_table, fixed_table, magnification_table, subtype_table, write_table
 
 TRAINING_STAGES = "cv,fixed,baselines,ablations"
 
@@ -40,7 +40,7 @@ def run_report(cfg):
                   baseline=baseline_table(book, efficiency), magnification=magnification_table(book),
                   subtype=subtype_table(book), efficiency=efficiency)
     tables = {key: write_table(cfg, key, table) for key, table in tables.items()}
-    paper = paper_tables(tables, REFERENCE, book.rule, cfg.synthetic)
+    paper = paper_tables(tables, REFERENCE, book.rule, cfg.synthetic, book.differs)
     written = write_paper(tables_dir(cfg) / "paper", paper)
     book.notes += [f"paper {key}: no rows (its runs are missing)." for key in paper if key not in written]
     write_plots(cfg, book)

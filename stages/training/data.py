@@ -1,9 +1,9 @@
 """One run's data: the split's rows per role, tuples and batches over the resident image bank, the loss weights."""
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from backbones import MODELS, REFERENCE_MODEL
+from backbones import MODELS, magnifications_read, model_config
 from preprocess.analyze import load_index, subtype_classes
 from preprocess.cache import cache_folder
 from preprocess.preprocess import load_split
@@ -39,17 +39,6 @@ class RunData:
     @property
     def tag(self):
         return f"{self.name}/{self.split}"
-
-
-def model_kwargs(cfg, model_name, n_classes, flags):
-    kwargs = dict(magnifications=tuple(cfg.magnifications), num_subtypes=n_classes, backbone=cfg.backbone,
-                  pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path, drop_rate=cfg.drop_rate,
-                  feature_stage=cfg.feature_stage)
-    if model_name == REFERENCE_MODEL:
-        kwargs["shared_backbone"] = cfg.shared_backbone
-    if flags.get("backbone", cfg.backbone) != cfg.backbone:
-        kwargs.update(pretrained_path="", feature_stage=(-1,))
-    return dict(kwargs, **flags)
 
 
 def reads_features(cfg, model_name):
@@ -91,16 +80,17 @@ def prepare_run(cfg, name, split_name, model_name, flags, split=None):
     classes = subtype_classes(index)
     mags = tuple(cfg.magnifications)
     with resource_errors("the image cache", folder=cache_folder(cfg)):
-        bank = image_bank(cfg, index["path"].astype(str).tolist())
+        bank = image_bank(index["path"].astype(str).tolist(), cfg.image_size, cfg.stain_norm, cache_folder(cfg))
     sampler = TrainBatches(parts["train"], mags, bank.row_of, classes, cfg.tuples_per_patient, cfg.batch_size, cfg.seed)
-    tuples = {role: eval_tuples(rows, mags) for role, rows in parts.items()}
+    settings = model_config(cfg, model_name, len(classes), **flags)
+    tuples = {role: eval_tuples(rows, mags, magnifications_read(model_name, settings)) for role, rows in parts.items()}
     batches = {role: eval_batches(t, mags, bank.row_of, classes, cfg.batch_size) for role, t in tuples.items()}
     features = None
     if reads_features(cfg, model_name):
         with resource_errors("the frozen-backbone feature cache", folder=cache_folder(cfg)):
             features = feature_bank(cfg, bank, resolve_device(cfg.device))
     return RunData(name=name, split=split_name, folder=run_dir(cfg, name, split_name), model_name=model_name,
-                   model_kwargs=model_kwargs(cfg, model_name, len(classes), flags), classes=classes, bank=bank,
+                   model_kwargs=asdict(settings), classes=classes, bank=bank,
                    train_sampler=sampler, tuples=tuples, batches=batches,
                    criterion=make_criterion(cfg, groups(parts["train"], mags), classes), features=features)
 

@@ -1,9 +1,8 @@
 """Distill stage: a smaller MMNet trained on the fixed split's training patients to match a teacher that never saw a
 fixed test patient, plus the hard labels; the teacher is scored beside it on the same test patients."""
-from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -12,13 +11,12 @@ from preprocess.preprocess import load_split
 from preprocess.transforms import normalize
 from stages.training import ensemble
 from stages.training.checkpoint import load_model, read_checkpoint
-from stages.training.ensemble import score_checkpoints
+from stages.training.record import derived_record, read_record, write_record
 from stages.training.run import run_one
 from stages.training.runs import REFERENCE, STUDENT, TEACHER, stage_runs
-from utils.helpers import PipelineError, log, read_json_or_none, require, run_dir, split_path
+from utils.helpers import PipelineError, log, read_json, require, run_dir, split_path, write_csv, write_json
 from utils.losses import distillation_loss
-
-ROLES = ("train", "val")
+from utils.scoring import check_no_leak
 
 
 def load_teachers(paths, classes, magnifications, device):
@@ -73,83 +71,71 @@ def resized(images, size):
     return flat.unflatten(0, images.shape[:2])
 
 
-def teacher_members(cfg):
-    """The teacher's checkpoints, chosen here alone: the honest ensemble (models of grouped folds of the fixed split's
-    train + val patients) where it is trained, else the fixed-split reference model (fixed train, fixed val)."""
+def teacher_run(cfg):
+    """(the teacher's run folder, its checkpoints), chosen here alone: table 2's ensemble where its members are
+    trained (none saw a fixed test patient), else the fixed-split reference model (fixed train, fixed val)."""
     members = ensemble.honest_members(cfg)
     if members:
-        return [Path(p) for p in members]
-    path = run_dir(cfg, REFERENCE, "fixed") / "checkpoints" / "best.pth"
-    if not path.exists():
+        ensemble.member_ensemble(cfg)
+        return run_dir(cfg, ensemble.ENSEMBLE, "fixed"), members
+    folder = run_dir(cfg, REFERENCE, "fixed")
+    path = folder / "checkpoints" / "best.pth"
+    if not path.exists() or read_record(folder) is None:
         raise PipelineError(f"the distill stage needs a teacher, {path} is missing. Train it first: "
                             f"python main.py --stages split,fixed")
-    return [path]
+    return folder, [path]
 
 
-def seen_of(cfg, path):
-    """Patients one member trained or validated on: its run's seen_patients, else the train/val roles of its split."""
-    folder = Path(path).parent.parent
-    metrics = read_json_or_none(folder / "metrics.json") or {}
-    if "seen_patients" in metrics:
-        return metrics["seen_patients"]
-    split = load_split(cfg, metrics.get("split") or folder.name)
-    return {role: split.loc[split["role"] == role, "patient_id"].astype(str).tolist() for role in ROLES}
-
-
-def union(*seen):
-    return {role: sorted({str(p) for s in seen for p in s.get(role, [])}) for role in ROLES}
-
-
-def check_teacher(cfg, seen, paths):
-    """Stop when a teacher member trained or validated on a fixed test patient (the CV fold models did)."""
+def check_teacher(cfg, record, paths):
+    """Stop when anything behind the teacher trained or validated on a fixed test patient (the CV fold models did),
+    or when the teacher reads images of another size than --image-size."""
     split = load_split(cfg, "fixed")
-    test = set(split.loc[split["role"] == "test", "patient_id"].astype(str))
-    overlap = sorted(test & set(seen["train"] + seen["val"]))
-    if overlap:
-        raise PipelineError(f"the teacher ({', '.join(map(str, paths))}) trained or validated on fixed test patients "
-                            f"{', '.join(overlap[:10])}{' ...' if len(overlap) > 10 else ''}; a student of it would "
-                            f"score them unfairly. Use models trained on the fixed split's train + val patients only.")
+    check_no_leak(record["sources"], split.loc[split["role"] == "test", "patient_id"], f"teacher {record['run']}")
     sizes = {int(read_checkpoint(p)["image_size"]) for p in paths}
     if sizes != {cfg.image_size}:
         raise PipelineError(f"the teacher reads {'/'.join(map(str, sorted(sizes)))} px images; run the distill stage "
                             f"with --image-size {min(sizes)} (the student's own size is --student-image-size).")
 
 
-def student_config(cfg):
-    """The student's settings: its own image size; it trains on images throughout (the teacher reads images)."""
-    return replace(cfg, image_size=cfg.student_image_size, freeze_backbone=False, frozen_epochs=0)
+def write_teacher(cfg, folder, record):
+    """The teacher's row of table 4, beside the student: its run's predictions and metrics as run <student>_teacher,
+    its record naming that run."""
+    target = run_dir(cfg, TEACHER, "fixed")
+    metrics = dict(read_json(folder / "metrics.json"), run=TEACHER, teacher_of=STUDENT)
+    write_csv(pd.read_csv(folder / "predictions.csv", dtype={"patient_id": str, "group": str}),
+              target / "predictions.csv", index=False)
+    write_json(target / "metrics.json", metrics)
+    write_record(target, derived_record(TEACHER, "fixed", [record], f"the teacher: {record['run']}/fixed"))
+    return metrics
 
 
-def teach(cfg, paths, teacher_seen, run, device):
+def teach(cfg, paths, run, device):
     """Swap the run's criterion for distillation from the teacher; the fields the student's metrics.json adds."""
     teachers = load_teachers(paths, run.classes, cfg.magnifications, device)
     run.criterion = Distillation(run.criterion, teachers, normalization(run.model_kwargs["backbone"]),
                                  cfg.distill_temperature, cfg.distill_weight, cfg.subtype_loss_weight)
-    own = {role: run.tuples[role]["patient_id"].astype(str).unique().tolist() for role in ROLES}
-    return dict(seen_patients=union(own, teacher_seen),
-                teacher=dict(run=TEACHER, members=[str(p) for p in paths], image_sizes=[s for _, s in teachers],
+    return dict(teacher=dict(run=TEACHER, members=[str(p) for p in paths], image_sizes=[s for _, s in teachers],
                              temperature=cfg.distill_temperature, weight=cfg.distill_weight))
 
 
 def patient_auc(metrics):
-    return metrics["test"]["patient"]["youden"]["auc"]
+    return metrics["test"]["patient"]["t0.5"]["auc"]
 
 
 def run_distill(cfg):
     """Stage: the teacher's scores on the fixed split, then the student distilled from it."""
     require(split_path(cfg, "fixed"), "split")
-    paths = teacher_members(cfg)
-    seen = union(*[seen_of(cfg, p) for p in paths])
-    check_teacher(cfg, seen, paths)
+    folder, paths = teacher_run(cfg)
+    record = read_record(folder)
+    check_teacher(cfg, record, paths)
     specs = {s.name: s for s in stage_runs(cfg, "distill")}
-    teacher = None
-    if TEACHER in specs:
-        teacher = score_checkpoints(cfg, TEACHER, paths, f"teacher ({len(paths)} model(s))", dict(seen_patients=seen))
+    teacher = write_teacher(cfg, folder, record) if TEACHER in specs else None
     if STUDENT not in specs:
         return
-    student_cfg = student_config(cfg)
-    student = run_one(student_cfg, specs[STUDENT], "fixed", adapt=partial(teach, student_cfg, paths, seen))
+    spec = specs[STUDENT]
+    sources = [dict(s, name=f"the teacher's {s['name']}") for s in record["sources"]]
+    student = run_one(cfg, spec, "fixed", adapt=partial(teach, cfg, paths), sources=sources)
     vs = f" vs teacher {patient_auc(teacher):.3f}" if teacher else ""
-    log(f"[{STUDENT}] {student_cfg.student_backbone} at {student_cfg.image_size} px, embedding "
-        f"{student_cfg.student_embed_dim}, T={cfg.distill_temperature}, weight {cfg.distill_weight}: fixed test "
-        f"patient AUC {patient_auc(student):.3f}{vs}")
+    log(f"[{STUDENT}] {cfg.student_backbone} at {cfg.student_image_size} px, embedding {cfg.student_embed_dim}, "
+        f"T={cfg.distill_temperature}, weight {cfg.distill_weight}: fixed test patient AUC "
+        f"{patient_auc(student):.3f}{vs}")

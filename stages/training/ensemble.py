@@ -1,9 +1,8 @@
 """Table 2's ensemble: K reference models trained on K grouped folds of the fixed split's train+val patients (runs
 under runs/<reference>_fixed_member/member_k/), their probabilities averaged on the fixed test patients, which none of
-them saw; thresholds from their out-of-fold predictions over the fixed train+val patients. score_checkpoints scores
-any averaged checkpoints as a run on the fixed split (the distilled student's teacher)."""
+them saw. Its thresholds come from the members' out-of-fold predictions over the fixed train+val patients (each
+patient scored by the one member that did not train on it), at each level: the tuples, and each patient's mean."""
 import time
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -13,12 +12,12 @@ from stages.training.checkpoint import load_model
 from stages.training.data import prepare_run
 from stages.training.evaluate import score
 from stages.training.forward import amp_settings, predict
-from stages.training.run import finished
-from stages.training.train import TrainState
+from stages.training.record import derived_record, read_record, write_record
 from stages.training.runs import MEMBERS, REFERENCE
+from stages.training.train import TrainState
 from utils.env import resolve_device
-from utils.helpers import log, read_json, read_json_or_none, run_dir, write_csv, write_json
-from utils.scoring import BLOCKS, union_seen
+from utils.helpers import log, read_json_or_none, run_dir, write_csv, write_json
+from utils.scoring import LEVELS, threshold_of
 
 ENSEMBLE = f"{REFERENCE}_fixed_ensemble"
 AVERAGED = ("prob", "subtype_prob", "embedding", "mag_weights", "hma_weights")
@@ -45,67 +44,48 @@ def stacked(outputs):
 
 
 def score_members(cfg, folders, own_splits):
-    """Predictions and metrics of the members in `folders` averaged on the fixed test patients; each member's
+    """Predictions, metrics and record of the members in `folders` averaged on the fixed test patients; each member's
     predictions on the validation part of its own split (`own_splits`) together give the thresholds. Refused (the
-    leak guard of score) when a member trained or validated on a fixed test patient."""
+    leak guard of score) when anything behind a member trained or validated on a fixed test patient."""
     start, device = time.time(), resolve_device(cfg.device)
     run = prepare_run(cfg, ENSEMBLE, "fixed", REFERENCE, {})
-    seen = union_seen([read_json(f / "metrics.json")["seen_patients"] for f in folders])
+    records = [read_record(f) for f in folders]
     dtype, _ = amp_settings(cfg, device)
     test, oof, oof_tuples = [], [], []
     for folder, split in zip(folders, own_splits):
         model, _ = load_model(folder / "checkpoints" / "best.pth", device)
         own = prepare_run(cfg, ENSEMBLE, split, REFERENCE, {})
-        test.append(predict(model, run.bank, run.batches["test"], device, dtype))
-        oof.append(predict(model, own.bank, own.batches["val"], device, dtype))
+        test.append(predict(model, run.bank, run.batches["test"], device, dtype, tta=cfg.tta))
+        oof.append(predict(model, own.bank, own.batches["val"], device, dtype, tta=cfg.tta))
         oof_tuples.append(own.tuples["val"])
-    run = replace(run, tuples=dict(run.tuples, val=pd.concat(oof_tuples, ignore_index=True)))
+    run.tuples = dict(run.tuples, val=pd.concat(oof_tuples, ignore_index=True))
+    record = derived_record(ENSEMBLE, "fixed", records, "the mean of the members' probabilities")
     res = {"val": stacked(oof), "test": averaged(test)}
-    predictions, metrics = score(replace(cfg, smote=False, tta=False), run, res, device, TrainState(), start, seen)
-    metrics["threshold"]["oof_youden"] = metrics["threshold"]["youden"]
+    predictions, metrics = score(cfg, run, res, TrainState(), start, record["sources"])
+    for level in LEVELS:
+        metrics["threshold"][level]["oof_youden"] = metrics["threshold"][level]["youden"]
     metrics.update(members=[str(f / "checkpoints" / "best.pth") for f in folders], thresholds_from=THRESHOLDS_FROM)
-    return predictions, metrics
+    return predictions, metrics, record
 
 
 def member_ensemble(cfg):
-    """Score the honest ensemble on the fixed split; skipped (with a line) until every member is trained."""
+    """Score the honest ensemble on the fixed split, again whenever a member was retrained; skipped (with a line)
+    until every member is trained."""
     folder = run_dir(cfg, ENSEMBLE, "fixed")
     if honest_members(cfg) is None:
         log(f"[{ENSEMBLE}] needs every member run {MEMBERS}/member_0..{cfg.n_folds - 1}; run the 'fixed' stage")
         return
-    if finished(cfg, folder, f"{ENSEMBLE}/fixed") is not None:
+    members = [read_record(f) for f in member_folders(cfg)]
+    done = read_record(folder)
+    same = done is not None and done["digest"] == derived_record(ENSEMBLE, "fixed", members, "")["digest"]
+    if same and not cfg.force and read_json_or_none(folder / "metrics.json") is not None:
+        log(f"[{ENSEMBLE}] scored earlier from the same members; reused (--force scores it again)")
         return
-    predictions, metrics = score_members(cfg, member_folders(cfg), member_split_names(cfg))
+    predictions, metrics, record = score_members(cfg, member_folders(cfg), member_split_names(cfg))
     write_csv(predictions, folder / "predictions.csv", index=False)
     write_json(folder / "metrics.json", metrics)
-    p = metrics["test"]["patient"][BLOCKS[cfg.threshold_rule]]
+    write_record(folder, record)
+    p = metrics["test"]["patient"]["t0.5" if cfg.threshold_rule == "fixed_0.5" else "oof_youden"]
+    thr = threshold_of(metrics["threshold"]["patient"], cfg.threshold_rule) or 0.5
     log(f"[{ENSEMBLE}] {cfg.n_folds} members (none saw a fixed test patient) on the fixed test patients | patient "
-        f"AUC {p['auc']:.3f} acc {p['accuracy']:.3f} F1 {p['f1']:.3f} ({cfg.threshold_rule})")
-
-
-def score_checkpoints(cfg, name, paths, what, extra=None):
-    """The checkpoints' mean probability on the fixed split's validation and test patients, written and scored as run
-    `name` (skipped when finished with the same members); returns its metrics."""
-    folder = run_dir(cfg, name, "fixed")
-    done = read_json_or_none(folder / "metrics.json")
-    if done is not None and not cfg.force and done.get("members") == [str(p) for p in paths]:
-        log(f"[{name}/fixed] finished earlier with the same members; skipped (--force reruns it)")
-        return done
-    start, device = time.time(), resolve_device(cfg.device)
-    run = prepare_run(cfg, name, "fixed", REFERENCE, {})
-    dtype, _ = amp_settings(cfg, device)
-    outputs = {"val": [], "test": []}
-    for path in paths:
-        model, _ = load_model(path, device)
-        for role in outputs:
-            outputs[role].append(predict(model, run.bank, run.batches[role], device, dtype))
-    res = {role: averaged(o) for role, o in outputs.items()}
-    seen = (extra or {}).get("seen_patients")
-    predictions, metrics = score(replace(cfg, smote=False, tta=False), run, res, device, TrainState(), start, seen)
-    metrics.update(extra or {}, members=[str(p) for p in paths])
-    write_csv(predictions, folder / "predictions.csv", index=False)
-    write_json(folder / "metrics.json", metrics)
-    p = metrics["test"]["patient"][BLOCKS[cfg.threshold_rule]]
-    log(f"[{name}] {what} on the fixed test patients | patient AUC {p['auc']:.3f} acc {p['accuracy']:.3f} "
-        f"F1 {p['f1']:.3f} ({cfg.threshold_rule})")
-    return metrics
+        f"AUC {p['auc']:.3f} acc {p['accuracy']:.3f} F1 {p['f1']:.3f} ({cfg.threshold_rule}, t={thr:.2f})")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backbones import ModelConfig
+from backbones import REFERENCE_MODEL, model_config
 from backbones.common import feature_backbone, normalization
 from preprocess.cache import cache_folder, drop_dead_tmp
 from preprocess.transforms import normalize, to_float
@@ -28,17 +28,12 @@ def view(x, k):
     return x.flip(3) if k >= 4 else x
 
 
-def extractor_config(cfg):
-    return ModelConfig(backbone=cfg.backbone, pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path,
-                       feature_stage=cfg.feature_stage)
-
-
 def extractor(cfg):
     """The frozen backbone; a random-init one is drawn from --seed, so every run of the process gets the same."""
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         try:
-            net = feature_backbone(extractor_config(cfg))
+            net = feature_backbone(model_config(cfg, REFERENCE_MODEL, 1))
         except IndexError:
             raise PipelineError(f"--feature-stage {stage_text(cfg)} is not a list of stages of backbone "
                                 f"'{cfg.backbone}'. Pick indices from 0 to n-1, or -1 for the last stage.") from None

@@ -27,10 +27,10 @@ def as_numpy(value, n, width):
 
 @torch.no_grad()
 def predict(model, bank, batches, device, dtype=None, criterion=None, tta=False):
-    """Outputs over batches of (cache rows, labels, subtypes): prob, subtype_prob, embedding, mag_weights, hma_weights,
-    loss, prob_tta."""
+    """Outputs over batches of (cache rows, labels, subtypes): prob (with `tta`, the mean over four views),
+    subtype_prob, embedding, mag_weights, hma_weights, loss."""
     model.eval()
-    keys = ["prob", "subtype_prob", "embedding", "mag_weights", "hma_weights", "prob_tta"]
+    keys = ["prob", "subtype_prob", "embedding", "mag_weights", "hma_weights"]
     parts = {k: [] for k in keys}
     total, seen = 0.0, 0
     for rows, labels, subtypes in batches:
@@ -41,14 +41,13 @@ def predict(model, bank, batches, device, dtype=None, criterion=None, tta=False)
             if criterion is not None:
                 total += float(criterion(out, targets(labels, device), targets(subtypes, device, torch.long))) * n
         seen += n
-        parts["prob"].append(torch.sigmoid(out["binary_logits"].float()).cpu().numpy())
+        prob = tta_prob(model, x, mask, device, dtype) if tta else torch.sigmoid(out["binary_logits"].float()).cpu()
+        parts["prob"].append(np.asarray(prob))
         sub = out.get("subtype_logits")
         parts["subtype_prob"].append(torch.softmax(sub.float(), 1).cpu().numpy() if sub is not None else np.zeros((n, 0)))
         parts["embedding"].append(as_numpy(out.get("embedding"), n, 0))
         parts["mag_weights"].append(as_numpy(out.get("mag_weights"), n, m))
         parts["hma_weights"].append(as_numpy(out.get("hma_weights"), n, m))
-        if tta:
-            parts["prob_tta"].append(tta_prob(model, x, mask, device, dtype))
     res = {k: np.concatenate(v) if v else None for k, v in parts.items()}
     res["loss"] = total / seen if seen and criterion is not None else float("nan")
     return res

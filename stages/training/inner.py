@@ -12,8 +12,7 @@ from stages.training.data import prepare_run
 from stages.training.forward import amp_settings, predict
 from stages.training.train import fit
 from utils.helpers import log, write_csv
-from utils.metrics import youden_threshold
-from utils.scoring import check_no_leak, seen_patients, union_seen
+from utils.scoring import oof_thresholds
 
 
 def wanted(cfg, spec):
@@ -27,7 +26,7 @@ def inner_model(cfg, spec, split_name, i, part, device):
     run = prepare_run(cfg, spec.name, f"{split_name}/inner_{i}", spec.model, dict(spec.flags), split=part)
     path = run.folder / "oof.csv"
     if path.exists() and not cfg.force:
-        return pd.read_csv(path, dtype={"patient_id": str}), seen_patients(run.tuples)
+        return pd.read_csv(path, dtype={"patient_id": str})
     model = build_model(spec.model, **run.model_kwargs)
     fit(cfg, model, run, device)
     dtype, _ = amp_settings(cfg, device)
@@ -35,20 +34,18 @@ def inner_model(cfg, spec, split_name, i, part, device):
     frame = run.tuples["val"][["patient_id", "tuple_id", "label"]].assign(prob_malignant=res["prob"])
     write_csv(frame, path, index=False)
     shutil.rmtree(run.folder / "checkpoints", ignore_errors=True)
-    return frame, seen_patients(run.tuples)
+    return frame
 
 
 def oof_threshold(cfg, spec, split_name, device):
-    """(Youden threshold on the inner models' out-of-fold tuple predictions over the split's train+val patients,
-    the patients those models saw)."""
+    """({level: Youden threshold} on the inner models' out-of-fold predictions over the split's train+val patients:
+    the tuples, and each patient's mean probability; seconds). The inner models never predict a test patient."""
     start = time.time()
-    split = load_split(cfg, split_name)
-    parts = inner_splits(split, cfg.inner_folds, cfg.seed, "--inner-folds")
-    results = [inner_model(cfg, spec, split_name, i, part, device) for i, part in enumerate(parts)]
-    oof = pd.concat([frame for frame, _ in results], ignore_index=True)
-    seen = union_seen([s for _, s in results])
-    check_no_leak(seen, split.loc[split["role"] == "test", "patient_id"], f"{spec.name}/{split_name} inner models")
-    threshold = youden_threshold(oof["label"].to_numpy(), oof["prob_malignant"].to_numpy())
+    parts = inner_splits(load_split(cfg, split_name), cfg.inner_folds, cfg.seed, "--inner-folds")
+    oof = pd.concat([inner_model(cfg, spec, split_name, i, part, device) for i, part in enumerate(parts)],
+                    ignore_index=True)
+    thresholds = oof_thresholds(oof)
     log(f"[{spec.name}/{split_name}] {len(parts)} inner models, out-of-fold over {oof['patient_id'].nunique()} "
-        f"train+val patients: Youden threshold {threshold:.3f} ({time.time() - start:.0f}s)")
-    return threshold, seen, time.time() - start
+        f"train+val patients: Youden threshold {thresholds['patient']:.3f} on patient means, "
+        f"{thresholds['tuple']:.3f} on tuples ({time.time() - start:.0f}s)")
+    return thresholds, time.time() - start

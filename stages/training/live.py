@@ -1,10 +1,8 @@
 """Live training curves: one run's per-epoch scalars through TensorBoard, under output/tensorboard/<run>/<split>/."""
-import math
-
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
-from utils.helpers import output_path
+from utils.helpers import is_finite, output_path
 
 SCALARS = {"loss/train": "train_loss", "loss/val": "val_loss", "auc/val_patient": "val_auc",
            "auc/val_tuple": "val_auc_tuple", "accuracy/train": "train_acc", "accuracy/val": "val_acc",
@@ -13,10 +11,6 @@ SCALARS = {"loss/train": "train_loss", "loss/val": "val_loss", "auc/val_patient"
 
 def curves_dir(cfg, name, split):
     return output_path(cfg, "tensorboard", name, split)
-
-
-def finite(value):
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class Curves:
@@ -34,7 +28,7 @@ class Curves:
             return
         step = int(row["epoch"])
         for tag, key in SCALARS.items():
-            if finite(row.get(key)):
+            if is_finite(row.get(key)):
                 self.writer.add_scalar(tag, float(row[key]), step)
         weights = None if val is None else val.get("mag_weights")
         if weights is not None and weights.size and np.isfinite(weights).any():

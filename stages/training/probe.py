@@ -1,7 +1,7 @@
 """The linear-probe baseline (the eva protocol): each image's frozen backbone feature map, mean-pooled and
 standardised, into a logistic regression fit on the training patients, whose C is chosen by grouped, stratified inner
 CV over all the split's train+val patients (patient AUC of the pooled out-of-fold predictions; ties: DEFAULT_C, else
-the strongest tied regularisation). The chosen C's out-of-fold predictions give the oof_youden threshold. A tuple's
+the strongest tied regularisation). The chosen C's out-of-fold predictions give the oof_youden thresholds. A tuple's
 probability is the mean over its images, a patient's the mean over its tuples, scored like every other run."""
 import time
 
@@ -15,7 +15,8 @@ from sklearn.preprocessing import StandardScaler
 from stages.training.evaluate import score
 from stages.training.train import TrainState
 from utils.helpers import log
-from utils.metrics import patient_level, safe_auc, youden_threshold
+from utils.metrics import patient_level, safe_auc
+from utils.scoring import oof_thresholds
 
 NAME = "linear_probe"
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -110,7 +111,7 @@ def choose_c(run, pooled, k, seed):
         patients = patient_level(tuples.assign(prob_malignant=probs[c]))
         aucs[c] = safe_auc(patients["label"], patients["prob_malignant"])
     c = pick(aucs)
-    return c, aucs, youden_threshold(tuples["label"].to_numpy(), probs[c])
+    return c, aucs, oof_thresholds(tuples.assign(prob_malignant=probs[c]))
 
 
 def subtype_probs(pooled, x, subtypes, n_classes, c, seed):
@@ -136,7 +137,7 @@ def role_outputs(run, role, binary, subtype, pooled):
                 hma_weights=np.full((n, rows.shape[1]), np.nan, dtype=np.float32), loss=float("nan"))
 
 
-def probe_run(cfg, run, device):
+def probe_run(cfg, run, sources):
     """Choose C by inner CV over the train+val patients, fit the probe on the training images, score like any run."""
     start = time.time()
     pooled = run.features.pooled()
@@ -146,9 +147,9 @@ def probe_run(cfg, run, device):
     subtype = subtype_probs(pooled, x, subtypes, len(run.classes), c, cfg.seed)
     log(f"[{run.tag}] linear probe on {len(x)} training images x {x.shape[1]} features | inner {cfg.inner_folds}-fold "
         f"out-of-fold patient AUC by C: {', '.join(f'{k:g}: {v:.3f}' for k, v in aucs.items())} -> C={c:g}, "
-        f"out-of-fold Youden threshold {oof:.3f}")
+        f"out-of-fold Youden threshold {oof['patient']:.3f} on patient means")
     res = {role: role_outputs(run, role, binary, subtype, pooled) for role in ("train", "val", "test")}
     state = TrainState(seconds=time.time() - start)
-    predictions, metrics = score(cfg, run, res, device, state, time.time(), oof=oof)
+    predictions, metrics = score(cfg, run, res, state, time.time(), sources, oof)
     metrics["probe"] = dict(C=c, oof_auc_by_C={f"{k:g}": v for k, v in aucs.items()}, n_features=int(x.shape[1]))
     return predictions, metrics

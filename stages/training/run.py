@@ -1,24 +1,23 @@
 """One run from start to finish: train, evaluate and write its folder; skipped when already finished."""
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 
 from backbones import build_model
-from config import to_dict
 from stages.training.checkpoint import read_checkpoint, save, slim_last
 from stages.training.data import prepare_run
 from stages.training.evaluate import evaluate
 from stages.training.inner import oof_threshold, wanted
 from stages.training.probe import NAME as PROBE
 from stages.training.probe import probe_run
+from stages.training.record import new_record, read_record, run_config, sources_of, stale, stale_error, write_record
 from stages.training.train import fit
 from utils.checks import resource_errors
 from utils.env import resolve_device, seed_everything
-from utils.helpers import log, read_json_or_none, run_dir, write_csv, write_json
-from utils.lock import RunLock, describe, me, owner, try_lock
-from utils.scoring import BLOCKS, decision_threshold, seen_patients, union_seen
+from utils.helpers import log, mean_std, read_json_or_none, run_dir, write_csv, write_json
+from utils.lock import RunLock, describe, owner, try_lock
+from utils.scoring import BLOCKS, threshold_of
 
 WAIT_S = 2.0
 
@@ -44,7 +43,7 @@ def others(m, rule):
 def fold_line(tag, m, rule="val_youden"):
     rule, key = rule_of(m, rule)
     p, t = m["test"]["patient"], m["test"]["tuple"]
-    thr = 0.5 if key == "t0.5" else m["threshold"][key]
+    thr = threshold_of(m["threshold"]["patient"], rule)
     return (f"[{tag}] TEST patient AUC {p[key]['auc']:.3f} acc {p[key]['accuracy']:.3f} "
             f"F1 {p[key]['f1']:.3f} sens {p[key]['recall']:.3f} spec {p[key]['specificity']:.3f} "
             f"({rule}, t={thr:.2f}; acc {others(m, rule)}) | tuple AUC {t['t0.5']['auc']:.3f} "
@@ -54,19 +53,23 @@ def fold_line(tag, m, rule="val_youden"):
 
 
 
-def finished(cfg, folder, tag):
-    """metrics.json of a finished run (its marker parses), or None when the run must be trained."""
+def finished(cfg, spec, split_name, folder):
+    """metrics.json of a finished run trained under this command's settings, or None when the run must be trained;
+    a finished run trained under other settings stops the command (--force retrains it)."""
     metrics = read_json_or_none(folder / "metrics.json")
     if metrics is None or cfg.force:
         return None
-    by = trained_by(folder)
-    log(f"[{tag}] finished earlier{f' by {by}' if by else ''}; skipped (--force reruns it)")
+    problem = stale(cfg, spec, split_name)
+    if problem:
+        raise stale_error([problem])
+    by = (read_record(folder) or {}).get("trained_by", "")
+    log(f"[{spec.name}/{split_name}] finished earlier by {by} under the same settings; reused (--force retrains it)")
     return metrics
 
 
 def trained_by(folder):
-    """pid@host of the process that trained a run folder, '' when unknown (older runs)."""
-    return (read_json_or_none(Path(folder) / "config.json") or {}).get("trained_by", "")
+    """pid@host of the process that trained a run folder, '' before its record is written."""
+    return (read_record(folder) or {}).get("trained_by", "")
 
 
 def holder(cfg, spec, split_name):
@@ -88,84 +91,94 @@ def wait_for(cfg, folder, tag):
     return lock
 
 
-def run_one(cfg, spec, split_name, callback=None, wait=True, adapt=None):
+def run_one(cfg, spec, split_name, callback=None, wait=True, adapt=None, sources=()):
     """Train, evaluate and write one run folder under its lock; a finished run is read back unless cfg.force.
     With wait=False a run another live process holds returns None at once, to be taken up later. `adapt(run,
-    device)` may change the prepared run (its criterion, say) and returns fields for metrics.json."""
+    device)` may change the prepared run (its criterion, say) and returns fields for metrics.json; `sources` are
+    patients behind the run beyond its split and tuning study (a teacher's)."""
     folder, tag = run_dir(cfg, spec.name, split_name), f"{spec.name}/{split_name}"
-    done = finished(cfg, folder, tag)
+    done = finished(cfg, spec, split_name, folder)
     if done is not None:
         return done
     lock = wait_for(cfg, folder, tag) if wait else try_lock(folder, cfg.lock_stale_s)
     if lock is None:
         return None
     with lock:
-        done = finished(cfg, folder, tag) if not cfg.force else None
+        done = finished(cfg, spec, split_name, folder) if not cfg.force else None
         if done is not None:
             return done
+        problem = stale(cfg, spec, split_name)
+        if problem:
+            raise stale_error([problem])
         log(f"[{tag}] trained by {owner(lock.info)}")
         with resource_errors(f"run {tag}", folder=folder):
-            return train_and_score(cfg, spec, split_name, folder, callback, adapt)
+            return train_and_score(cfg, spec, split_name, folder, callback, adapt, sources)
 
 
-def train_and_score(cfg, spec, split_name, folder, callback=None, adapt=None):
-    seed_everything(cfg.seed)
+def train_and_score(cfg, spec, split_name, folder, callback=None, adapt=None, sources=()):
+    """The run under its own settings (run_config): record.json first, then training, evaluation and its files."""
+    run_cfg = run_config(cfg, spec, split_name)
+    seed_everything(run_cfg.seed)
     (folder / "metrics.json").unlink(missing_ok=True)
-    run = prepare_run(cfg, spec.name, split_name, spec.model, dict(spec.flags))
-    write_json(folder / "config.json", dict(run=spec.name, split=split_name, model_name=spec.model, trained_by=me(),
-                                            model_kwargs=run.model_kwargs, config=to_dict(cfg)))
-    device = resolve_device(cfg.device)
+    run = prepare_run(run_cfg, spec.name, split_name, spec.model, dict(spec.flags))
+    sources = sources_of(cfg, spec, split_name, sources)
+    write_record(folder, new_record(cfg, spec, split_name, run.model_kwargs, sources))
+    device = resolve_device(run_cfg.device)
     extra = adapt(run, device) if adapt is not None else {}
     if spec.model == PROBE:
-        predictions, metrics = probe_run(cfg, run, device)
+        predictions, metrics = probe_run(run_cfg, run, sources)
     else:
-        predictions, metrics = train_model(cfg, spec, run, device, callback)
+        predictions, metrics = train_model(run_cfg, spec, run, device, sources, callback)
     metrics.update(extra)
-    store_thresholds(folder, metrics["threshold"], cfg.threshold_rule)
+    store_thresholds(folder, metrics["threshold"]["patient"], run_cfg.threshold_rule)
     write_csv(predictions, folder / "predictions.csv", index=False)
     write_json(folder / "metrics.json", metrics)
     slim_last(folder)
-    log(fold_line(run.tag, metrics, cfg.threshold_rule))
+    log(fold_line(run.tag, metrics, run_cfg.threshold_rule))
     return metrics
 
 
-def train_model(cfg, spec, run, device, callback=None):
+def train_model(cfg, spec, run, device, sources, callback=None):
     model = build_model(spec.model, **run.model_kwargs)
     log(f"[{run.tag}] {spec.model} | {len(run.train_sampler.group_list)} train groups x {cfg.tuples_per_patient} "
         f"tuples/epoch | val {len(run.tuples['val'])} / test {len(run.tuples['test'])} tuples | device {device}")
     state = fit(cfg, model, run, device, callback)
     if not wanted(cfg, spec):
-        return evaluate(cfg, model, run, device, state)
-    oof, seen, seconds = oof_threshold(cfg, spec, run.split, device)
-    predictions, metrics = evaluate(cfg, model, run, device, state, union_seen([seen_patients(run.tuples), seen]), oof)
+        return evaluate(cfg, model, run, device, state, sources)
+    oof, seconds = oof_threshold(cfg, spec, run.split, device)
+    predictions, metrics = evaluate(cfg, model, run, device, state, sources, oof)
     metrics["inner"] = dict(folds=cfg.inner_folds, seconds=seconds)
     return predictions, metrics
 
 
 def store_thresholds(folder, thresholds, rule):
-    """The thresholds go into best.pth, so the checkpoint alone decides on new patients: `decision` under the rule in
-    force (`threshold_rule`), and the validation ones."""
+    """The patient-level thresholds go into best.pth, so the checkpoint alone decides on new patients: `decision`
+    under the rule in force (`threshold_rule`), and the validation ones."""
     best = folder / "checkpoints" / "best.pth"
     if not best.exists():
         return
     ckpt = read_checkpoint(best)
-    ckpt["threshold_rule"], decision = decision_threshold(thresholds, rule)
-    ckpt["threshold"] = {**{k: float(v) for k, v in thresholds.items()}, "decision": decision}
+    ckpt["threshold_rule"] = rule
+    ckpt["threshold"] = {**{k: float(v) for k, v in thresholds.items()}, "decision": threshold_of(thresholds, rule)}
     save(ckpt, best)
 
 
-def mean_std(values):
+def spread(values):
+    """Mean ± std (over splits) of some values, as table 1 gives them (the value alone for one split)."""
     values = np.asarray(values, dtype=float)
-    return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}" if len(values) else "n/a"
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return "n/a"
+    return mean_std(values.mean(), values.std(ddof=1) if len(values) > 1 else np.nan)
 
 
 def summary_line(run_name, results, rule="val_youden"):
     rule, key = rule_of(results[0], rule)
     pick = lambda name, k=key: [r["test"]["patient"][k][name] for r in results if k in r["test"]["patient"]]  # noqa: E731
-    rest = ", ".join(f"{r} {mean_std(pick('accuracy', k))}" for r, k in BLOCKS.items()
+    rest = ", ".join(f"{r} {spread(pick('accuracy', k))}" for r, k in BLOCKS.items()
                      if r not in (rule, "val_sens95") and pick("accuracy", k))
-    return (f"[{run_name}] {len(results)} split(s) | test patient AUC {mean_std(pick('auc'))} | "
-            f"acc {mean_std(pick('accuracy'))} | F1 {mean_std(pick('f1'))} ({rule}) | acc {rest}")
+    return (f"[{run_name}] {len(results)} split(s) | test patient AUC {spread(pick('auc'))} | "
+            f"acc {spread(pick('accuracy'))} | F1 {spread(pick('f1'))} ({rule}) | acc {rest}")
 
 
 def copy_best(cfg, name, split_name, target):

@@ -14,7 +14,8 @@ TEACHER = f"{STUDENT}_teacher"
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run name under output/runs/, the registry model it builds and the model flags it changes."""
+    """One run name under output/runs/, the registry model it builds, the model flags it changes and the settings it
+    trains with instead of the command's (the student's image size)."""
     name: str
     model: str
     stage: str
@@ -22,6 +23,7 @@ class RunSpec:
     tables: tuple = ()
     mag: str = ""
     members: bool = False
+    settings: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 def reference_runs():
@@ -34,8 +36,9 @@ def baseline_runs(cfg):
     runs = [RunSpec("simple_concat", "simple_concat", "baselines", tables=("baseline", "ablation"))]
     runs += [RunSpec(f"single_{m}", "single_mag", "baselines", {"mag": m}, ("baseline", "magnification"), m)
              for m in cfg.magnifications]
-    flags = {"mag": cfg.magnifications[0], "backbone": cfg.resnet_backbone}
-    runs.append(RunSpec("resnet50_transfer", "resnet50_transfer", "baselines", flags, ("baseline",)))
+    mag = cfg.magnifications[0]
+    flags = {"mag": mag, "backbone": cfg.resnet_backbone}
+    runs.append(RunSpec(f"resnet50_transfer_{mag}", "resnet50_transfer", "baselines", flags, ("baseline",), mag))
     return runs + [RunSpec(LINEAR_PROBE, LINEAR_PROBE, "baselines", tables=("baseline",))]
 
 
@@ -49,7 +52,9 @@ def ablation_runs(cfg):
 def distill_runs(cfg):
     """The distilled student (lighter backbone, smaller embedding and images) and its teacher scored alike."""
     flags = {"backbone": cfg.student_backbone, "embed_dim": cfg.student_embed_dim}
-    return [RunSpec(STUDENT, REFERENCE, "distill", flags, ("baseline",)),
+    settings = dict(image_size=cfg.student_image_size, freeze_backbone=False, frozen_epochs=0,
+                    distill_temperature=cfg.distill_temperature, distill_weight=cfg.distill_weight)
+    return [RunSpec(STUDENT, REFERENCE, "distill", flags, ("baseline",), settings=settings),
             RunSpec(TEACHER, REFERENCE, "distill", tables=("baseline",))]
 
 

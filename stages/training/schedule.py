@@ -117,21 +117,32 @@ def exit_with(parent):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def worker(cfg, spec, split, threads, parent, wait):
-    """One run in a fresh process: its log goes to the run folder, the parent prints one line when it ends."""
+def process_pool(jobs):
+    """(`jobs` fresh spawned processes, CPU threads for each): the one pool of runs and of tuning workers."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")), threads
+
+
+def start_worker(parent, threads, log_file):
+    """A pool process's first steps: stop when the parent dies, take its share of threads, log to its own file."""
     exit_with(parent)
     torch.set_num_threads(threads)
-    setup_logging(run_dir(cfg, spec.name, split) / "run.log", console=False)
+    setup_logging(log_file, console=False)
+
+
+def worker(cfg, spec, split, threads, parent, wait):
+    """One run in a fresh process: its log goes to the run folder, the parent prints one line when it ends."""
+    start_worker(parent, threads, run_dir(cfg, spec.name, split) / "run.log")
     return run_one(cfg, spec, split, wait=wait)
 
 
 def run_parallel(cfg, units, jobs):
     """First pass without waiting; the units other processes held go round again, each worker waiting for one."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     log(f"{len(units)} runs in {jobs} processes; each run logs to its folder's run.log")
     failed = []
     bar = tqdm(total=len(units), desc="runs", disable=None, dynamic_ncols=True)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool, threads = process_pool(jobs)
+    with pool:
         busy = run_pass(pool, cfg, units, threads, failed, bar, wait=False)
         if busy:
             log(f"every free run is done; back to {len(busy)} held by other processes: {', '.join(map(tag, busy))}")

@@ -5,11 +5,13 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from utils.helpers import is_finite
+
 SMOOTH = 3
 
 
 def finite(v, default=-1.0):
-    return float(v) if v is not None and np.isfinite(v) else default
+    return float(v) if is_finite(v) else default
 
 
 def auc_score(history, row):

@@ -3,9 +3,12 @@ from backbones import create_backbone
 from preprocess.preprocess import cv_split_names, member_split_names
 from stages.training.run import copy_best, summary_line
 from stages.training.ensemble import member_ensemble
-from stages.training.runs import REFERENCE, stage_runs
+from stages.training.record import stale, stale_error, tuning_error, tuning_leak
+from stages.training.runs import REFERENCE, TEACHER, stage_runs
 from stages.training.schedule import run_units, world_size
 from utils.helpers import PipelineError, log, models_dir, read_json, require, run_dir, split_path, warn
+
+TRAINING = ("cv", "fixed", "baselines", "ablations", "distill")
 
 
 def checked_cv_names(cfg):
@@ -16,13 +19,31 @@ def checked_cv_names(cfg):
     return names
 
 
-def stage_splits(cfg, stage, spec=None):
-    """The splits a stage trains its runs on; ensemble members train on the member splits of the fixed split."""
-    if spec is not None and spec.members:
-        return [require(split_path(cfg, name), "split").stem for name in member_split_names(cfg)]
-    if stage == "fixed":
-        return [require(split_path(cfg, "fixed"), "split").stem]
-    return checked_cv_names(cfg)
+def stage_splits(cfg, stage, spec):
+    """The splits a stage trains a run on: table 2's ensemble members the member splits of the fixed split, fixed and
+    distill the fixed split, the others the selected CV folds."""
+    if spec.members:
+        return member_split_names(cfg)
+    return ["fixed"] if stage in ("fixed", "distill") else cv_split_names(cfg)
+
+
+def stage_units(cfg, stage):
+    """(spec, split) of every run a training stage (or distill: the student) trains, in the order of the run list."""
+    specs = [spec for spec in stage_runs(cfg, stage) if spec.name != TEACHER]
+    return [(spec, split) for spec in specs for split in stage_splits(cfg, stage, spec)]
+
+
+def check_units(cfg, stages):
+    """Before anything trains: stop when a run the command would reuse was trained under other settings (naming each
+    run and setting), or when the tuning study behind a run's settings saw its test patients."""
+    units = [(spec, split) for stage in stages if stage in TRAINING for spec, split in stage_units(cfg, stage)
+             if split_path(cfg, split).exists()]
+    leaks = [p for p in (tuning_leak(cfg, *unit) for unit in units) if p]
+    if leaks:
+        raise tuning_error(leaks)
+    problems = [p for p in (stale(cfg, *unit) for unit in units) if p]
+    if problems:
+        raise stale_error(problems)
 
 
 def keep_best(cfg, spec, split):
@@ -55,8 +76,10 @@ def run_training(cfg, stage):
     is done. cv: MMNet on every selected fold; fixed: MMNet on the fixed split (its best checkpoint becomes
     models/best_model.pth) and table 2's ensemble members; baselines: simple concatenation, each magnification alone,
     ResNet50 transfer and the linear probe; ablations: MMNet without each component and on each magnification."""
-    specs = [spec for spec in stage_runs(cfg, stage) if not weights_missing(cfg, spec)]
-    run_units(cfg, [(spec, split) for spec in specs for split in stage_splits(cfg, stage, spec)])
+    units = [(spec, split) for spec, split in stage_units(cfg, stage) if not weights_missing(cfg, spec)]
+    for split in dict.fromkeys(split for _, split in units):
+        require(split_path(cfg, split), "split")
+    run_units(cfg, units)
     if world_size() == 1:
         finish_stage(cfg, stage)
 

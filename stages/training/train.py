@@ -151,13 +151,13 @@ def train_epoch(model, forward, run, bank, opt, selection, cfg, device, state, e
 
 
 def validation_row(tuples, res):
-    """History fields from validation tuples: tuple-level metrics at 0.5, patient-level AUC, Youden threshold."""
+    """History fields from validation tuples: tuple-level metrics at 0.5, patient-level AUC and Youden threshold."""
     y = tuples["label"].to_numpy()
     m = binary_metrics(y, res["prob"], 0.5)
     patients = patient_level(tuples.assign(prob_malignant=res["prob"]))
     return dict(val_loss=res["loss"], val_acc=m["accuracy"], val_bal_acc=m["balanced_accuracy"], val_f1=m["f1"],
                 val_auc=safe_auc(patients["label"], patients["prob_malignant"]), val_auc_tuple=m["auc"],
-                threshold=youden_threshold(y, res["prob"]))
+                threshold=youden_threshold(patients["label"], patients["prob_malignant"]))
 
 
 def resume(folder, model, opt, selection, run, cfg):

@@ -2,7 +2,7 @@
 (--tune-space): an entry replaces the default of its field, null drops it, a plain value fixes it."""
 import json
 
-from config import SELECTIONS, Config, config_fields
+from config import config_fields
 from utils.checks import check_field
 from utils.config_file import check_names, coerce, read_mapping
 from utils.helpers import PipelineError
@@ -10,9 +10,9 @@ from utils.helpers import PipelineError
 KINDS = ("float", "int", "categorical", "fixed")
 
 
-def feature_stages():
-    """Backbone stages MMNet reads, as --feature-stage text: several at once where the field is a list."""
-    return ["-1", "2", "2,-1"] if isinstance(Config.feature_stage, tuple) else ["-1", "2"]
+FEATURE_STAGES = ["-1", "2", "2,-1"]
+NOT_TUNED = {"selection": "trials keep their weights by swa: a rule that picks the epoch on the validation patients "
+                          "would inflate the very score that compares trials"}
 
 
 def default_space(cfg):
@@ -27,8 +27,7 @@ def default_space(cfg):
                                 log=True),
         warmup_epochs=dict(type="int", low=0, high=max(1, epochs // 4)),
         frozen_epochs=dict(type="int", low=0, high=epochs // 2),
-        feature_stage=dict(type="categorical", choices=feature_stages()),
-        selection=dict(type="categorical", choices=list(SELECTIONS)),
+        feature_stage=dict(type="categorical", choices=FEATURE_STAGES),
     )
     if cfg.pretrained or cfg.pretrained_path:
         space["backbone_lr_scale"] = dict(type="float", low=0.03, high=1.0, log=True)
@@ -51,6 +50,8 @@ def load_space(cfg):
 
 def apply_file(space, entries, path):
     check_names(list(entries), path, "--tune-space")
+    for name in set(entries) & set(NOT_TUNED):
+        raise PipelineError(f"--tune-space {path}: {name} cannot be tuned ({NOT_TUNED[name]}).")
     space = dict(space)
     for name, entry in entries.items():
         if entry is None:

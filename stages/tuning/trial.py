@@ -1,18 +1,20 @@
-"""One tuning trial: the reference model trained on each outer fold's training patients and scored on their inner
-validation patients; the outer test patients are dropped before any image is decoded."""
+"""One tuning trial: the reference model trained on each inner split of the study's outer split (the fixed split, or one
+CV fold) and scored on that inner split's validation patients; the outer test patients are dropped before any image is
+decoded, and weights are kept on a fixed schedule (swa) so the patients that score a trial never chose its weights."""
 import os
 import shutil
 import socket
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import optuna
 
-from backbones import REFERENCE_MODEL, build_model
+from backbones import REFERENCE_MODEL, build_model, model_config
 from preprocess.analyze import subtype_classes
 from preprocess.cache import cache_folder
+from preprocess.preprocess import inner_splits, load_split, member_split_names
 from preprocess.tuples import TrainBatches, eval_batches, eval_tuples, groups, image_bank
-from stages.training.data import RunData, make_criterion, model_kwargs, reads_features, split_frames
+from stages.training.data import RunData, make_criterion, reads_features, split_frames
 from stages.training.features import feature_bank
 from stages.training.forward import amp_settings, predict
 from stages.training.train import fit, validation_row
@@ -24,16 +26,27 @@ from utils.helpers import log, output_path
 INNER = ("train", "val")
 
 
-def tuning_dir(cfg):
-    return output_path(cfg, "tuning")
+def tuning_dir(cfg, outer="fixed"):
+    """output/tuning for the study of the fixed split, output/tuning/fold_k for CV fold k's own study."""
+    return output_path(cfg, "tuning") if outer == "fixed" else output_path(cfg, "tuning", outer)
+
+
+def study_splits(cfg, outer):
+    """{name: split} a study tunes on, none reading a test patient of `outer`: for the fixed split its member splits
+    (K grouped folds of its train+val patients), for CV fold k --inner-folds grouped folds of that fold's train+val
+    patients."""
+    if outer == "fixed":
+        return {name: load_split(cfg, name) for name in member_split_names(cfg)}
+    parts = inner_splits(load_split(cfg, outer), cfg.inner_folds, cfg.seed, "--inner-folds")
+    return {f"{outer}_inner_{i}": part for i, part in enumerate(parts)}
 
 
 def inner_rows(cfg, splits):
     """The index rows of patients that train or validate in any of `splits` (never a test patient of all of them),
     and per split its train and val rows."""
     index, parts = None, {}
-    for name in splits:
-        index, frames = split_frames(cfg, name)
+    for name, split in splits.items():
+        index, frames = split_frames(cfg, name, split)
         parts[name] = {role: frames[role] for role in INNER}
     seen = set().union(*(set(rows["patient_id"]) for p in parts.values() for rows in p.values()))
     return index[index["patient_id"].isin(seen)], parts
@@ -44,7 +57,7 @@ def inner_run(cfg, split, rows, parts, folder):
     mags = tuple(cfg.magnifications)
     classes = subtype_classes(rows)
     with resource_errors("the image cache", folder=cache_folder(cfg)):
-        bank = image_bank(cfg, rows["path"].astype(str).tolist())
+        bank = image_bank(rows["path"].astype(str).tolist(), cfg.image_size, cfg.stain_norm, cache_folder(cfg))
     sampler = TrainBatches(parts["train"], mags, bank.row_of, classes, cfg.tuples_per_patient, cfg.batch_size, cfg.seed)
     tuples = {role: eval_tuples(parts[role], mags) for role in INNER}
     batches = {"val": eval_batches(tuples["val"], mags, bank.row_of, classes, cfg.batch_size)}
@@ -52,7 +65,7 @@ def inner_run(cfg, split, rows, parts, folder):
     if reads_features(cfg, REFERENCE_MODEL):
         features = feature_bank(cfg, bank, resolve_device(cfg.device))
     return RunData(name=folder.parent.name, split=split, folder=folder, model_name=REFERENCE_MODEL,
-                   model_kwargs=model_kwargs(cfg, REFERENCE_MODEL, len(classes), {}), classes=classes, bank=bank,
+                   model_kwargs=asdict(model_config(cfg, REFERENCE_MODEL, len(classes))), classes=classes, bank=bank,
                    train_sampler=sampler, tuples=tuples, batches=batches,
                    criterion=make_criterion(cfg, groups(parts["train"], mags), classes), features=features)
 
@@ -70,8 +83,8 @@ def fold_score(cfg, split, rows, parts, folder, report):
 
 
 def trial_config(base, values):
-    """The base settings with one trial's values, checked like command-line settings."""
-    return check_config(replace(base, resume=False, **values))
+    """The base settings with one trial's values, checked like command-line settings; weights kept by swa."""
+    return check_config(replace(base, resume=False, **values, selection="swa"))
 
 
 def pruning_report(trial, done, fold_index, epochs):
@@ -88,11 +101,12 @@ def pruning_report(trial, done, fold_index, epochs):
 
 
 class Objective:
-    """Mean inner-validation patient AUC over the outer folds of a trial's settings."""
+    """Mean inner-validation patient AUC of a trial's settings over the inner splits of `outer`."""
 
-    def __init__(self, base, space, splits, folder, worker=0):
-        self.base, self.space, self.splits, self.folder, self.worker = base, space, splits, folder, worker
-        self.rows, self.parts = inner_rows(base, splits)
+    def __init__(self, base, space, outer, folder, worker=0):
+        self.base, self.space, self.folder, self.worker = base, space, folder, worker
+        self.splits = list(study_splits(base, outer))
+        self.rows, self.parts = inner_rows(base, study_splits(base, outer))
 
     def __call__(self, trial):
         trial.set_user_attr("worker", self.worker)

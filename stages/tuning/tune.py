@@ -1,44 +1,55 @@
 """Hyperparameter tuning (--stages tune): an Optuna study (TPE sampler, median pruning on the per-epoch validation AUC)
 kept in a journal file under output/tuning/, shared by --jobs processes and torchrun ranks and resumed when rerun;
-then trials.csv, best_config.json and the optimisation plots."""
+then trials.csv, best_config.json (the best settings, with the study's patients) and the optimisation plots. Nested by
+construction: the default study tunes on the fixed split's train+val patients only (honest for the fixed split);
+--tune-scope per_fold runs one study per CV fold on that fold's train+val patients (nested cross-validation)."""
 import hashlib
 import json
-import multiprocessing
 import os
 import socket
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 
 import optuna
-import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FixedTrial, TrialState
 
 from backbones import REFERENCE_MODEL
-from config import to_dict
-from stages.training.schedule import all_ok, exit_with, job_count, rank, world_size
+from stages.training.record import shaping
+from stages.training.schedule import all_ok, job_count, process_pool, rank, start_worker, world_size
 from stages.training.stage import checked_cv_names
 from stages.tuning.space import load_space, space_key, suggest
-from stages.tuning.trial import INNER, Objective, inner_rows, trial_config, tuning_dir
-from utils.helpers import PipelineError, log, setup_logging, warn, write_csv, write_json
+from stages.tuning.trial import INNER, Objective, study_splits, trial_config, tuning_dir
+from utils.config_file import STUDY_KEY
+from utils.helpers import PipelineError, log, require, split_path, warn, write_csv, write_json
+from utils.scoring import union_seen
 from utils.lock import alive
 from utils.plottings import save
 
 STARTUP_TRIALS = 5
 NOT_SETTINGS = ("output_dir", "cache_dir", "device", "jobs", "stages", "resume", "force", "folds", "runs", "input",
                 "checkpoint", "ensemble", "explain_samples", "bootstrap", "demo", "synthetic", "tune_trials",
-                "tune_minutes", "tune_space")
+                "tune_minutes", "tune_space", "tune_scope", "tuned_folds", "tuning")
 
 
-def study_name(cfg, space, splits):
-    """The reference model, the outer folds and a digest of every setting the objective depends on (the search
-    space included): a rerun with the same settings continues the same study, other settings start another."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in NOT_SETTINGS}
-    digest = hashlib.sha1(json.dumps([settings, space_key(space), splits], sort_keys=True, default=str).encode())
-    return f"{REFERENCE_MODEL}_folds{'-'.join(s.removeprefix('fold_') for s in splits)}_{digest.hexdigest()[:8]}"
+def outers(cfg):
+    """The splits whose training patients a study tunes on: the fixed split, or each selected CV fold."""
+    if cfg.tune_scope == "fixed":
+        require(split_path(cfg, "fixed"), "split")
+        return ["fixed"]
+    return checked_cv_names(cfg)
+
+
+def study_name(cfg, space, outer):
+    """The reference model, the outer split and a digest of every setting the objective depends on (the search space
+    and the inner splits' patients included): a rerun with the same settings continues the same study, other settings
+    start another."""
+    splits = {name: split[["patient_id", "role"]].values.tolist() for name, split in study_splits(cfg, outer).items()}
+    digest = hashlib.sha1(json.dumps([shaping(cfg), space_key(space), splits], sort_keys=True, default=str).encode())
+    return f"{REFERENCE_MODEL}_{outer}_{digest.hexdigest()[:8]}"
 
 
 def storage(cfg):
@@ -83,29 +94,27 @@ def trial_line(study, trial):
     return f"[tune] trial {trial.number} {trial.state.name} {value}{best} | {params}"
 
 
-def optimize(cfg, space, splits, name, target, worker):
-    """Trials from this process until the study holds `target` trials or --tune-minutes have passed."""
-    study = open_study(cfg, name, storage(cfg), offset=target + worker)
-    objective = Objective(cfg, space, splits, tuning_dir(cfg) / name, worker)
-    callbacks = [MaxTrialsCallback(target, states=None), lambda s, t: log(trial_line(s, t))]
+def optimize(cfg, space, outer, name, goal, worker):
+    """Trials from this process until the study holds `goal` trials or --tune-minutes have passed."""
+    study = open_study(cfg, name, storage(cfg), offset=goal + worker)
+    objective = Objective(cfg, space, outer, tuning_dir(cfg, outer) / name, worker)
+    callbacks = [MaxTrialsCallback(goal, states=None), lambda s, t: log(trial_line(s, t))]
     study.optimize(objective, timeout=cfg.tune_minutes * 60 or None, catch=(Exception,), callbacks=callbacks,
                    gc_after_trial=True)
 
 
-def worker(cfg, space, splits, name, target, index, threads, parent):
-    """One tuning process: its own log under output/tuning/<study>/, trials through the shared journal."""
-    exit_with(parent)
-    torch.set_num_threads(threads)
-    setup_logging(tuning_dir(cfg) / name / f"worker{index}.log", console=False)
-    optimize(cfg, space, splits, name, target, index)
+def worker(cfg, space, outer, name, goal, index, threads, parent):
+    """One tuning process: its own log under the study's folder, trials through the shared journal."""
+    start_worker(parent, threads, tuning_dir(cfg, outer) / name / f"worker{index}.log")
+    optimize(cfg, space, outer, name, goal, index)
 
 
-def run_workers(cfg, space, splits, name, target, jobs):
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+def run_workers(cfg, space, outer, name, goal, jobs):
     first = rank() * jobs
-    log(f"[tune] {jobs} processes share the study; each logs to {tuning_dir(cfg) / name}/worker<N>.log")
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(worker, cfg, space, splits, name, target, first + j, threads, os.getpid())
+    log(f"[tune] {jobs} processes share the study; each logs to {tuning_dir(cfg, outer) / name}/worker<N>.log")
+    pool, threads = process_pool(jobs)
+    with pool:
+        futures = [pool.submit(worker, cfg, space, outer, name, goal, first + j, threads, os.getpid())
                    for j in range(jobs)]
         errors = [f.exception() for f in futures]
     errors = [e for e in errors if e is not None]
@@ -115,11 +124,21 @@ def run_workers(cfg, space, splits, name, target, jobs):
 
 
 def run_tune(cfg):
-    """Stage: this process's (or rank's) trials of the study; alone it also writes the outputs, under torchrun
+    """Stage: this process's (or rank's) trials of each study; alone it also writes the outputs, under torchrun
     main.py does once every rank is done."""
-    splits = checked_cv_names(cfg)
     space = load_space(cfg)
-    name = study_name(cfg, space, splits)
+    if cfg.selection != "swa":
+        log(f"[tune] trials keep their weights by swa (a fixed schedule), not --selection {cfg.selection}: the "
+            f"validation patients that score a trial must not also choose its epoch; best_config.json says swa")
+    for outer in outers(cfg):
+        tune_one(cfg, space, outer)
+    if world_size() == 1:
+        finish_tune(cfg)
+
+
+def tune_one(cfg, space, outer):
+    """--tune-trials more trials of the study of one outer split."""
+    name = study_name(cfg, space, outer)
     store = storage(cfg)
     study = open_study(cfg, name, store)
     if rank() == 0:
@@ -127,18 +146,16 @@ def run_tune(cfg):
     before = len(study.trials)
     if not all_ok(True):
         raise PipelineError("the torchrun ranks could not open the tuning study together")
-    target = before + cfg.tune_trials
-    log(f"[tune] study {name}: {before} earlier trial(s); {cfg.tune_trials} more on {', '.join(splits)} "
-        f"(objective: validation patient AUC on each fold's training patients; test patients unread)")
+    splits = list(study_splits(cfg, outer))
+    log(f"[tune] study {name}: {before} earlier trial(s); {cfg.tune_trials} more on {', '.join(splits)} (objective: "
+        f"validation patient AUC on the {outer} split's train+val patients; its test patients unread)")
     start = time.time()
     jobs = job_count(cfg)
     if jobs <= 1:
-        optimize(cfg, space, splits, name, target, rank())
+        optimize(cfg, space, outer, name, before + cfg.tune_trials, rank())
     else:
-        run_workers(cfg, space, splits, name, target, jobs)
+        run_workers(cfg, space, outer, name, before + cfg.tune_trials, jobs)
     log(f"[tune] {time.time() - start:.0f} s of tuning on rank {rank()}")
-    if world_size() == 1:
-        finish_tune(cfg)
 
 
 def trials_frame(study):
@@ -150,18 +167,17 @@ def trials_frame(study):
     return frame.rename(columns={**names, "duration": "seconds"}).assign(study=study.study_name)
 
 
-def best_config(cfg, space, study):
-    """Every setting of the best trial (run controls such as --stages left out), readable by --config."""
+def best_config(cfg, space, study, outer):
+    """Every setting of the best trial (run controls such as --stages left out), readable by --config, with the study
+    that chose them and every patient it trained or validated on (the leak guard of every run trained with them)."""
     values = suggest(FixedTrial(study.best_trial.params), space)
-    settings = to_dict(trial_config(cfg, values))
+    settings = asdict(trial_config(cfg, values))
     keep = {k: v for k, v in settings.items() if k not in NOT_SETTINGS or k in ("demo", "synthetic")}
-    return {**{k: keep[k] for k in values}, **keep}
-
-
-def seen_patients(cfg, splits):
-    """The patients the study trained or validated on, in the leak guard's format."""
-    _, parts = inner_rows(cfg, splits)
-    return {role: sorted(set().union(*(set(p[role]["patient_id"]) for p in parts.values()))) for role in INNER}
+    splits = study_splits(cfg, outer)
+    seen = union_seen([{r: split.loc[split["role"] == r, "patient_id"] for r in INNER} for split in splits.values()])
+    block = dict(study=study.study_name, scope=cfg.tune_scope, outer=outer, splits=list(splits),
+                 tuned=[*values, "selection"], seen_patients=seen)
+    return {**{k: keep[k] for k in values}, **keep, STUDY_KEY: block}
 
 
 def plot(path, draw, study):
@@ -178,33 +194,36 @@ def plot(path, draw, study):
     save(fig, path)
 
 
-def plots(cfg, study):
+def plots(folder, seed, study):
     vis = optuna.visualization.matplotlib
-    importance = optuna.importance.FanovaImportanceEvaluator(seed=cfg.seed)
-    folder = tuning_dir(cfg)
+    importance = optuna.importance.FanovaImportanceEvaluator(seed=seed)
     plot(folder / "optimization_history.png", vis.plot_optimization_history, study)
     plot(folder / "param_importances.png", lambda s: vis.plot_param_importances(s, evaluator=importance), study)
     plot(folder / "intermediate_values.png", vis.plot_intermediate_values, study)
 
 
 def finish_tune(cfg):
-    """trials.csv, best_config.json and the plots of the study this configuration tunes."""
-    splits = checked_cv_names(cfg)
+    """trials.csv, best_config.json and the plots of each study this configuration tunes."""
     space = load_space(cfg)
-    study = optuna.load_study(study_name=study_name(cfg, space, splits), storage=storage(cfg))
-    folder = tuning_dir(cfg)
+    for outer in outers(cfg):
+        finish_one(cfg, space, outer)
+
+
+def finish_one(cfg, space, outer):
+    study = optuna.load_study(study_name=study_name(cfg, space, outer), storage=storage(cfg))
+    folder = tuning_dir(cfg, outer)
     write_csv(trials_frame(study), folder / "trials.csv", index=False)
-    write_json(folder / "seen_patients.json", dict(study=study.study_name, folds=splits,
-                                                    seen_patients=seen_patients(cfg, splits)))
     states = [t.state for t in study.trials]
     counts = ", ".join(f"{s.name.lower()} {states.count(s)}" for s in TrialState if states.count(s))
     log(f"[tune] study {study.study_name}: {len(states)} trials ({counts}) -> {folder / 'trials.csv'}")
     if TrialState.COMPLETE not in states:
         raise PipelineError(f"no tuning trial finished (see the error column of {folder / 'trials.csv'}); "
                             f"fix the settings it names and rerun --stages tune")
-    write_json(folder / "best_config.json", best_config(cfg, space, study))
-    plots(cfg, study)
+    write_json(folder / "best_config.json", best_config(cfg, space, study, outer))
+    plots(folder, cfg.seed, study)
     best = study.best_trial
-    log(f"[tune] best trial {best.number}: mean validation patient AUC {best.value:.4f} over {len(splits)} fold(s) | "
-        + ", ".join(f"{k}={v}" for k, v in best.params.items()))
-    log(f"[tune] rerun with these settings: python main.py --config {folder / 'best_config.json'}")
+    log(f"[tune] best trial {best.number}: mean validation patient AUC {best.value:.4f} over "
+        f"{len(study_splits(cfg, outer))} inner split(s) | " + ", ".join(f"{k}={v}" for k, v in best.params.items()))
+    use = ("--stages cv --tuned-folds " + str(tuning_dir(cfg))) if outer != "fixed" else \
+        f"--config {folder / 'best_config.json'} --stages fixed"
+    log(f"[tune] train with these settings: python main.py {use}")

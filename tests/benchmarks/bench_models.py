@@ -6,6 +6,7 @@ MACs are thop multiply-accumulates; FLOPs = 2 x MACs. ResNet50 reads one image o
 import argparse
 import statistics
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from backbones import build_model  # noqa: E402
+from backbones import build_model, model_config  # noqa: E402
 from config import MAGNIFICATIONS, Config  # noqa: E402
 from stages.report.efficiency import profile_model, time_forward  # noqa: E402
 
@@ -21,7 +22,7 @@ from stages.report.efficiency import profile_model, time_forward  # noqa: E402
 def variants(backbone):
     mm = dict(backbone=backbone)
     rows = [
-        ("resnet50_transfer", "resnet50_transfer", dict(mag="40X")),
+        ("resnet50_transfer", "resnet50_transfer", dict(mag="40X", backbone="resnet50")),
         ("mmnet", "mmnet", mm),
         ("mmnet_separate_backbones", "mmnet", dict(mm, shared_backbone=False)),
         ("mmnet_no_spatial", "mmnet", dict(mm, use_spatial=False)),
@@ -59,7 +60,8 @@ def main():
     parser.add_argument("--csv", default="")
     args = parser.parse_args()
     torch.manual_seed(0)
-    models = {name: build_model(kind, pretrained=False, num_subtypes=7, **kw).eval()
+    base = replace(Config(), pretrained=False)
+    models = {name: build_model(kind, **asdict(model_config(base, kind, 7, **kw))).eval()
               for name, kind, kw in variants(args.backbone)}
     print("counting MACs ...", file=sys.stderr, flush=True)
     stats = {name: profile_model(m, len(MAGNIFICATIONS), args.image_size, "cpu", args.threads, repeats=1)

@@ -165,7 +165,7 @@ def evaluated_tuples(cfg, run):
 def prepare_fold(cfg, device, stages):
     """Index, split and cache stages, then the run of fold 0 with its bank on the device."""
     from preprocess.analyze import load_index, run_analyze
-    from preprocess.cache import image_cache
+    from preprocess.cache import cache_folder, image_cache
     from preprocess.preprocess import run_split
     from stages.training.data import prepare_run
     from stages.training.runs import REFERENCE
@@ -175,7 +175,7 @@ def prepare_fold(cfg, device, stages):
         run_split(cfg)
     paths = load_index(cfg)["path"].astype(str).tolist()
     with stages.stage("cache (decode + resize)", len(paths), "images"):
-        image_cache(cfg, paths)
+        image_cache(paths, cfg.image_size, cfg.stain_norm, cache_folder(cfg))
     with stages.stage("prepare_run + bank"):
         run = prepare_run(cfg, REFERENCE, SPLIT, REFERENCE, {})
         run.bank.on(device)
@@ -201,7 +201,9 @@ def fit_and_evaluate(cfg, run, device, stages, clock, profile):
             state, fit_s = timed(lambda: train_module.fit(cfg, model, run, device), device)
             done["n"] = epoch_tuples(run) * len(state.history)
         with stages.stage("evaluate", evaluated_tuples(cfg, run)), profiler:
-            _, eval_s = timed(lambda: evaluate_module.evaluate(cfg, model, run, device, state), device)
+            own = {role: sorted(run.tuples[role]["patient_id"].astype(str).unique()) for role in ("train", "val")}
+            sources = [dict(name=run.tag, **own)]
+            _, eval_s = timed(lambda: evaluate_module.evaluate(cfg, model, run, device, state, sources), device)
     if profile:
         print_profile(profiler)
     return model, fit_s, eval_s

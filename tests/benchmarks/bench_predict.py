@@ -14,6 +14,7 @@ The PRD asks < 50 ms per patient.
 """
 import argparse
 import socket
+from dataclasses import asdict, replace
 import statistics
 import sys
 import tempfile
@@ -29,7 +30,7 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from backbones import REFERENCE_MODEL, build_model  # noqa: E402
+from backbones import REFERENCE_MODEL, build_model, model_config  # noqa: E402
 from config import MAGNIFICATIONS, Config  # noqa: E402
 from preprocess.analyze import parse_name  # noqa: E402
 from preprocess.synthetic import make_synthetic  # noqa: E402
@@ -118,10 +119,11 @@ def bench(name, p, groups, device, args):
 
 
 def predictor(backbone, size, embed_dim=256):
-    model = build_model(REFERENCE_MODEL, magnifications=MAGNIFICATIONS, num_subtypes=len(CLASSES), backbone=backbone,
-                        pretrained=False, embed_dim=embed_dim).eval()
-    return Predictor([model], MAGNIFICATIONS, size, False, CLASSES, dict(youden=0.5, sens95=0.5), backbone,
-                     model.normalization)
+    settings = model_config(replace(Config(), backbone=backbone, pretrained=False), REFERENCE_MODEL, len(CLASSES),
+                            embed_dim=embed_dim)
+    model = build_model(REFERENCE_MODEL, **asdict(settings)).eval()
+    return Predictor([model], MAGNIFICATIONS, MAGNIFICATIONS, size, False, False, CLASSES,
+                     dict(decision=0.5, youden=0.5, sens95=0.5), "fixed_0.5", backbone, model.normalization)
 
 
 def onnx_twin(p, folder, threads):
@@ -129,8 +131,8 @@ def onnx_twin(p, folder, threads):
     path = Path(folder) / f"{p.source}_{p.image_size}.onnx"
     export_onnx([p.models[0]], path, metadata(p, []))
     model = OnnxModel(path, threads)
-    return Predictor([model], p.mags, p.image_size, False, CLASSES, p.threshold, f"{p.source} (onnxruntime)",
-                     model.normalization)
+    return Predictor([model], p.mags, p.reads, p.image_size, False, False, CLASSES, p.threshold, p.rule,
+                     f"{p.source} (onnxruntime)", model.normalization)
 
 
 def free_port():

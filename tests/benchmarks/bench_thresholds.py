@@ -67,8 +67,8 @@ def train(args, tag, root, seed, flags, tree_seed=None):
         for path in sorted((out / "runs" / name).glob("fold_*/metrics.json")):
             m = read_json(path)
             p = m["test"]["patient"]
-            thr = {"fixed_0.5": 0.5, "val_youden": m["threshold"]["youden"],
-                   "oof_youden": m["threshold"].get("oof_youden", np.nan)}
+            thr = {"fixed_0.5": 0.5, "val_youden": m["threshold"]["patient"]["youden"],
+                   "oof_youden": m["threshold"]["patient"].get("oof_youden", np.nan)}
             results.setdefault(name, []).append({r: (p[BLOCKS[r]]["accuracy"], p[BLOCKS[r]]["balanced_accuracy"], thr[r])
                                                  for r in DECISION_RULES if BLOCKS[r] in p})
     return results

@@ -225,13 +225,13 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as work:
         from preprocess.analyze import load_index
-        from preprocess.cache import image_cache
+        from preprocess.cache import cache_folder, image_cache
         from stages.training.data import prepare_run
         from stages.training.runs import REFERENCE
         cfg, made = prepare_tree(cfg, args.root, preset, work)
         paths = load_index(cfg)["path"].astype(str).tolist()
         reset_peak(device)
-        _, decode_s = timed(lambda: image_cache(cfg, paths))
+        _, decode_s = timed(lambda: image_cache(paths, cfg.image_size, cfg.stain_norm, cache_folder(cfg)))
         run = prepare_run(cfg, "bench", "fold_0", REFERENCE, {})
         _, place_s = timed(lambda: run.bank.on(device), device)
         where = run.bank.on(device).device

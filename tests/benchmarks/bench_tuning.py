@@ -1,6 +1,7 @@
-"""Nested tuning against the defaults on the calibrated synthetic data: for every outer fold, `--stages tune --folds k`
-searches the settings on that fold's training patients alone, then MMNet is trained on the fold with its
-best_config.json and scored on the fold's test patients; the default arm trains the same folds with the defaults.
+"""Nested tuning against the defaults on the calibrated synthetic data: for every outer fold, `--stages tune
+--tune-scope per_fold --folds k` searches the settings on that fold's training patients alone, then MMNet is trained on
+the fold with them (--tuned-folds) and scored on the fold's test patients; the default arm trains the same folds with
+the defaults.
 
 python tests/benchmarks/bench_tuning.py [--seeds 0,1] [--trials 4] [--epochs 6] [--tuples-per-patient 6]
     [--per-mag 6] [--image-size 64] [--difficulty hard] [--work DIR] [-- main.py flags]
@@ -11,7 +12,6 @@ difference, and the tuning wall time. The last line reads
 `tuning: tuned A ± S, default B ± S, tuned minus default D ± S over K folds, tuning M min`.
 """
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -67,26 +67,26 @@ def check_unseen(out, fold):
     """The study of fold k never trained or validated on a test patient of fold k."""
     split = pd.read_csv(out / "splits" / f"fold_{fold}.csv", dtype={"patient_id": str})
     test = set(split.loc[split.role == "test", "patient_id"])
-    seen = read_json(out / "tuning" / "seen_patients.json")["seen_patients"]
+    seen = read_json(out / "tuning" / f"fold_{fold}" / "best_config.json")["tuning_study"]["seen_patients"]
     overlap = test & (set(seen["train"]) | set(seen["val"]))
     if overlap:
         sys.exit(f"fold {fold}: the tuning study saw test patients {sorted(overlap)}")
 
 
 def tuned_arm(args, seed):
-    """Per outer fold: tune on its training patients, keep its best_config.json, train and test the fold with it."""
+    """Per outer fold: its own study on its train+val patients (--tune-scope per_fold), then the fold trained and tested
+    with that study's settings (--tuned-folds)."""
     out = Path(args.work) / f"tuned_{args.difficulty}_{seed}"
     aucs, seconds = [], 0.0
     main_py(args, seed, out, *base_flags(args), "--stages", "analyze,split")
     for k in range(args.folds):
         start = time.time()
-        main_py(args, seed, out, *base_flags(args), "--stages", "tune", "--folds", str(k), "--tune-trials",
-                str(args.trials))
+        main_py(args, seed, out, *base_flags(args), "--stages", "tune", "--tune-scope", "per_fold", "--folds", str(k),
+                "--tune-trials", str(args.trials))
         seconds += time.time() - start
         check_unseen(out, k)
-        best = out / "tuning" / f"best_config_fold_{k}.json"
-        shutil.copyfile(out / "tuning" / "best_config.json", best)
-        main_py(args, seed, out, "--config", str(best), "--stages", "cv", "--folds", str(k), "--runs", "mmnet")
+        main_py(args, seed, out, *base_flags(args), "--tuned-folds", str(out / "tuning"), "--stages", "cv", "--folds",
+                str(k), "--runs", "mmnet")
         aucs.append(test_auc(out, k))
     return aucs, seconds
 

@@ -38,7 +38,7 @@ import bench_pipeline  # noqa: E402
 from bench_predict import one_patient, patients  # noqa: E402
 import main as pipeline  # noqa: E402
 from preprocess.analyze import load_index, run_analyze  # noqa: E402
-from preprocess.cache import image_cache  # noqa: E402
+from preprocess.cache import cache_folder, image_cache  # noqa: E402
 from preprocess.preprocess import run_split  # noqa: E402
 from preprocess.synthetic import make_synthetic  # noqa: E402
 from stages.training.data import prepare_run  # noqa: E402
@@ -199,7 +199,7 @@ def prepare(check):
     run_analyze(cfg)
     run_split(cfg)
     paths = load_index(cfg)["path"].astype(str).tolist()
-    image_cache(cfg, paths)
+    image_cache(paths, cfg.image_size, cfg.stain_norm, cache_folder(cfg))
     return dict(images=len(paths), seconds=time.time() - start)
 
 
@@ -228,8 +228,8 @@ def bench(check):
 
 def predict(check):
     check.need("cv")
-    cfg = replace(check.config(), checkpoint=str(check.out / "models" / "checkpoints" / f"{REFERENCE}_fold_0.pth"))
-    p = load_predictor(cfg, check.device)
+    cfg = check.config()
+    p = load_predictor([check.out / "models" / "checkpoints" / f"{REFERENCE}_fold_0.pth"], check.device)
     dtype, _ = amp_settings(cfg, check.device)
     groups = list(patients(check.root, 0, 0, min_images=8).values())[: 3 if check.dry else 5]
     one_patient(p, groups[0], check.device, dtype, cfg.batch_size)

@@ -100,7 +100,7 @@ def frozen_encoder(cfg, args):
 
 def frozen_cnn_stage(cfg, args):
     """A pretrained CNN trained frozen reads a middle stage unless --feature-stage is given: its last stage transfers
-    worst from ImageNet to histology (README, "Which mode to use")."""
+    worst from ImageNet to histology (docs/encoders.md, "Which mode to use")."""
     pretrained = cfg.pretrained or cfg.pretrained_path
     if "feature_stage" in args or not (cfg.freeze_backbone and pretrained) or not is_cnn(cfg.backbone):
         return cfg

@@ -47,6 +47,7 @@ def test_metadata_carries_what_inference_needs(exported):
     for key in ("mean", "std"):
         assert meta["normalization"][key] == pytest.approx(ckpt["normalization"][key])
     assert meta["threshold"] == pytest.approx(ckpt["threshold"])
+    assert meta["runs"][0]["digest"] == ckpt["record"]["digest"] and meta["runs"][0]["run"] == "mmnet"
     assert meta["parity"]["on"] == "fixed split test tuples"
     assert meta["parity"]["tuples"] == len(fixed_test_tuples(cfg))
     assert meta["parity"]["max_abs_prob"] < TOLERANCE

@@ -89,6 +89,7 @@ def test_checkpoint_carries_the_patient_thresholds_and_its_decision_rule(trained
     thresholds = read_json(run / "metrics.json")["threshold"]["patient"]
     assert ckpt["threshold"] == pytest.approx({**thresholds, "decision": 0.5})
     assert ckpt["threshold_rule"] == cfg.threshold_rule == "fixed_0.5"
+    assert ckpt["record"] == read_json(run / "record.json")
     pred = pd.read_csv(run / "predictions.csv", dtype={"patient_id": str})
     val = pred.query("level == 'patient' and role == 'val'")
     assert thresholds["youden"] == pytest.approx(youden_threshold(val["label"], val["prob_malignant"]))

@@ -53,6 +53,8 @@ def test_health_and_model(served):
     ckpt = load_model(Path(cfg.output_dir) / "models" / "best_model.pth")[1]
     assert described["thresholds"] == pytest.approx(ckpt["threshold"])
     assert described["magnifications"] == ckpt["magnifications"] and described["kind"] == "torch"
+    assert described["runs"] == [{k: ckpt["record"][k] for k in ("run", "split", "digest", "commit", "trained_by",
+                                                                 "tuning")}]
 
 
 def test_same_numbers_as_the_predict_stage(served, tmp_path):

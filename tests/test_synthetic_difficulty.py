@@ -1,7 +1,7 @@
 """Calibration of the synthetic difficulty. Two references independent of the models: the ideal observer (a patient's
 mean latent tumour expression, what a perfect per-field detector would see; no images drawn) and a cheap colour and
 texture probe (standardised logistic regression, patient-wise cross-validation). The difficulty itself was set on
-MMNet's behaviour (README: accuracy on the calibrated synthetic data). `python tests/test_synthetic_difficulty.py
+MMNet's behaviour (docs/results.md: accuracy on the calibrated synthetic data). `python tests/test_synthetic_difficulty.py
 --seeds 0 1 2` prints both tables."""
 import argparse
 import functools

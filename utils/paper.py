@@ -106,14 +106,18 @@ def rules_text(table):
     return f"thresholds: {'; '.join(parts)}{fitted}"
 
 
-def protocol(n_folds, n_patients, table):
-    folds = f"patient-wise {n_folds}-fold cross-validation" if n_folds > 1 else "the fixed patient-wise split"
-    return f"{folds}, {n_patients} test patients; {rules_text(table)}"
+def protocol(n_folds, n_patients, table, fixed=False):
+    """The protocol in words: cross-validation folds (or the fixed split), test patients, threshold rule(s)."""
+    folds = f"patient-wise {n_folds}-fold cross-validation" if n_folds > 1 else "one fold of patient-wise cross-validation"
+    return f"{'the fixed patient-wise split' if fixed else folds}, {n_patients} test patients; {rules_text(table)}"
 
 
-def tail(synthetic, differs):
-    """The end of a caption: settings that differ between its rows, and the synthetic-data stamp."""
+def tail(synthetic, differs, tuned):
+    """The end of a caption: settings that differ between its rows, the tuning studies that chose them, and the
+    synthetic-data stamp."""
     text = f" Settings differ between rows: {'; '.join(differs)}." if differs else ""
+    text += (f" Training settings chosen by {', '.join(tuned)} on training and validation patients only (nested)."
+             if tuned else "")
     return text + (" SYNTHETIC DATA." if synthetic else "")
 
 
@@ -182,7 +186,8 @@ def comparison_paper(table, reference, key, title, what, end="", speed=False, pr
                                                                  "Params (M)", "MACs (G)"] + (["ms / patient"] if speed else [])
     spread = (f"Mean ± std over the folds each model shares with {reference}" if protocol_name == "cv" else
               "Values on the fixed split's test patients (no spread: one split)")
-    out = PaperTable(key, title, f"{what} against {reference} on the same test patients, {protocol(n_folds, n, table)}. "
+    setting = protocol(n_folds, n, table, protocol_name == "fixed")
+    out = PaperTable(key, title, f"{what} against {reference} on the same test patients, {setting}. "
                      f"{spread}; ΔAUC = {reference} minus the model (patient level, paired bootstrap 95 % CI); "
                      f"DeLong's test on the pooled test patients and on the tuples where both models read the same "
                      f"images (tuples of a patient are not independent: read the patient value); McNemar's test of "
@@ -238,10 +243,12 @@ def magnification_paper(table, end=""):
     return assemble(out, rows)
 
 
-def paper_tables(tables, reference, rule, synthetic=False, differs=None):
+def paper_tables(tables, reference, rule, synthetic=False, differs=None, tuned=None):
     """Tables 1-5 (and 4b: the models run on the fixed split only) in paper form; a table without rows is None.
-    `differs` {"table k": [setting texts]} names settings that differ between a table's rows in its caption."""
-    end = {k: tail(synthetic, (differs or {}).get(k)) for k in ("table 1", "table 2", "table 3", "table 4", "table 5")}
+    `differs` {"table k": [setting texts]} names settings that differ between a table's rows in its caption, `tuned`
+    {"table k": [tuning studies]} the studies that chose its runs' settings."""
+    end = {k: tail(synthetic, (differs or {}).get(k), (tuned or {}).get(k))
+           for k in ("table 1", "table 2", "table 3", "table 4", "table 5")}
     return {
         "table_1": cv_paper(tables["cv"], rule, end["table 1"]),
         "table_2": fixed_paper(tables["fixed"], rule, end["table 2"]),

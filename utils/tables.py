@@ -36,6 +36,7 @@ class Book:
     notes: list = field(default_factory=list)
     rule: str = "val_youden"
     differs: dict = field(default_factory=dict)
+    tuned: dict = field(default_factory=dict)
 
     def cis(self, frame):
         return confidence_intervals(frame, self.bootstrap, self.seed)
@@ -43,11 +44,12 @@ class Book:
     def differing(self, label, shown):
         """A note for each setting that differs between the runs behind one table's rows, `shown` {run: its splits
         in the table} (the run-specific ones the table compares, such as the student's image size, aside)."""
-        values = {}
+        values, studies = {}, set()
         for name, splits in shown.items():
             for split in splits:
                 run = self.runs[name][split]
                 record = run["record"] or {}
+                studies |= {s["name"].split(" (")[0] for s in record.get("sources", []) if s["name"].startswith("tuning")}
                 own = set(record.get("run_settings") or {})
                 for key, value in (record.get("settings") or {}).items():
                     if key not in own:
@@ -55,7 +57,7 @@ class Book:
         texts = [f"{key} " + "; ".join(f"{value} ({', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''})"
                                         for value, runs in seen.items())
                  for key, seen in values.items() if len(seen) > 1]
-        self.differs[label] = texts
+        self.differs[label], self.tuned[label] = texts, sorted(studies)
         self.notes += [f"{label}: setting {text} differ between its rows" for text in texts]
 
     def rule_for(self, name, *runs):

@@ -83,12 +83,12 @@ def onnx_path(cfg):
 
 def metadata(p, paths):
     """What a consumer of the graph needs besides it: classes, magnifications, input size and normalisation, the
-    validation thresholds, stain normalisation, where it came from."""
+    thresholds, stain normalisation and TTA, and where it came from (checkpoints, the runs' records)."""
     return dict(model_name=p.models[0].name, source=p.source, members=[str(x) for x in paths],
                 classes={"binary": ["benign", "malignant"], "subtype": list(p.classes)},
                 magnifications=list(p.mags), reads=list(p.reads), image_size=p.image_size,
                 normalization=p.normalization, threshold=p.threshold, threshold_rule=p.rule, stain_norm=p.stain_norm,
-                tta=p.tta)
+                tta=p.tta, runs=p.runs)
 
 
 def fixed_test_data(cfg, p):

@@ -63,7 +63,8 @@ def run_name(cfg):
 
 def summary(p, patients, n_images, folder):
     """The console lines: what was scored, the first patients, accuracy where names carry labels."""
-    log(f"Scored {len(patients)} patient(s) from {n_images} image(s) with {p.source} "
+    trained = "; ".join(f"{r['run']}/{r['split']} (settings digest {r['digest']}, commit {r['commit']})" for r in p.runs)
+    log(f"Scored {len(patients)} patient(s) from {n_images} image(s) with {p.source}, trained as {trained} "
         f"(decision threshold {p.threshold['decision']:.3f}, {p.rule}; high sensitivity {p.threshold['sens95']:.3f}, "
         f"from validation)")
     columns = ["patient_id", *[f"n_{m}" for m in p.mags], "prob_malignant", "decision", "decision_high_sensitivity",

@@ -1,7 +1,7 @@
 """The models behind a prediction (checkpoints, the CV fold ensemble, an ONNX graph) and the one path from image files
 to patient decisions, shared by the predict stage, export and the service."""
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +18,11 @@ from stages.training.runs import REFERENCE
 from utils.helpers import PipelineError
 
 NEEDED = ("model", "model_name", "model_kwargs", "classes", "magnifications", "image_size", "normalization", "threshold",
-          "threshold_rule", "config")
+          "threshold_rule", "config", "record")
 INPUTS = ("images", "mask")
 OUTPUTS = ("prob_malignant", "subtype_prob", "mag_weights")
 META = ("model_name", "source", "members", "classes", "magnifications", "reads", "image_size", "normalization",
-        "threshold", "threshold_rule", "stain_norm", "tta", "parity")
+        "threshold", "threshold_rule", "stain_norm", "tta", "runs", "parity")
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Predictor:
     rule: str
     source: str
     normalization: dict
+    runs: list = field(default_factory=list)
 
 
 @dataclass
@@ -113,7 +114,12 @@ def load_predictor(paths, device):
     threshold, rule = decision_of(ckpts)
     source = f"ensemble of {len(paths)} CV models" if len(paths) > 1 else str(paths[0])
     return Predictor(models, mags, reads, size, stain_norm, tta, list(classes), threshold, rule, source,
-                     dict(mean=mean, std=std))
+                     dict(mean=mean, std=std), [provenance(c["record"]) for c in ckpts])
+
+
+def provenance(record):
+    """Which run a checkpoint comes from: run, split, settings digest, commit, who trained it."""
+    return {k: record.get(k) for k in ("run", "split", "digest", "commit", "trained_by", "tuning")}
 
 
 def decision_of(ckpts):
@@ -131,7 +137,7 @@ def onnx_predictor(path, threads=0):
     threshold, rule = decision_of([m])
     return Predictor([model], tuple(m["magnifications"]), tuple(m["reads"]), int(m["image_size"]),
                      bool(m["stain_norm"]), bool(m["tta"]), list(m["classes"]["subtype"]), threshold, rule,
-                     f"{path} (onnxruntime)", m["normalization"])
+                     f"{path} (onnxruntime)", m["normalization"], m["runs"])
 
 
 def score(p, frame, bank, batch_size, device, dtype=None):

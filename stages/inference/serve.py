@@ -147,7 +147,7 @@ def describe(service):
     return dict(kind=service.kind, source=p.source, models=len(p.models), magnifications=list(p.mags),
                 image_size=p.image_size, normalization=p.normalization, stain_norm=p.stain_norm,
                 classes={"binary": ["benign", "malignant"], "subtype": list(p.classes)}, thresholds=p.threshold,
-                threshold_rule=p.rule, device=str(service.device), max_files=service.limits.max_files,
+                threshold_rule=p.rule, runs=p.runs, device=str(service.device), max_files=service.limits.max_files,
                 max_mib=service.limits.max_bytes / MIB)
 
 

@@ -40,7 +40,7 @@ def run_report(cfg):
                   baseline=baseline_table(book, efficiency), magnification=magnification_table(book),
                   subtype=subtype_table(book), efficiency=efficiency)
     tables = {key: write_table(cfg, key, table) for key, table in tables.items()}
-    paper = paper_tables(tables, REFERENCE, book.rule, cfg.synthetic, book.differs)
+    paper = paper_tables(tables, REFERENCE, book.rule, cfg.synthetic, book.differs, book.tuned)
     written = write_paper(tables_dir(cfg) / "paper", paper)
     book.notes += [f"paper {key}: no rows (its runs are missing)." for key in paper if key not in written]
     write_plots(cfg, book)

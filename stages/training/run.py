@@ -130,7 +130,7 @@ def train_and_score(cfg, spec, split_name, folder, callback=None, adapt=None, so
     else:
         predictions, metrics = train_model(run_cfg, spec, run, device, sources, callback)
     metrics.update(extra)
-    store_thresholds(folder, metrics["threshold"]["patient"], run_cfg.threshold_rule)
+    finish_checkpoint(folder, metrics["threshold"]["patient"], run_cfg.threshold_rule, read_record(folder))
     write_csv(predictions, folder / "predictions.csv", index=False)
     write_json(folder / "metrics.json", metrics)
     slim_last(folder)
@@ -151,15 +151,17 @@ def train_model(cfg, spec, run, device, sources, callback=None):
     return predictions, metrics
 
 
-def store_thresholds(folder, thresholds, rule):
-    """The patient-level thresholds go into best.pth, so the checkpoint alone decides on new patients: `decision`
-    under the rule in force (`threshold_rule`), and the validation ones."""
+def finish_checkpoint(folder, thresholds, rule, record):
+    """What best.pth needs to decide on new patients alone: the patient-level thresholds (`decision` under the rule
+    in force, `threshold_rule`, and the validation ones), and the run's record, so predict, export and the service
+    can say which run and settings a decision comes from."""
     best = folder / "checkpoints" / "best.pth"
     if not best.exists():
         return
     ckpt = read_checkpoint(best)
     ckpt["threshold_rule"] = rule
     ckpt["threshold"] = {**{k: float(v) for k, v in thresholds.items()}, "decision": threshold_of(thresholds, rule)}
+    ckpt["record"] = record
     save(ckpt, best)
 
 

@@ -5,9 +5,8 @@ Parts (PARTS, in order), each in its own try so a failing one prints its name an
 tree (the full-size synthetic tree), prepare (index, splits, image cache), cv (fold 0 at the defaults, eager), bench
 (bench_pipeline's figures on fold 0), predict (ms per patient, PNG files to decision), torchrun (--nproc-per-node 1,
 nccl, one stage), jobs (--jobs 0 on a short stage), compile (fold 0 with --compile), memory (peak GPU memory in use
-during each part), estimate (the default pipeline's wall time from the run list and the measured run times;
-docs/results.md, "GPU acceptance check", says how). The main.py parts run in subprocesses that must end by --deadline
-seconds after the start (480).
+during each part), estimate (the pipeline's wall time from the run list and the measured run times; docs/benchmarks.md,
+"GPU acceptance check"). The main.py parts run in subprocesses that must end by --deadline seconds after the start.
 --dry: the same code on the tiny tree on CPU with tiny settings (gloo instead of nccl, no compile speedup expected,
 main() in this process except under torchrun), run by tests/test_gpu_check.py. The last line reads
 `gpu: pipeline ~T min (est.), cv fold W s, compile C x, train/limit R, eval/train E, predict P ms/patient, jobs J`.

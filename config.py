@@ -1,6 +1,6 @@
 """Every setting of the pipeline in one dataclass: its default and what it does; each field is a main.py flag."""
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
 SELECTIONS = ("auc", "smooth", "loss", "ema", "swa")
@@ -121,6 +121,3 @@ def list_kind(name):
     default = config_fields()[name].default
     return type(default[0]) if default else str
 
-
-def to_dict(cfg):
-    return asdict(cfg)

@@ -3,12 +3,12 @@ import argparse
 import difflib
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
 from backbones.encoders import is_cnn, open_encoder
-from config import Config, config_fields, demo_overrides, list_kind, to_dict
+from config import Config, config_fields, demo_overrides, list_kind
 from preprocess.analyze import run_analyze
 from preprocess.preprocess import run_split
 from preprocess.synthetic import make_synthetic
@@ -172,7 +172,7 @@ def start(cfg):
     setup_logging(output_path(cfg, "logs", name), console=rank() == 0)
     env = environment()
     if rank() == 0:
-        write_json(output_path(cfg, "config.json"), dict(synthetic_data=cfg.synthetic, config=to_dict(cfg), environment=env))
+        write_json(output_path(cfg, "config.json"), dict(synthetic_data=cfg.synthetic, config=asdict(cfg), environment=env))
         banner(cfg, env)
         prepare_demo(cfg)
     if not all_ok(True):

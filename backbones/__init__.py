@@ -14,7 +14,7 @@ MODELS = {cls.name: cls for cls in (MMNet, SimpleConcat, SingleMag, ResNet50Tran
 REFERENCE_MODEL = MMNet.name
 
 __all__ = ["MODELS", "REFERENCE_MODEL", "ModelConfig", "build_model", "create_backbone", "list_models",
-           "magnifications_read", "model_config", "model_kwargs_of"]
+           "magnifications_read", "model_config"]
 
 
 def list_models():
@@ -52,7 +52,3 @@ def build_model(name, cfg=None, **kwargs):
     cls = model_class(name)
     return cls(config_from(cls.defaults if cfg is None else asdict(cfg), kwargs))
 
-
-def model_kwargs_of(model):
-    """The settings dict that rebuilds `model` through build_model(model.name, **kwargs)."""
-    return asdict(model.cfg)

@@ -1,6 +1,6 @@
 """Models: outputs, masking, ablations, gradients, registry, config, compile, pretrained errors, CAM taps, profile."""
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import huggingface_hub.constants
 import pytest
@@ -8,7 +8,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from backbones import REFERENCE_MODEL, build_model, list_models, model_config, model_kwargs_of
+from backbones import REFERENCE_MODEL, build_model, list_models, model_config
 from backbones.baseline_resnet50 import ResNet50Transfer
 from config import Config
 from stages.report.efficiency import count_params, profile_model
@@ -207,7 +207,7 @@ def test_registry_names_and_reference():
 @pytest.mark.parametrize("name", ["mmnet", "resnet50_transfer"])
 def test_config_round_trips_through_checkpoint_kwargs(name):
     model = registry_model(name)
-    kwargs = json.loads(json.dumps(model_kwargs_of(model)))
+    kwargs = json.loads(json.dumps(asdict(model.cfg)))
     rebuilt = build_model(name, **kwargs)
     assert rebuilt.cfg == model.cfg
     rebuilt.load_state_dict(model.state_dict())

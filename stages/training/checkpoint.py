@@ -2,13 +2,13 @@
 import io
 import os
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from backbones import build_model
-from config import to_dict
 from utils.helpers import PipelineError, write_bytes
 
 CHECKED_KWARGS = ("backbone", "magnifications", "num_subtypes", "shared_backbone", "use_spatial", "use_channel",
@@ -19,7 +19,7 @@ def checkpoint(model, meta, cfg, epoch, best_auc):
     """What inference needs: weights, how to rebuild the model, classes, magnifications, size, normalisation."""
     return dict(
         model=model.state_dict(), model_name=meta.model_name, model_kwargs=dict(meta.model_kwargs),
-        config=to_dict(cfg), classes={"binary": ["benign", "malignant"], "subtype": list(meta.classes)},
+        config=asdict(cfg), classes={"binary": ["benign", "malignant"], "subtype": list(meta.classes)},
         magnifications=list(cfg.magnifications), image_size=cfg.image_size,
         normalization=dict(model.normalization), epoch=epoch, best_auc=best_auc,
     )

@@ -59,7 +59,8 @@ def test_the_ensemble_members_never_saw_a_fixed_test_patient(trained):
     assert not test & set(ensemble["train"] + ensemble["val"])
 
 
-def test_the_ensemble_averages_its_members_and_thresholds_on_their_out_of_fold_predictions(trained):
+def test_the_ensemble_averages_its_members_and_their_own_validation_thresholds(trained):
+    from stages.inference.predictor import load_predictor
     from stages.training.checkpoint import load_model
     from stages.training.data import prepare_run
     from stages.training.forward import predict
@@ -69,19 +70,38 @@ def test_the_ensemble_averages_its_members_and_thresholds_on_their_out_of_fold_p
     pred = pd.read_csv(run_dir(trained, ENSEMBLE, "fixed") / "predictions.csv", dtype={"patient_id": str})
     test = pred[(pred["level"] == "tuple") & (pred["role"] == "test")]
     run = prepare_run(trained, "check", "fixed", "mmnet", {})
-    probs = [predict(load_model(p)[0], run.bank, run.batches["test"], torch.device("cpu"))["prob"]
-             for p in honest_members(trained)]
+    members = honest_members(trained)
+    probs = [predict(load_model(p)[0], run.bank, run.batches["test"], torch.device("cpu"))["prob"] for p in members]
     assert np.allclose(test["prob_malignant"].to_numpy(), np.mean(probs, 0), atol=1e-5)
     assert not np.allclose(probs[0], probs[1])
     oof = pred[(pred["level"] == "tuple") & (pred["role"] == "val")]
     assert set(oof["patient_id"]) == patients(trained, "fixed", ["train", "val"])
     metrics = read_json(run_dir(trained, ENSEMBLE, "fixed") / "metrics.json")
-    expected = youden_threshold(oof["label"].to_numpy(), oof["prob_malignant"].to_numpy())
-    assert metrics["threshold"]["tuple"]["youden"] == pytest.approx(expected, abs=1e-4)
-    means = oof.groupby("patient_id").agg(label=("label", "max"), prob=("prob_malignant", "mean"))
-    expected = youden_threshold(means["label"].to_numpy(), means["prob"].to_numpy())
-    assert metrics["threshold"]["patient"]["youden"] == pytest.approx(expected, abs=1e-4)
-    assert metrics["threshold"]["patient"]["oof_youden"] == metrics["threshold"]["patient"]["youden"]
+    for level in ("tuple", "patient"):
+        fits = []
+        for k, path in enumerate(members):
+            own = pd.read_csv(path.parent.parent / "predictions.csv", dtype={"patient_id": str})
+            val = own[(own["level"] == level) & (own["role"] == "val")]
+            assert set(val["patient_id"]) == patients(trained, f"member_{k}", ["val"])
+            fits.append(youden_threshold(val["label"].to_numpy(), val["prob_malignant"].to_numpy()))
+        assert metrics["threshold"][level]["youden"] == pytest.approx(np.mean(fits), abs=1e-4)
+        assert metrics["threshold"][level]["oof_youden"] == metrics["threshold"][level]["youden"]
+    predictor = load_predictor(members, torch.device("cpu"))
+    assert predictor.threshold["youden"] == pytest.approx(metrics["threshold"]["patient"]["youden"], abs=1e-4)
+
+
+def test_the_ensemble_is_scored_under_a_fitted_rule(trained, tmp_path, capsys):
+    import shutil
+
+    from stages.training.ensemble import ENSEMBLE, member_ensemble
+    from utils.helpers import read_json, run_dir, setup_logging
+    out = tmp_path / "output"
+    shutil.copytree(trained.output_dir, out)
+    cfg = replace(trained, output_dir=str(out), threshold_rule="val_youden", force=True)
+    setup_logging()
+    member_ensemble(cfg)
+    threshold = read_json(run_dir(cfg, ENSEMBLE, "fixed") / "metrics.json")["threshold"]["patient"]["youden"]
+    assert f"(val_youden, t={threshold:.2f})" in capsys.readouterr().out
 
 
 def test_the_old_fold_ensemble_on_the_fixed_test_patients_is_refused(trained):

@@ -155,8 +155,8 @@ def fixed_paper(fixed, rule, end=""):
         return None
     models = list(dict.fromkeys(table["model"]))
     n = int(table["n_patients"].max())
-    ensemble = " The ensemble's thresholds come from its members' out-of-fold predictions over the fixed split's " \
-        "train+val patients." if table["model"].str.endswith("_ensemble").any() else ""
+    ensemble = " The ensemble's thresholds are the mean of its members', each fitted on validation patients that " \
+        "member did not train on." if table["model"].str.endswith("_ensemble").any() else ""
     out = PaperTable("table_2", "Table 2", f"The fixed patient-wise 70/15/15 split, {n} test patients; "
                      f"{rules_text(table)}; 95 % bootstrap CI over patients.{ensemble}{end}",
                      header("Model"))

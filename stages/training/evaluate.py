@@ -65,16 +65,17 @@ def evaluate(cfg, model, run, device, state, sources, oof=None):
     return score(cfg, run, res, state, start, sources, oof)
 
 
-def score(cfg, run, res, state, start, sources, oof=None):
+def score(cfg, run, res, state, start, sources, oof=None, thresholds=None):
     """Metrics and prediction rows from per-role outputs (prob, subtype_prob, embedding, mag_weights, hma_weights).
-    Thresholds are fitted at each level on that level's validation rows (tuples; patients' mean probabilities), and
-    `oof` ({level: threshold}) comes from out-of-fold predictions; each decides the units of its own level. Refused
-    when a source behind the run (`sources`) trained or validated on a test patient."""
+    Thresholds are fitted at each level on that level's validation rows (tuples; patients' mean probabilities) unless
+    given ({level: {rule: threshold}}), and `oof` ({level: threshold}) comes from out-of-fold predictions; each decides
+    the units of its own level. Refused when a source behind the run (`sources`) trained or validated on a test
+    patient."""
     check_no_leak(sources, run.tuples["test"]["patient_id"], run.tag)
     smote = cfg.smote and "train" in res
     smote_probs, counts = smote_head(cfg, run, res) if smote else ({}, None)
     frames = {role: role_frames(cfg, run, role, res, smote_probs) for role in ("val", "test")}
-    thresholds = {level: fitted_thresholds(frame) for level, frame in zip(LEVELS, frames["val"])}
+    thresholds = thresholds or {level: fitted_thresholds(frame) for level, frame in zip(LEVELS, frames["val"])}
     for level, value in (oof or {}).items():
         thresholds[level]["oof_youden"] = float(value)
     metrics = {role: role_metrics(run, *frames[role], thresholds, smote) for role in frames}

@@ -41,6 +41,14 @@ def test_metrics_equal_scikit_learn():
     assert s["per_class"]["c"]["recall"] == pytest.approx(skm.recall_score(ys, ps, average=None)[2])
 
 
+def test_youden_without_a_threshold_better_than_chance_is_0_5():
+    y, p = np.array([1, 1, 0, 0]), np.array([0.43, 0.56, 0.51, 0.65])
+    fpr, tpr, _ = skm.roc_curve(y, p)
+    assert (tpr - fpr).max() <= 0
+    assert M.youden_threshold(y, p) == 0.5
+    assert M.youden_threshold(np.array([1, 0, 1, 0]), np.array([0.9, 0.2, 0.7, 0.6])) == pytest.approx(0.7)
+
+
 def test_patient_level_is_the_mean_over_the_patients_tuples():
     frame = pd.DataFrame(dict(patient_id=["a", "a", "b", "a", "b"], label=[1, 1, 0, 1, 0],
                               prob_malignant=[0.2, 0.8, 0.1, 0.5, 0.4]))

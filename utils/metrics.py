@@ -31,12 +31,13 @@ def binary_metrics(y, p, threshold=0.5):
 
 
 def youden_threshold(y, p):
-    """Threshold maximising sensitivity + specificity - 1 on the ROC curve."""
+    """Threshold maximising sensitivity + specificity - 1 on the ROC curve; 0.5 where no threshold beats chance (one
+    class, or J <= 0 everywhere), instead of roc_curve's no-positive point that would call every case benign."""
     if len(np.unique(y)) < 2:
         return 0.5
     fpr, tpr, thr = skm.roc_curve(y, p)
     best = int(np.argmax(tpr - fpr))
-    return float(min(thr[best], 1.0))
+    return float(min(thr[best], 1.0)) if tpr[best] > fpr[best] else 0.5
 
 
 def sensitivity_threshold(y, p, target=0.95):

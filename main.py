@@ -141,6 +141,8 @@ def metavar(name, default):
     """How a flag's value is shown in --help: its choices, PATH, N (a whole number) or X (a number)."""
     if RULES[name].choices:
         return "{" + ",".join(RULES[name].choices) + "}"
+    if RULES[name].metavar:
+        return RULES[name].metavar
     if isinstance(default, tuple):
         return "A,B"
     if name.endswith(("_root", "_dir", "_path", "checkpoint", "_space")):

@@ -7,7 +7,7 @@ from utils.helpers import PipelineError
 from .baseline_resnet50 import ResNet50Transfer
 from .baseline_simple_concat import SimpleConcat
 from .baseline_single import SingleMag
-from .common import ModelConfig, config_from, create_backbone
+from .common import MagnificationModel, ModelConfig, config_from, create_backbone
 from .our import MMNet
 
 MODELS = {cls.name: cls for cls in (MMNet, SimpleConcat, SingleMag, ResNet50Transfer)}
@@ -43,8 +43,8 @@ def model_config(cfg, name, num_subtypes, **flags):
 def magnifications_read(name, settings):
     """The magnifications model `name` reads under `settings` (a ModelConfig or its dict): one for the
     single-magnification models, MMNet's use_mags, else the whole tuple (the linear probe too)."""
-    settings = settings if isinstance(settings, ModelConfig) else ModelConfig(**settings)
-    return MODELS[name].reads(settings) if name in MODELS else tuple(settings.magnifications)
+    settings = settings if isinstance(settings, ModelConfig) else config_from({}, settings)
+    return MODELS.get(name, MagnificationModel).reads(settings)
 
 
 def build_model(name, cfg=None, **kwargs):

@@ -24,6 +24,7 @@ class Rule:
     bad: Any
     problem: str = "is not valid"
     choices: tuple = ()
+    metavar: str = ""
 
 
 def is_int(v):
@@ -94,30 +95,11 @@ def backbone_name():
     return Rule(ok, "a timm model name (see timm.list_models()) or hf-hub:ORG/NAME", "no_such_backbone", "is unknown")
 
 
-def file_or_empty():
-    return Rule(lambda v: isinstance(v, str) and (v == "" or Path(v).is_file()),
-                "empty (weights from the hub) or an existing weights file", "missing/weights.pth", "is not a file")
-
-
-def checkpoint_file():
-    return Rule(lambda v: isinstance(v, str) and (v == "" or Path(v).is_file()),
-                "empty (models/best_model.pth under --output-dir) or an existing checkpoint file", "missing/model.pth",
-                "is not a file")
-
-
-def space_file():
-    return Rule(lambda v: isinstance(v, str) and (v == "" or Path(v).is_file()),
-                "empty (the default search space) or an existing JSON/YAML file", "missing/space.yaml", "is not a file")
-
-
-def folder_or_empty():
-    return Rule(lambda v: isinstance(v, str) and (v == "" or Path(v).is_dir()),
-                "empty or the tuning folder of --stages tune --tune-scope per_fold", "missing/tuning", "is not a folder")
-
-
-def tuning_file():
-    return Rule(lambda v: isinstance(v, str) and (v == "" or Path(v).is_file()),
-                "empty or a best_config.json written by the tune stage", "missing/best_config.json", "is not a file")
+def path_or_empty(allowed, bad, folder=False):
+    """Empty or an existing file (a folder with `folder`); `allowed` says what each means."""
+    exists, what = (Path.is_dir, "folder") if folder else (Path.is_file, "file")
+    return Rule(lambda v: isinstance(v, str) and (v == "" or exists(Path(v))), allowed, bad, f"is not a {what}",
+                metavar="PATH")
 
 
 def path_list():
@@ -173,7 +155,8 @@ RULES = dict(
     magnifications=magnifications(), image_size=image_size(), cache_dir=text(empty=True),
     subtype_min_images=integer(0),
     n_folds=integer(2), val_fraction=fraction(), fixed_split=three_fractions(), folds=fold_list(),
-    backbone=backbone_name(), pretrained=boolean(), pretrained_path=file_or_empty(), shared_backbone=boolean(),
+    backbone=backbone_name(), pretrained=boolean(), shared_backbone=boolean(),
+    pretrained_path=path_or_empty("empty (weights from the hub) or an existing weights file", "missing/weights.pth"),
     drop_rate=number(0, 1, high_open=True),
     epochs=integer(1), batch_size=integer(1), accum_steps=integer(1), lr=number(0, low_open=True),
     backbone_lr_scale=number(0, low_open=True), weight_decay=number(0), warmup_epochs=integer(0),
@@ -185,10 +168,14 @@ RULES = dict(
     smote=boolean(), max_bad_steps=integer(1),
     resume=boolean(), force=boolean(), stages=stage_list(),
     bootstrap=integer(0), explain_samples=integer(0), resnet_backbone=timm_model(),
-    input=path_list(), checkpoint=checkpoint_file(), ensemble=boolean(),
-    lock_stale_s=integer(10),
-    tune_trials=integer(1), tune_minutes=number(0), tune_space=space_file(), tune_scope=choice(TUNE_SCOPES),
-    tuned_folds=folder_or_empty(), tuning=tuning_file(),
+    input=path_list(), ensemble=boolean(), lock_stale_s=integer(10),
+    checkpoint=path_or_empty("empty (models/best_model.pth under --output-dir) or an existing checkpoint file",
+                             "missing/model.pth"),
+    tune_trials=integer(1), tune_minutes=number(0), tune_scope=choice(TUNE_SCOPES),
+    tune_space=path_or_empty("empty (the default search space) or an existing JSON/YAML file", "missing/space.yaml"),
+    tuned_folds=path_or_empty("empty or the tuning folder of --stages tune --tune-scope per_fold", "missing/tuning",
+                              folder=True),
+    tuning=path_or_empty("empty or a best_config.json written by the tune stage", "missing/best_config.json"),
     tensorboard=boolean(),
     student_backbone=backbone_name(), student_image_size=image_size(), student_embed_dim=integer(8),
     distill_temperature=number(0, low_open=True), distill_weight=number(0, 1),

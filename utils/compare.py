@@ -52,7 +52,7 @@ def comparison_rows(book, name, splits, diff, protocol):
     """Mean ± std over the splits shared with the reference (its CV folds, or the fixed split), pooled CIs and the
     reference minus this model; tuple-level tests only between models that read the same images."""
     reference = book.runs[book.reference]
-    shared = ["fixed"] if protocol == "fixed" else cv_splits({s: 0 for s in shared_splits(splits, reference)})
+    shared = ["fixed"] if protocol == "fixed" else shared_splits(splits, reference)
     rule = book.rule_for(name, {s: splits[s] for s in shared}, {s: reference[s] for s in shared})
     rows = []
     for level in LEVELS:

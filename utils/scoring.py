@@ -23,10 +23,15 @@ def fitted_thresholds(frame):
     return dict(youden=youden_threshold(y, p), sens95=sensitivity_threshold(y, p, 0.95))
 
 
+def level_thresholds(tuples):
+    """{level: fitted_thresholds} of held-out tuple predictions (patient_id, label, prob_malignant): on the tuples,
+    and on each patient's mean probability."""
+    return {"tuple": fitted_thresholds(tuples), "patient": fitted_thresholds(patient_level(tuples))}
+
+
 def oof_thresholds(tuples):
-    """{level: Youden's J} of out-of-fold tuple predictions (patient_id, label, prob_malignant): on the tuples, and
-    on each patient's mean probability."""
-    return {"tuple": fitted_thresholds(tuples)["youden"], "patient": fitted_thresholds(patient_level(tuples))["youden"]}
+    """{level: Youden's J} of out-of-fold tuple predictions."""
+    return {level: fits["youden"] for level, fits in level_thresholds(tuples).items()}
 
 
 def threshold_of(thresholds, rule):

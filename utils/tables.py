@@ -49,7 +49,7 @@ class Book:
             for split in splits:
                 run = self.runs[name][split]
                 record = run["record"] or {}
-                studies |= {s["name"].split(" (")[0] for s in record.get("sources", []) if s["name"].startswith("tuning")}
+                studies |= {f"tuning study {s['study']}" for s in record.get("sources", []) if "study" in s}
                 own = set(record.get("run_settings") or {})
                 for key, value in (record.get("settings") or {}).items():
                     if key not in own:

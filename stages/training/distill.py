@@ -2,7 +2,6 @@
 fixed test patient, plus the hard labels; the teacher is scored beside it on the same test patients."""
 from functools import partial
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +13,7 @@ from stages.training.checkpoint import load_model, read_checkpoint
 from stages.training.record import derived_record, read_record, write_record
 from stages.training.run import run_one
 from stages.training.runs import REFERENCE, STUDENT, TEACHER, stage_runs
-from utils.helpers import PipelineError, log, read_json, require, run_dir, split_path, write_csv, write_json
+from utils.helpers import PipelineError, log, read_json, require, run_dir, split_path, write_bytes, write_json
 from utils.losses import distillation_loss
 from utils.scoring import check_no_leak
 
@@ -102,8 +101,7 @@ def write_teacher(cfg, folder, record):
     its record naming that run."""
     target = run_dir(cfg, TEACHER, "fixed")
     metrics = dict(read_json(folder / "metrics.json"), run=TEACHER, teacher_of=STUDENT)
-    write_csv(pd.read_csv(folder / "predictions.csv", dtype={"patient_id": str, "group": str}),
-              target / "predictions.csv", index=False)
+    write_bytes(target / "predictions.csv", (folder / "predictions.csv").read_bytes())
     write_json(target / "metrics.json", metrics)
     write_record(target, derived_record(TEACHER, "fixed", [record], f"the teacher: {record['run']}/fixed"))
     return metrics

@@ -11,14 +11,14 @@ import pandas as pd
 from preprocess.preprocess import member_split_names
 from stages.training.checkpoint import load_model
 from stages.training.data import prepare_run
-from stages.training.evaluate import role_frames, score
+from stages.training.evaluate import score
 from stages.training.forward import amp_settings, predict
 from stages.training.record import derived_record, read_record, write_record
 from stages.training.runs import MEMBERS, REFERENCE
 from stages.training.train import TrainState
 from utils.env import resolve_device
 from utils.helpers import log, read_json_or_none, run_dir, write_csv, write_json
-from utils.scoring import BLOCKS, LEVELS, fitted_thresholds, threshold_of
+from utils.scoring import BLOCKS, LEVELS, level_thresholds, threshold_of
 
 ENSEMBLE = f"{REFERENCE}_fixed_ensemble"
 AVERAGED = ("prob", "subtype_prob", "embedding", "mag_weights", "hma_weights")
@@ -44,12 +44,6 @@ def stacked(outputs):
     return {k: np.concatenate([o[k] for o in outputs]) for k in AVERAGED} | {"loss": float("nan")}
 
 
-def own_thresholds(cfg, own, out):
-    """{level: {rule: threshold}} of one member, fitted on the validation part of its own split (`own`)."""
-    frames = role_frames(cfg, own, "val", {"val": out}, {})
-    return {level: fitted_thresholds(frame) for level, frame in zip(LEVELS, frames)}
-
-
 def mean_thresholds(fits):
     """Each level's and rule's mean over the members; oof_youden is the members' Youden, fitted out of fold."""
     means = {level: {rule: float(np.mean([f[level][rule] for f in fits])) for rule in fits[0][level]}
@@ -73,7 +67,7 @@ def score_members(cfg, folders, own_splits):
         test.append(predict(model, run.bank, run.batches["test"], device, dtype, tta=cfg.tta))
         oof.append(predict(model, own.bank, own.batches["val"], device, dtype, tta=cfg.tta))
         oof_tuples.append(own.tuples["val"])
-        fits.append(own_thresholds(cfg, own, oof[-1]))
+        fits.append(level_thresholds(own.tuples["val"].assign(prob_malignant=oof[-1]["prob"])))
     run.tuples = dict(run.tuples, val=pd.concat(oof_tuples, ignore_index=True))
     record = derived_record(ENSEMBLE, "fixed", records, "the mean of the members' probabilities")
     res = {"val": stacked(oof), "test": averaged(test)}

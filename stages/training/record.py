@@ -111,7 +111,8 @@ def tuning_source(run_cfg):
     if not run_cfg.tuning:
         return None
     _, block = tuned_settings(run_cfg.tuning)
-    return dict(name=f"tuning study {block['study']} ({run_cfg.tuning})", **block["seen_patients"])
+    study = block["study"]
+    return dict(name=f"tuning study {study} ({run_cfg.tuning})", study=study, **block["seen_patients"])
 
 
 def inner_source(run_cfg, spec, own):

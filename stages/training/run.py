@@ -55,15 +55,15 @@ def fold_line(tag, m, rule="val_youden"):
 
 def finished(cfg, spec, split_name, folder):
     """metrics.json of a finished run trained under this command's settings, or None when the run must be trained;
-    a finished run trained under other settings stops the command (--force retrains it)."""
-    metrics = read_json_or_none(folder / "metrics.json")
-    if metrics is None or cfg.force:
-        return None
+    a finished (or, with --resume, interrupted) run trained under other settings stops the command (--force retrains
+    it)."""
     problem = stale(cfg, spec, split_name)
     if problem:
         raise stale_error([problem])
-    by = (read_record(folder) or {}).get("trained_by", "")
-    log(f"[{spec.name}/{split_name}] finished earlier by {by} under the same settings; reused (--force retrains it)")
+    metrics = read_json_or_none(folder / "metrics.json")
+    if metrics is None or cfg.force:
+        return None
+    log(f"[{spec.name}/{split_name}] finished earlier by {trained_by(folder)} under the same settings; reused (--force retrains it)")
     return metrics
 
 
@@ -104,12 +104,9 @@ def run_one(cfg, spec, split_name, callback=None, wait=True, adapt=None, sources
     if lock is None:
         return None
     with lock:
-        done = finished(cfg, spec, split_name, folder) if not cfg.force else None
+        done = finished(cfg, spec, split_name, folder)
         if done is not None:
             return done
-        problem = stale(cfg, spec, split_name)
-        if problem:
-            raise stale_error([problem])
         log(f"[{tag}] trained by {owner(lock.info)}")
         with resource_errors(f"run {tag}", folder=folder):
             return train_and_score(cfg, spec, split_name, folder, callback, adapt, sources)
@@ -122,7 +119,8 @@ def train_and_score(cfg, spec, split_name, folder, callback=None, adapt=None, so
     (folder / "metrics.json").unlink(missing_ok=True)
     run = prepare_run(run_cfg, spec.name, split_name, spec.model, dict(spec.flags))
     sources = sources_of(cfg, spec, split_name, sources)
-    write_record(folder, new_record(cfg, spec, split_name, run.model_kwargs, sources))
+    record = new_record(cfg, spec, split_name, run.model_kwargs, sources)
+    write_record(folder, record)
     device = resolve_device(run_cfg.device)
     extra = adapt(run, device) if adapt is not None else {}
     if spec.model == PROBE:
@@ -130,7 +128,7 @@ def train_and_score(cfg, spec, split_name, folder, callback=None, adapt=None, so
     else:
         predictions, metrics = train_model(run_cfg, spec, run, device, sources, callback)
     metrics.update(extra)
-    finish_checkpoint(folder, metrics["threshold"]["patient"], run_cfg.threshold_rule, read_record(folder))
+    finish_checkpoint(folder, metrics["threshold"]["patient"], run_cfg.threshold_rule, record)
     write_csv(predictions, folder / "predictions.csv", index=False)
     write_json(folder / "metrics.json", metrics)
     slim_last(folder)

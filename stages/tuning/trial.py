@@ -105,8 +105,8 @@ class Objective:
 
     def __init__(self, base, space, outer, folder, worker=0):
         self.base, self.space, self.folder, self.worker = base, space, folder, worker
-        self.splits = list(study_splits(base, outer))
         self.rows, self.parts = inner_rows(base, study_splits(base, outer))
+        self.splits = list(self.parts)
 
     def __call__(self, trial):
         trial.set_user_attr("worker", self.worker)

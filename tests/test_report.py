@@ -308,7 +308,8 @@ def test_reliability_diagram_ece_matches_direct_computation(tmp_path):
     assert (tmp_path / "rel.png").stat().st_size > 5000
 
 
-def test_explain_writes_gradcam_attention_and_importance(make_cfg):
+def test_explain_writes_gradcam_attention_and_importance(make_cfg, monkeypatch):
+    import stages.inference.explain as explain
     from backbones import build_model
     from preprocess.analyze import load_index, run_analyze, subtype_classes
     from preprocess.preprocess import run_split
@@ -324,10 +325,13 @@ def test_explain_writes_gradcam_attention_and_importance(make_cfg):
     model = build_model("mmnet", **kwargs)
     models_dir(cfg).mkdir(parents=True, exist_ok=True)
     meta = SimpleNamespace(model_name="mmnet", model_kwargs=kwargs, classes=classes)
-    trained_with = replace(cfg, stain_norm=True)
+    trained_with = replace(cfg, stain_norm=True, tta=True)
     torch.save(checkpoint(model, meta, trained_with, 1, 0.5), models_dir(cfg) / "best_model.pth")
+    views, predict = [], explain.predict
+    monkeypatch.setattr(explain, "predict", lambda *a, **k: views.append(k.get("tta")) or predict(*a, **k))
     run_explain(cfg)
     assert list((Path(cfg.output_dir) / "cache").glob("images_48_macenko_*.npy")), "the checkpoint's stain setting"
+    assert views == [True], "the checkpoint's test-time augmentation, as its thresholds were fitted"
     plots = models_dir(cfg).parent / "plots"
     listing = pd.read_csv(plots / "gradcam" / "index.csv")
     assert set(listing["category"]) == {"benign_correct", "benign_wrong", "malignant_correct", "malignant_wrong"}

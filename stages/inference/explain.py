@@ -28,11 +28,11 @@ def tuple_threshold(cfg, ckpt):
 
 
 
-def predict_all(model, tuples, mags, classes, bank, device, batch_size):
+def predict_all(model, tuples, mags, classes, bank, device, batch_size, tta=False):
     """predictions.csv's tuple rows (probability, CMF/HMA weights, masks) of every tuple, through the one prediction
-    path."""
+    path (the mean over four views with `tta`, as the threshold was fitted)."""
     batches = eval_batches(tuples, mags, bank.row_of, classes, batch_size)
-    return tuple_predictions(tuples, predict(model, bank, batches, device), mags, classes, "test")
+    return tuple_predictions(tuples, predict(model, bank, batches, device, tta=tta), mags, classes, "test")
 
 
 
@@ -114,7 +114,7 @@ def run_explain(cfg):
     threshold = tuple_threshold(cfg, ckpt)
     bank = image_bank(index["path"].astype(str).tolist(), int(ckpt["image_size"]), bool(ckpt["config"]["stain_norm"]),
                       cache_folder(cfg))
-    frame = predict_all(model, tuples, mags, classes, bank, device, cfg.batch_size)
+    frame = predict_all(model, tuples, mags, classes, bank, device, cfg.batch_size, bool(ckpt["config"]["tta"]))
     plots.importance_plot(frame, mags, "Best model: magnification importance on the fixed-split test tuples",
                           plots_dir(cfg) / "magnification_importance" / "best_model_fixed_test.png")
     picks, empty = pick_samples(frame, threshold, cfg.explain_samples)

@@ -43,12 +43,12 @@ def outers(cfg):
     return checked_cv_names(cfg)
 
 
-def study_name(cfg, space, outer):
+def study_name(cfg, space, outer, splits):
     """The reference model, the outer split and a digest of every setting the objective depends on (the search space
-    and the inner splits' patients included): a rerun with the same settings continues the same study, other settings
-    start another."""
-    splits = {name: split[["patient_id", "role"]].values.tolist() for name, split in study_splits(cfg, outer).items()}
-    digest = hashlib.sha1(json.dumps([shaping(cfg), space_key(space), splits], sort_keys=True, default=str).encode())
+    and the patients of the inner `splits` included): a rerun with the same settings continues the same study, other
+    settings start another."""
+    patients = {name: split[["patient_id", "role"]].values.tolist() for name, split in splits.items()}
+    digest = hashlib.sha1(json.dumps([shaping(cfg), space_key(space), patients], sort_keys=True, default=str).encode())
     return f"{REFERENCE_MODEL}_{outer}_{digest.hexdigest()[:8]}"
 
 
@@ -138,7 +138,8 @@ def run_tune(cfg):
 
 def tune_one(cfg, space, outer):
     """--tune-trials more trials of the study of one outer split."""
-    name = study_name(cfg, space, outer)
+    splits = study_splits(cfg, outer)
+    name = study_name(cfg, space, outer, splits)
     store = storage(cfg)
     study = open_study(cfg, name, store)
     if rank() == 0:
@@ -146,7 +147,6 @@ def tune_one(cfg, space, outer):
     before = len(study.trials)
     if not all_ok(True):
         raise PipelineError("the torchrun ranks could not open the tuning study together")
-    splits = list(study_splits(cfg, outer))
     log(f"[tune] study {name}: {before} earlier trial(s); {cfg.tune_trials} more on {', '.join(splits)} (objective: "
         f"validation patient AUC on the {outer} split's train+val patients; its test patients unread)")
     start = time.time()
@@ -167,13 +167,12 @@ def trials_frame(study):
     return frame.rename(columns={**names, "duration": "seconds"}).assign(study=study.study_name)
 
 
-def best_config(cfg, space, study, outer):
+def best_config(cfg, space, study, outer, splits):
     """Every setting of the best trial (run controls such as --stages left out), readable by --config, with the study
     that chose them and every patient it trained or validated on (the leak guard of every run trained with them)."""
     values = suggest(FixedTrial(study.best_trial.params), space)
     settings = asdict(trial_config(cfg, values))
     keep = {k: v for k, v in settings.items() if k not in NOT_SETTINGS or k in ("demo", "synthetic")}
-    splits = study_splits(cfg, outer)
     seen = union_seen([{r: split.loc[split["role"] == r, "patient_id"] for r in INNER} for split in splits.values()])
     block = dict(study=study.study_name, scope=cfg.tune_scope, outer=outer, splits=list(splits),
                  tuned=[*values, "selection"], seen_patients=seen)
@@ -210,7 +209,8 @@ def finish_tune(cfg):
 
 
 def finish_one(cfg, space, outer):
-    study = optuna.load_study(study_name=study_name(cfg, space, outer), storage=storage(cfg))
+    splits = study_splits(cfg, outer)
+    study = optuna.load_study(study_name=study_name(cfg, space, outer, splits), storage=storage(cfg))
     folder = tuning_dir(cfg, outer)
     write_csv(trials_frame(study), folder / "trials.csv", index=False)
     states = [t.state for t in study.trials]
@@ -219,11 +219,11 @@ def finish_one(cfg, space, outer):
     if TrialState.COMPLETE not in states:
         raise PipelineError(f"no tuning trial finished (see the error column of {folder / 'trials.csv'}); "
                             f"fix the settings it names and rerun --stages tune")
-    write_json(folder / "best_config.json", best_config(cfg, space, study, outer))
+    write_json(folder / "best_config.json", best_config(cfg, space, study, outer, splits))
     plots(folder, cfg.seed, study)
     best = study.best_trial
     log(f"[tune] best trial {best.number}: mean validation patient AUC {best.value:.4f} over "
-        f"{len(study_splits(cfg, outer))} inner split(s) | " + ", ".join(f"{k}={v}" for k, v in best.params.items()))
+        f"{len(splits)} inner split(s) | " + ", ".join(f"{k}={v}" for k, v in best.params.items()))
     use = ("--stages cv --tuned-folds " + str(tuning_dir(cfg))) if outer != "fixed" else \
         f"--config {folder / 'best_config.json'} --stages fixed"
     log(f"[tune] train with these settings: python main.py {use}")

@@ -7,7 +7,7 @@ from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
-from backbones.encoders import is_cnn, open_encoder
+from backbones.encoders import frozen_stage, is_cnn, open_encoder
 from config import Config, config_fields, demo_overrides, list_kind
 from preprocess.analyze import run_analyze
 from preprocess.preprocess import run_split
@@ -15,6 +15,7 @@ from preprocess.synthetic import make_synthetic
 from stages.inference.explain import run_explain
 from stages.inference.export import run_export
 from stages.inference.predict import run_predict
+from stages.planning.plan import show_plan
 from stages.report.report import run_report
 from stages.training.distill import run_distill
 from stages.training.schedule import all_ok, close_distributed, init_distributed, rank, world_size
@@ -44,7 +45,6 @@ DEFAULT = ("analyze", "split", "cv", "fixed", "baselines", "ablations", "explain
 TRAINING = ("cv", "fixed", "baselines", "ablations")
 EVERY_RANK = TRAINING + ("tune",)
 DEMO_ROOT = "data/synthetic"
-FROZEN_CNN_STAGE = (2,)
 
 
 def main(argv=None):
@@ -52,6 +52,8 @@ def main(argv=None):
     setup_logging()
     try:
         cfg = resolve_config(argv)
+        if cfg.plan:
+            return plan_command(cfg)
         check_units(cfg, stage_list(cfg))
         start(cfg)
         write_times(cfg, run_stages(cfg))
@@ -65,6 +67,19 @@ def main(argv=None):
         return 130
     finally:
         close_distributed()
+    return 0
+
+
+def plan_command(cfg):
+    """--plan: the data and its first stages (analyze, split: timed, they are the command's own), then the plan of
+    the rest; nothing trains."""
+    start(cfg)
+    measured = {}
+    for name in [s for s in stage_list(cfg) if s in ("analyze", "split")]:
+        begin = time.time()
+        run_stage(name, cfg)
+        measured[name] = time.time() - begin
+    show_plan(cfg, stage_list(cfg), measured)
     return 0
 
 
@@ -104,10 +119,11 @@ def frozen_cnn_stage(cfg, args):
     pretrained = cfg.pretrained or cfg.pretrained_path
     if "feature_stage" in args or not (cfg.freeze_backbone and pretrained) or not is_cnn(cfg.backbone):
         return cfg
-    stages = ",".join(map(str, FROZEN_CNN_STAGE))
+    stage = frozen_stage(cfg.backbone)
+    stages = ",".join(map(str, stage))
     log(f"backbone {cfg.backbone} is a pretrained CNN trained frozen: its models read stage {stages} "
         f"(--feature-stage {stages}; pass --feature-stage -1 for the last stage)")
-    return replace(cfg, feature_stage=FROZEN_CNN_STAGE)
+    return replace(cfg, feature_stage=stage)
 
 
 def build_parser():

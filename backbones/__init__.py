@@ -4,13 +4,14 @@ from dataclasses import asdict
 
 from utils.helpers import PipelineError
 
+from .baseline_probe import LinearProbe
 from .baseline_resnet50 import ResNet50Transfer
 from .baseline_simple_concat import SimpleConcat
 from .baseline_single import SingleMag
 from .common import MagnificationModel, ModelConfig, config_from, create_backbone
 from .our import MMNet
 
-MODELS = {cls.name: cls for cls in (MMNet, SimpleConcat, SingleMag, ResNet50Transfer)}
+MODELS = {cls.name: cls for cls in (MMNet, SimpleConcat, SingleMag, ResNet50Transfer, LinearProbe)}
 REFERENCE_MODEL = MMNet.name
 
 __all__ = ["MODELS", "REFERENCE_MODEL", "ModelConfig", "build_model", "create_backbone", "list_models",
@@ -41,8 +42,8 @@ def model_config(cfg, name, num_subtypes, **flags):
 
 
 def magnifications_read(name, settings):
-    """The magnifications model `name` reads under `settings` (a ModelConfig or its dict): one for the
-    single-magnification models, MMNet's use_mags, else the whole tuple (the linear probe too)."""
+    """The magnifications model `name` reads images of under `settings` (a ModelConfig or its dict): its slots'
+    magnifications, each once ('any' for the magnification-independent classifier)."""
     settings = settings if isinstance(settings, ModelConfig) else config_from({}, settings)
     return MODELS.get(name, MagnificationModel).reads(settings)
 

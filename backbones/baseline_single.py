@@ -3,8 +3,8 @@ from .common import SingleMagnificationModel, feature_backbone, mlp, pooled_stag
 
 
 class SingleMag(SingleMagnificationModel):
-    """Backbone -> global average pooling (per stage, concatenated) -> MLP -> two heads, reading only magnification
-    `cfg.mag`."""
+    """Backbone -> global average pooling (per stage, concatenated) -> MLP -> two heads, on one slot: one
+    magnification, or 'any' (the magnification-independent classifier)."""
 
     name = "single_mag"
     takes_features = True

@@ -15,7 +15,9 @@ __all__ = ["ModelConfig", "MagnificationModel", "SingleMagnificationModel", "cre
 @dataclass
 class ModelConfig:
     """What a model is built from; checkpoints store it as the `model_kwargs` dict. The first eight come from the run's
-    settings (backbones.model_config builds them from Config); the rest are the model's own choices and ablations."""
+    settings (backbones.model_config builds them from Config); the rest are the model's own choices and ablations.
+    `magnifications` are the model's input slots: the magnification each slot's image comes from (MMNet's four,
+    a single-magnification model's one, four of one magnification, or 'any')."""
     magnifications: tuple
     num_subtypes: int
     backbone: str
@@ -29,15 +31,11 @@ class ModelConfig:
     use_channel: bool = True
     use_hma: bool = True
     use_cmf: bool = True
-    use_mags: tuple | None = None
-    mag: str = "40X"
     freeze: bool = True
 
     def __post_init__(self):
         self.magnifications = tuple(self.magnifications)
         self.feature_stage = tuple(int(k) for k in self.feature_stage)
-        if self.use_mags is not None:
-            self.use_mags = tuple(self.use_mags)
 
 
 def config_from(defaults, kwargs):
@@ -118,18 +116,9 @@ def split_params(model, backbone):
     return [p for p in backbone.parameters() if p.requires_grad], [p for p in model.parameters() if id(p) not in ids]
 
 
-def mag_index(magnifications, mag):
-    if mag not in magnifications:
-        raise PipelineError(f"magnification '{mag}' is not in the input tuple {tuple(magnifications)}")
-    return list(magnifications).index(mag)
-
-
-def one_hot_weights(x, index):
-    """Magnification weights (B, M) of a model that reads magnification `index` only."""
-    x = lead(x)
-    weights = x.new_zeros(x.shape[:2], dtype=torch.float32)
-    weights[:, index] = 1.0
-    return weights
+def one_slot_weights(x):
+    """Magnification weights (B, 1) of a model with one slot."""
+    return lead(x).new_ones(lead(x).shape[:2], dtype=torch.float32)
 
 
 def uniform_weights(present):
@@ -143,6 +132,8 @@ class MagnificationModel(nn.Module):
     name = ""
     defaults = {}
     takes_features = False
+    fit = "gradient"  # how the training stages fit it: gradient steps, or "probe" (scikit-learn on cached features)
+    inner_models = False  # whether a run of it always trains inner models over its train+val patients (the probe's C)
 
     def __init__(self, cfg):
         super().__init__()
@@ -154,8 +145,8 @@ class MagnificationModel(nn.Module):
 
     @staticmethod
     def reads(cfg):
-        """The magnifications a model built from `cfg` reads."""
-        return tuple(cfg.magnifications)
+        """The magnifications a model built from `cfg` reads images of ('any': every magnification of the run)."""
+        return tuple(dict.fromkeys(cfg.magnifications))
 
     def read_features(self, on=True):
         """Take cached backbone feature maps instead of images (frozen backbone); the backbone stays in the model."""
@@ -194,22 +185,20 @@ class MagnificationModel(nn.Module):
 
 
 class SingleMagnificationModel(MagnificationModel):
-    """A model reading one magnification `cfg.mag` of the tuple: backbone -> embedding -> two heads."""
-
-    @staticmethod
-    def reads(cfg):
-        return (cfg.mag,)
+    """A model with one input slot (one magnification, or 'any'): backbone -> embedding -> two heads."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.mag = cfg.mag
-        self.used_mags = [mag_index(self.magnifications, cfg.mag)]
+        if len(cfg.magnifications) != 1:
+            raise PipelineError(f"model '{self.name}' reads one slot, got {tuple(cfg.magnifications)}")
+        self.mag = cfg.magnifications[0]
+        self.used_mags = [0]
 
     def embed(self, images):
         raise NotImplementedError
 
     def forward_features(self, x, mask=None):
-        return self.embed(select_mags(x, self.used_mags[0]))
+        return self.embed(select_mags(x, 0))
 
     def forward(self, x, mask=None):
-        return self.outputs(self.forward_features(x, mask), one_hot_weights(x, self.used_mags[0]))
+        return self.outputs(self.forward_features(x, mask), one_slot_weights(x))

@@ -115,6 +115,15 @@ def is_cnn(name):
     return not hasattr(model, "patch_embed")
 
 
+FROZEN_CNN_STAGE = (2,)
+
+
+def frozen_stage(name):
+    """The backbone stage(s) a frozen encoder is read at: a middle stage of a CNN (its last transfers worst from
+    ImageNet to histology, docs/encoders.md), the last of a ViT or hub encoder."""
+    return FROZEN_CNN_STAGE if is_cnn(name) else (-1,)
+
+
 def hub_config_file(name):
     """Local path of an hf-hub: backbone's config.json: huggingface_hub's cache, else downloaded once."""
     repo, revision = hub_split(name)

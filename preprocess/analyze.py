@@ -29,7 +29,7 @@ STEM_RE = re.compile(r"^\d+-\d+")
 MARKER = "SYNTHETIC.txt"
 BREAKHIS_IMAGES = 7909
 COLUMNS = ["path", "file", "label", "class_name", "subtype_code", "subtype", "subtype_group", "slide_id",
-           "patient_id", "magnification", "seq"]
+           "patient_id", "magnification", "seq", "width", "height"]
 DOWNLOAD_HINT = ("Get the data with `bash setup.sh` (downloads and extracts BreaKHis_v1.tar.gz from "
                  "http://www.inf.ufpr.br/vri/databases/BreaKHis_v1.tar.gz into data/), or point --data-root at an "
                  "extracted copy, or try the pipeline on generated images with `python main.py --demo`.")
@@ -97,25 +97,31 @@ def is_synthetic(base):
     return any((p / MARKER).exists() for p in [base, *base.parents])
 
 
-def check_image(path):
-    """Empty string for a readable image, else why it is not (truncated PNGs fail the chunk CRC walk)."""
+def inspect_image(path):
+    """(why the image is unreadable or '', its width, its height); truncated PNGs fail the chunk CRC walk."""
     try:
         if os.path.getsize(path) == 0:
-            return "empty file"
+            return "empty file", 0, 0
         with Image.open(path) as im:
+            width, height = im.size
             if im.format == "PNG":
                 im.verify()
             else:
                 im.load()
     except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
-        return f"{type(e).__name__}: {e}".strip()
-    return ""
+        return f"{type(e).__name__}: {e}".strip(), 0, 0
+    return "", width, height
+
+
+def inspect(paths, workers=8):
+    """(reason, width, height) per path, checked in a thread pool."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(inspect_image, paths, chunksize=64))
 
 
 def validate(paths, workers=8):
-    """Reason per path ('' when fine), checked in a thread pool."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(check_image, paths, chunksize=64))
+    """Reason per path ('' when fine)."""
+    return [why for why, _, _ in inspect(paths, workers)]
 
 
 def group_subtypes(index, min_images):
@@ -172,11 +178,12 @@ def build_index(data_root, min_images=500):
         rows.append(dict(info, path=os.path.abspath(path)))
     if not rows:
         raise no_data(root, "no file named like SOB_<B|M>_<subtype>-<slide>-<mag>-<seq>.png")
-    reasons = validate([r["path"] for r in rows])
+    found = inspect([r["path"] for r in rows])
+    reasons = [why for why, _, _ in found]
     excluded = pd.DataFrame([(r["path"], why) for r, why in zip(rows, reasons) if why], columns=["path", "reason"])
     for path, why in excluded.itertuples(index=False):
         warn(f"excluding unreadable image {path} ({why})")
-    rows = [r for r, why in zip(rows, reasons) if not why]
+    rows = [dict(r, width=w, height=h) for r, (why, w, h) in zip(rows, found) if not why]
     if not rows:
         raise no_data(root, f"all {len(reasons)} image files are unreadable")
     index = pd.DataFrame(rows)
@@ -190,7 +197,11 @@ def build_index(data_root, min_images=500):
 def load_index(cfg):
     """output/index.csv as written by the analyze stage."""
     path = require(index_path(cfg), "analyze")
-    return pd.read_csv(path, dtype={"slide_id": str, "patient_id": str, "subtype_code": str}, keep_default_na=False)
+    index = pd.read_csv(path, dtype={"slide_id": str, "patient_id": str, "subtype_code": str}, keep_default_na=False)
+    if not {"width", "height"} <= set(index):
+        raise PipelineError(f"{path} has no image sizes (an earlier version wrote it). Rerun the analyze stage: "
+                            f"python main.py --stages analyze")
+    return index
 
 
 def subtype_classes(index):

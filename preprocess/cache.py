@@ -1,4 +1,5 @@
-"""Decode every PNG once into a resized uint8 array on disk, memory-mapped on load."""
+"""Decode every PNG once into a uint8 array on disk, memory-mapped on load: every field at its own aspect ratio (short
+side `--image-size`), one process building it while the others wait."""
 import hashlib
 import os
 from collections import Counter
@@ -11,7 +12,7 @@ import torch
 import torchstain
 
 from utils.helpers import PipelineError, log, output_path, warn
-from utils.lock import alive
+from utils.lock import alive, file_lock
 
 STAIN = torchstain.normalizers.MacenkoNormalizer(backend="torch")
 _OPEN = {}
@@ -30,9 +31,29 @@ def fingerprint(paths):
     return h.hexdigest()[:16]
 
 
-def cache_path(folder, size, stain_norm, paths):
+def cache_path(folder, shape, stain_norm, paths):
     tag = "_macenko" if stain_norm else ""
-    return Path(folder) / f"images_{size}{tag}_{fingerprint(paths)}.npy"
+    return Path(folder) / f"images_{shape[1]}x{shape[0]}{tag}_{fingerprint(paths)}.npy"
+
+
+def field_shape(widths, heights, size):
+    """(height, width) every field is cached at: short side `size`, the other side from the fields' median aspect
+    ratio (700x460 BreakHis fields at 224: 224 x 341)."""
+    aspect = float(np.median(np.asarray(widths, float) / np.asarray(heights, float)))
+    if aspect >= 1:
+        return size, max(size, round(size * aspect))
+    return max(size, round(size / aspect)), size
+
+
+def fit_field(img, shape):
+    """An RGB field resized without distortion to cover `shape` (height, width), then cropped to it at the centre: a
+    field of the common aspect fits exactly, another (700x456) loses a few pixels at its long ends."""
+    height, width = shape
+    scale = max(height / img.shape[0], width / img.shape[1])
+    size = (max(width, round(img.shape[1] * scale)), max(height, round(img.shape[0] * scale)))
+    img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    top, left = (img.shape[0] - height) // 2, (img.shape[1] - width) // 2
+    return img[top:top + height, left:left + width]
 
 
 def tissue_fraction(rgb, io=240, beta=0.15):
@@ -55,13 +76,13 @@ def macenko(rgb, min_tissue=0.1):
     return norm.numpy().astype(np.uint8), ""
 
 
-def decode(path, size, stain_norm=False):
-    """(One PNG as an RGB uint8 (size, size, 3) array: the whole field of view resized square, why Macenko left it
-    as it is or '')."""
+def decode(path, shape, stain_norm=False):
+    """(One PNG as an RGB uint8 (height, width, 3) array: the whole field at its own aspect ratio (fit_field), why
+    Macenko left it as it is or '')."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise PipelineError(f"cannot decode {path}. Rerun the 'analyze' stage so unreadable images are excluded.")
-    img = cv2.resize(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), (size, size), interpolation=cv2.INTER_AREA)
+    img = fit_field(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), shape)
     return macenko(img) if stain_norm else (img, "")
 
 
@@ -75,28 +96,35 @@ def log_fallbacks(reasons, stain_norm):
         + (f"; left as they are: {kept}" if kept else ""))
 
 
-def build_cache(paths, target, size, stain_norm):
+def build_cache(paths, target, shape, stain_norm):
     """Decode `paths` into a .npy written atomically at `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.npy")
-    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
-    reasons = decode_into(store, paths, size, stain_norm)
+    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *shape, 3))
+    reasons = decode_into(store, paths, shape, stain_norm)
     del store
     os.replace(tmp, target)
     log_fallbacks(reasons, stain_norm)
 
 
-def decode_into(store, paths, size, stain_norm):
+def decode_into(store, paths, shape, stain_norm, failed=None):
     """Decode `paths` into the rows of `store` in parallel threads and flush it; why Macenko left each image as it was
-    ('' where it normalised it)."""
+    ('' where it normalised it). With `failed` (a list), an unreadable file is recorded there as
+    (index, why) instead of stopping."""
     reasons = [""] * len(paths)
 
     def work(i):
-        store[i], reasons[i] = decode(paths[i], size, stain_norm)
+        try:
+            store[i], reasons[i] = decode(paths[i], shape, stain_norm)
+        except (PipelineError, cv2.error):
+            if failed is None:
+                raise
+            failed.append((i, "unreadable image (cannot be decoded)"))
 
     with ThreadPoolExecutor(min(16, (os.cpu_count() or 2) * 2)) as pool:
         list(pool.map(work, range(len(paths))))
-    store.flush()
+    if hasattr(store, "flush"):
+        store.flush()
     return reasons
 
 
@@ -117,22 +145,38 @@ def drop_dead_tmp(folder, pattern):
             tmp.unlink(missing_ok=True)
 
 
-def image_cache(paths, size, stain_norm, folder):
-    """(memory-mapped uint8 array (N, S, S, 3), its .npy file, {path: row}) of `paths` at `size` px, Macenko
-    normalised or not, cached in `folder`; built on first use."""
+def build_once(target, build, what):
+    """Build `target` with `build()` unless it exists: one process builds it under a lock beside it, the others wait
+    for that process and then read its file."""
+    if target.exists():
+        return
+    with file_lock(target.with_name(f".{target.name}.lock"), f"{what} {target}"):
+        if not target.exists():
+            build()
+
+
+def image_cache(paths, shape, stain_norm, folder):
+    """(memory-mapped uint8 array (N, height, width, 3), its .npy file, {path: row}) of `paths` fitted to `shape`
+    (field_shape), Macenko normalised or not, cached in `folder`; built once, on first use."""
     paths = [str(p) for p in paths]
-    target = cache_path(folder, size, stain_norm, paths)
+    shape = tuple(int(v) for v in shape)
+    target = cache_path(folder, shape, stain_norm, paths)
     if str(target) in _OPEN:
         return _OPEN[str(target)]
-    if not target.exists():
-        log(f"Caching {len(paths)} images at {size}x{size} -> {target}")
+
+    def build():
+        log(f"Caching {len(paths)} images at {shape[1]}x{shape[0]} -> {target}")
         drop_stale(target)
-        build_cache(paths, target, size, stain_norm)
+        build_cache(paths, target, shape, stain_norm)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build_once(target, build, "the image cache")
     try:
         arr = np.load(target, mmap_mode="r")
     except (ValueError, OSError) as e:
         warn(f"image cache {target} is unreadable ({e}); rebuilding it")
-        build_cache(paths, target, size, stain_norm)
+        target.unlink(missing_ok=True)
+        build_once(target, build, "the image cache")
         arr = np.load(target, mmap_mode="r")
     _OPEN[str(target)] = (arr, target, {p: i for i, p in enumerate(paths)})
     return _OPEN[str(target)]

@@ -133,7 +133,8 @@ def test_mmnet_with_a_vit_trains_at_32_px():
 
 @pytest.mark.parametrize("name", ["simple_concat", "single_mag"])
 def test_baselines_with_a_vit_train_at_32_px(name):
-    model = build_model(name, **model_settings(magnifications=MAGS2, num_subtypes=3, backbone=VIT, pretrained=False))
+    slots = MAGS2[:1] if name == "single_mag" else MAGS2
+    model = build_model(name, **model_settings(magnifications=slots, num_subtypes=3, backbone=VIT, pretrained=False))
     out = model(*batch(32))
     assert out["binary_logits"].shape == (2,)
     out["binary_logits"].sum().backward()

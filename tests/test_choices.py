@@ -40,7 +40,7 @@ def choices(metrics):
 
 
 def test_the_probe_picks_c_by_inner_cv_and_ignores_the_test_patients(prepared, tmp_path, monkeypatch):
-    from stages.training import features
+    from stages.training import data, features
     from stages.training.probe import C_GRID
     from stages.training.run import run_one
     metrics = run_one(prepared, spec("linear_probe", "linear_probe"), "fold_0")
@@ -49,17 +49,18 @@ def test_the_probe_picks_c_by_inner_cv_and_ignores_the_test_patients(prepared, t
     assert all(0 < metrics["threshold"][level]["oof_youden"] < 1 for level in ("tuple", "patient"))
     assert "oof_youden" in metrics["test"]["patient"]
     cfg, test = poisoned(prepared, tmp_path)
-    pooled = features.FeatureBank.pooled
+    pooled = features.pooled_features
 
-    def noisy(bank):
+    def noisy(cfg, bank, device, stage):
         """Test images' features replaced by noise."""
         from preprocess.analyze import load_index
         index = load_index(cfg)
         rows = [bank.row_of[p] for p in index.loc[index["patient_id"].isin(test), "path"] if p in bank.row_of]
-        values = pooled(bank).copy()
+        found = pooled(cfg, bank, device, stage)
+        values = found.values.copy()
         values[rows] = np.random.default_rng(0).normal(size=values[rows].shape)
-        return values
-    monkeypatch.setattr(features.FeatureBank, "pooled", noisy)
+        return features.Pooled(values, found.backbone_state)
+    monkeypatch.setattr(data, "pooled_features", noisy)
     again = run_one(cfg, spec("linear_probe", "linear_probe"), "fold_0")
     assert again["probe"]["oof_auc_by_C"] == by_c
     assert choices(again) == choices(metrics)

@@ -105,8 +105,8 @@ def test_patient_rows_are_the_mean_of_their_tuples(trained):
 def test_checkpoint_reloads_through_the_registry_with_the_same_predictions(trained):
     from preprocess.analyze import load_index
     from preprocess.transforms import prepare
-    from preprocess.cache import cache_folder
-    from preprocess.tuples import image_bank, tuple_rows
+    from preprocess.tuples import tuple_rows
+    from stages.training.data import index_bank
     from stages.training.checkpoint import load_model
     from stages.training.forward import tta_prob
     cfg, folder, pred, _ = trained
@@ -114,9 +114,10 @@ def test_checkpoint_reloads_through_the_registry_with_the_same_predictions(train
     assert ckpt["model_name"] == "mmnet" and ckpt["classes"]["binary"] == ["benign", "malignant"]
     assert ckpt["magnifications"] == list(MAGS) and ckpt["image_size"] == cfg.image_size
     rows = pred[(pred["level"] == "tuple") & (pred["role"] == "test")].reset_index(drop=True)
-    bank = image_bank(load_index(cfg)["path"].astype(str).tolist(), cfg.image_size, cfg.stain_norm, cache_folder(cfg))
+    bank = index_bank(cfg, load_index(cfg))
+    assert tuple(ckpt["field"]) == bank.shape and min(bank.shape) == cfg.image_size
     raw, mask = bank.gather(tuple_rows(rows, MAGS, bank.row_of), torch.device("cpu"))
-    assert raw.dtype == torch.uint8 and raw.shape == (len(rows), len(MAGS), cfg.image_size, cfg.image_size, 3)
+    assert raw.dtype == torch.uint8 and raw.shape == (len(rows), len(MAGS), *bank.shape, 3)
     assert torch.equal(mask, torch.tensor((rows[[f"path_{m}" for m in MAGS]] != "").to_numpy()))
     x, mask = prepare(raw, mask, torch.device("cpu"))
     with torch.no_grad():
@@ -132,19 +133,23 @@ def test_a_finished_run_is_skipped_unless_forced(trained):
     assert (folder / "metrics.json").stat().st_mtime_ns == stamp
 
 
-def test_every_baseline_and_ablation_builds_and_reads_the_full_tuple(make_cfg):
+def test_every_baseline_and_ablation_builds_and_reads_its_slots(make_cfg):
     from backbones import MODELS, build_model
     from backbones import model_config
     from stages.training.runs import ablation_runs, baseline_runs
     cfg = make_cfg(resnet_backbone="test_resnet")
     specs = baseline_runs(cfg) + ablation_runs(cfg)
     names = [s.name for s in specs]
-    assert names == ["simple_concat", "single_40X", "single_100X", "single_200X", "single_400X", "resnet50_transfer_40X",
-                     "linear_probe", "mmnet_no_spatial", "mmnet_no_channel", "mmnet_no_hma", "mmnet_no_cmf", "mmnet_only_40X",
-                     "mmnet_only_100X", "mmnet_only_200X", "mmnet_only_400X"]
-    x, mask = torch.randn(2, 4, 3, 32, 32), torch.tensor([[True, True, False, True]] * 2)
+    assert names == ["simple_concat", "single_40X", "single_100X", "single_200X", "single_400X", "any_mag",
+                     "resnet50_transfer_40X", "linear_probe", "mmnet_no_spatial", "mmnet_no_channel", "mmnet_no_hma",
+                     "mmnet_no_cmf", "mmnet_only_40X", "mmnet_fields_40X", "mmnet_only_100X", "mmnet_fields_100X",
+                     "mmnet_only_200X", "mmnet_fields_200X", "mmnet_only_400X", "mmnet_fields_400X"]
     for spec in [s for s in specs if s.model in MODELS]:
         model = build_model(spec.model, **asdict(model_config(cfg, spec.model, 3, **spec.flags))).eval()
+        slots = len(model.magnifications)
+        assert slots == (4 if spec.model in ("mmnet", "simple_concat", "linear_probe") and "only" not in spec.name
+                         else 1), spec.name
+        x, mask = torch.randn(2, slots, 3, 32, 48), torch.tensor([[True, True, False, True][:slots]] * 2)
         with torch.no_grad():
             out = model(x, mask)
         assert out["binary_logits"].shape == (2,) and out["subtype_logits"].shape == (2, 3), spec.name

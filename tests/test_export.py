@@ -11,9 +11,7 @@ import main
 from stages.training.checkpoint import load_model
 from stages.inference.predictor import OnnxModel
 from config import Config
-from preprocess.cache import cache_folder
-from preprocess.tuples import image_bank
-from stages.training.data import split_frames
+from stages.training.data import index_bank, split_frames
 from stages.inference.predictor import onnx_predictor, score
 from stages.training.runs import REFERENCE
 from tests.conftest import copy_output
@@ -44,6 +42,7 @@ def test_metadata_carries_what_inference_needs(exported):
     ckpt = torch.load(Path(cfg.output_dir) / "models" / "best_model.pth", weights_only=False)
     assert meta["classes"]["subtype"] == ckpt["classes"]["subtype"]
     assert meta["magnifications"] == ckpt["magnifications"] and meta["image_size"] == ckpt["image_size"]
+    assert meta["field"] == ckpt["field"] and meta["field"][1] > meta["field"][0]
     for key in ("mean", "std"):
         assert meta["normalization"][key] == pytest.approx(ckpt["normalization"][key])
     assert meta["threshold"] == pytest.approx(ckpt["threshold"])
@@ -57,7 +56,7 @@ def test_onnxruntime_reproduces_the_fixed_evaluation(exported):
     """The graph's probabilities on the fixed test tuples are those the evaluation wrote to predictions.csv."""
     cfg, path = exported
     index, parts = split_frames(cfg, "fixed")
-    bank = image_bank(index["path"].astype(str).tolist(), cfg.image_size, cfg.stain_norm, cache_folder(cfg))
+    bank = index_bank(cfg, index)
     tuples, _ = score(onnx_predictor(path), parts["test"], bank, 5, torch.device("cpu"))
     expected = fixed_test_tuples(cfg).set_index("tuple_id")["prob_malignant"]
     gap = np.abs(tuples.set_index("tuple_id")["prob_malignant"] - expected.loc[tuples["tuple_id"]].to_numpy())
@@ -68,10 +67,11 @@ def test_onnxruntime_reproduces_the_fixed_evaluation(exported):
 @pytest.mark.parametrize("batch", [1, 3, 7])
 def test_dynamic_batch_and_the_mask_is_an_input(exported, batch):
     cfg, path = exported
-    model, _ = load_model(Path(cfg.output_dir) / "models" / "best_model.pth")
+    model, ckpt = load_model(Path(cfg.output_dir) / "models" / "best_model.pth")
     session = OnnxModel(path).session
     gen = torch.Generator().manual_seed(batch)
-    x = torch.randn(batch, 4, 3, cfg.image_size, cfg.image_size, generator=gen)
+    x = torch.randn(batch, 4, 3, *ckpt["field"], generator=gen)
+    assert ckpt["field"][1] > ckpt["field"][0] == cfg.image_size
     mask = torch.ones(batch, 4, dtype=torch.bool)
     mask[:, 1] = False
     feeds = lambda m: {"images": x.numpy(), "mask": m.numpy()}  # noqa: E731
@@ -99,7 +99,7 @@ def test_ensemble_export_is_the_mean_of_its_members(exported):
     assert len(meta["members"]) == 2
     assert meta["threshold"]["youden"] == pytest.approx((ckpt["threshold"]["youden"] + 0.2) / 2)
     members = [load_model(models / "checkpoints" / f"{REFERENCE}_fold_{k}.pth")[0] for k in (0, 1)]
-    x = torch.randn(4, 4, 3, cfg.image_size, cfg.image_size)
+    x = torch.randn(4, 4, 3, *ckpt["field"])
     mask = torch.ones(4, 4, dtype=torch.bool)
     with torch.no_grad():
         probs = [torch.sigmoid(m(x, mask)["binary_logits"]).numpy() for m in members]

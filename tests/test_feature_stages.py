@@ -10,7 +10,7 @@ import timm
 import torch
 
 import main
-from backbones import build_model
+from backbones import build_model, encoders
 from backbones.common import ModelConfig, feature_backbone
 from config import Config
 from tests.conftest import prepared_output
@@ -43,7 +43,8 @@ def test_a_stage_list_parses():
 @pytest.mark.parametrize("name", ["mmnet", "simple_concat", "single_mag"])
 def test_each_model_reads_every_listed_stage(name):
     torch.manual_seed(0)
-    model = build_model(name, **model_settings(magnifications=MAGS, num_subtypes=3, feature_stage=(2, -1)))
+    slots = MAGS[:1] if name == "single_mag" else MAGS
+    model = build_model(name, **model_settings(magnifications=slots, num_subtypes=3, feature_stage=(2, -1)))
     assert model.num_features == sum(channels((2, -1))) > sum(channels((-1,)))
     x = torch.randn(2, len(MAGS), 3, 64, 64)
     out = model(x)
@@ -60,7 +61,7 @@ def test_a_frozen_pretrained_cnn_reads_a_middle_stage_unless_told(tmp_path):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
     frozen = ["--freeze-backbone", "--backbone", CNN]
-    assert main.resolve_config(frozen).feature_stage == main.FROZEN_CNN_STAGE == (2,)
+    assert main.resolve_config(frozen).feature_stage == encoders.FROZEN_CNN_STAGE == (2,)
     assert main.resolve_config(frozen + ["--no-pretrained", "--pretrained-path", str(weights)]).feature_stage == (2,)
     assert main.resolve_config(frozen + ["--feature-stage", "-1"]).feature_stage == (-1,)
     assert main.resolve_config(frozen + ["--no-pretrained"]).feature_stage == (-1,)

@@ -22,14 +22,15 @@ def spec(name, model="mmnet", **flags):
 def test_cached_features_equal_the_backbone_on_each_view(prepared):
     from stages.training.data import prepare_run
     from backbones.common import normalization
-    from stages.training.features import VIEWS, extractor, view
+    from preprocess.transforms import orient
+    from stages.training.features import VIEWS, extractor
     cfg = replace(prepared, freeze_backbone=True)
     run = prepare_run(cfg, "f", "fold_0", "mmnet", {})
     net = extractor(cfg)
     rows = np.array([[0, 1], [2, -1]])
     x, mask = run.bank.batch(rows, torch.device("cpu"), False, normalization(cfg.backbone))
     for k in range(VIEWS):
-        want = net(view(x[0, :1], k))[-1][0]
+        want = net(orient(x[0, :1], k))[-1][0]
         assert torch.allclose(run.features.image_maps(0, k)[-1], want, atol=2e-2, rtol=1e-2)
     feats, present = run.features.batch(rows, torch.device("cpu"), False)
     assert present.tolist() == [[True, True], [True, False]]
@@ -73,7 +74,8 @@ def test_the_feature_cache_is_built_once_and_reused(prepared):
     from stages.training import features
     from stages.training.data import prepare_run
     cfg = replace(prepared, freeze_backbone=True, feature_stage=(1,))
-    first = prepare_run(cfg, "a", "fold_0", "mmnet", {}).features
+    run = prepare_run(cfg, "a", "fold_0", "mmnet", {})
+    first = run.features
     folder = features.cache_folder(cfg)
     files = {p.name: p.stat().st_mtime_ns for p in folder.glob("features_*.npy")}
     features._FEATURES.clear()
@@ -84,7 +86,10 @@ def test_the_feature_cache_is_built_once_and_reused(prepared):
     assert deeper.shapes[0][0] != first.shapes[0][0]
     both = prepare_run(replace(cfg, feature_stage=(1, -1)), "d", "fold_0", "mmnet", {}).features
     assert both.shapes == first.shapes + deeper.shapes
-    assert np.allclose(both.pooled(), np.concatenate([first.pooled(), deeper.pooled()], 1), atol=1e-3)
+    one, last, pair = (features.pooled_features(cfg, run.bank, torch.device("cpu"), s).values
+                       for s in ((1,), (-1,), (1, -1)))
+    assert len(one) == len(run.bank.host) and one.shape[1] == first.shapes[0][0]
+    assert np.allclose(pair, np.concatenate([one, last], 1), atol=1e-3)
 
 
 def test_the_linear_probe_scores_like_a_run_and_picks_c_on_validation(prepared):

@@ -6,8 +6,6 @@ import sys
 
 import pytest
 
-from config import Config
-from stages.training.runs import all_runs
 from tests.conftest import ROOT
 
 SCRIPT = ROOT / "tests" / "benchmarks" / "gpu_check.py"
@@ -33,8 +31,15 @@ def test_dry_run_runs_every_part_and_ends_with_the_summary(tmp_path, gpu_check):
     assert LAST.fullmatch(lines[-1]), lines[-1]
     assert lines[-1].endswith("jobs 1")
     assert "backend gloo" in done.stdout
-    units = sum(1 if spec.stage == "fixed" else Config().n_folds for spec in all_runs(Config()))
-    assert re.search(rf"\[estimate\] ok .* runs {units},", done.stdout)
+    units = int(re.search(r"\[estimate\] ok .* units (\d+)", done.stdout).group(1))
+    plan = re.search(r"^plan: (\d+) units \((\d+) to train", done.stdout, re.M)
+    assert plan and int(plan.group(1)) == int(plan.group(2)) == units
+    flags = ["--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "output"), "--synthetic",
+             "--no-pretrained", *gpu_check.DRY, "--plan", "--force"]
+    out = tmp_path / "plan.log"
+    with open(out, "w") as console:
+        assert subprocess.run([sys.executable, "main.py", *flags], cwd=ROOT, stdout=console, timeout=600).returncode == 0
+    assert re.search(rf"^plan: {units} units ", out.read_text(), re.M), out.read_text()[-2000:]
 
 
 def test_a_failing_part_is_named_and_the_others_still_run(tmp_path, gpu_check, capsys):
@@ -56,10 +61,8 @@ def test_a_failing_part_is_named_and_the_others_still_run(tmp_path, gpu_check, c
                     "predict n/a ms/patient, jobs 3")
 
 
-def test_run_costs_come_from_the_measured_baselines(gpu_check):
-    runs = dict(simple_concat=10.0, single_40X=2.5, resnet50_transfer_40X=30.0)
-    assert gpu_check.cost("single_40X", runs) == 0.25
-    assert gpu_check.cost("mmnet_only_40X", runs) == 0.25
-    assert gpu_check.cost("resnet50_transfer_40X", runs) == 3.0
-    assert gpu_check.cost("mmnet_no_hma", runs) == gpu_check.cost("mmnet", runs) == 1.0
-    assert gpu_check.cost("single_40X", {}) == 1.0
+def test_the_parts_timeouts_leave_time_before_the_deadline(gpu_check, capsys):
+    assert sum(gpu_check.TIMEOUT_S.values()) < 480
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(["--dry", "--deadline", str(sum(gpu_check.TIMEOUT_S.values()))])
+    assert stop.value.code == 2 and "leaves no time" in capsys.readouterr().err

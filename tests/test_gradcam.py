@@ -14,7 +14,7 @@ SIZE = 48  # test_efficientnet has stride 32: 48 px gives 2x2 feature maps, 32 p
 
 def tiny(name, **flags):
     torch.manual_seed(0)
-    return build_model(name, **model_settings(magnifications=MAGS, num_subtypes=3, drop_rate=0.0, **flags))
+    return build_model(name, **model_settings(**dict(dict(magnifications=MAGS, num_subtypes=3, drop_rate=0.0), **flags)))
 
 
 def hook_count(model):
@@ -30,14 +30,14 @@ def signal_batch(n, generator):
 
 
 @pytest.mark.parametrize("name,flags", [
-    ("mmnet", {}), ("mmnet", {"shared_backbone": False}), ("simple_concat", {}), ("single_mag", {"mag": "200X"}),
+    ("mmnet", {}), ("mmnet", {"shared_backbone": False}), ("simple_concat", {}), ("single_mag", {"magnifications": ("200X",)}),
 ])
 def test_maps_have_input_size_range_and_hooks_are_released(name, flags):
     model = tiny(name, **flags).train()
-    x = torch.randn(3, len(MAGS), 3, SIZE, SIZE)
+    x = torch.randn(3, len(MAGS), 3, SIZE, 72)  # a whole field, wider than high
     mask = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
     maps = gradcam(model, x, mask)
-    assert maps.shape == (3, len(MAGS), SIZE, SIZE)
+    assert maps.shape == (3, len(MAGS), SIZE, 72)
     assert maps.min() >= 0 and maps.max() <= 1
     assert maps[1, 1].abs().sum() == 0 and maps[2, 3].abs().sum() == 0
     unused = [j for j in range(len(MAGS)) if j not in model.used_mags]

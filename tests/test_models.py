@@ -26,10 +26,13 @@ VARIANTS = {
     "mmnet_no_channel": ("mmnet", dict(use_channel=False)),
     "mmnet_no_hma": ("mmnet", dict(use_hma=False)),
     "mmnet_no_cmf": ("mmnet", dict(use_cmf=False)),
-    "mmnet_only_200X": ("mmnet", dict(use_mags=("200X",))),
-    "mmnet_40X_400X": ("mmnet", dict(use_mags=("400X", "40X"))),
+    "mmnet_only_200X": ("mmnet", dict(magnifications=("200X",))),
+    "mmnet_40X_400X": ("mmnet", dict(magnifications=("400X", "40X"))),
+    "mmnet_fields_100X": ("mmnet", dict(magnifications=("100X",) * 4)),
     "simple_concat": ("simple_concat", {}),
-    "single_100X": ("single_mag", dict(mag="100X")),
+    "single_100X": ("single_mag", dict(magnifications=("100X",))),
+    "single_any": ("single_mag", dict(magnifications=("any",))),
+    "linear_probe": ("linear_probe", {}),
 }
 MASK = torch.tensor([[True, True, False, True], [False, True, True, True], [True, True, True, True]])
 
@@ -40,17 +43,17 @@ def build(name, **kw):
     return build_model(kind, **dict(TINY, **extra, **kw))
 
 
-def batch(size=32, n=3, seed=0):
+def batch(size=32, n=3, seed=0, slots=len(MAGS), width=None):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, len(MAGS), 3, size, size, generator=g)
+    return torch.randn(n, slots, 3, size, width or size, generator=g)
 
 
-def check_outputs(out, n, num_subtypes=5):
+def check_outputs(out, n, num_subtypes=5, slots=len(MAGS)):
     assert set(out) == KEYS
     assert out["binary_logits"].shape == (n,)
     assert out["subtype_logits"].shape == (n, num_subtypes)
     assert out["embedding"].ndim == 2 and out["embedding"].shape[0] == n
-    assert out["mag_weights"].shape == (n, len(MAGS))
+    assert out["mag_weights"].shape == (n, slots)
     for value in out.values():
         assert value is None or torch.isfinite(value).all()
 
@@ -58,12 +61,14 @@ def check_outputs(out, n, num_subtypes=5):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_outputs_and_weights(name):
     model = build(name).eval()
+    slots = len(model.magnifications)
+    mask = MASK[:, :slots]
     with torch.no_grad():
-        out = model(batch(), MASK)
-    check_outputs(out, 3)
-    used = torch.zeros(len(MAGS), dtype=torch.bool)
+        out = model(batch(slots=slots, width=48), mask)
+    check_outputs(out, 3, slots=slots)
+    used = torch.zeros(slots, dtype=torch.bool)
     used[model.used_mags] = True
-    present = MASK & used
+    present = mask & used
     rows = present.any(1)
     w = out["mag_weights"]
     assert torch.allclose(w.sum(1), rows.float(), atol=1e-5) or name.startswith("single")
@@ -72,16 +77,28 @@ def test_outputs_and_weights(name):
         assert torch.allclose(out["hma_weights"].sum(1), rows.float(), atol=1e-5)
         assert (out["hma_weights"][~present] == 0).all()
     if out["spatial_maps"] is not None:
-        assert out["spatial_maps"].shape[:2] == (3, len(MAGS))
+        assert out["spatial_maps"].shape[:2] == (3, slots)
         assert (out["spatial_maps"][~present] == 0).all()
         assert (out["spatial_maps"][present] > 0).all()
 
 
-def test_single_mag_weights_one_hot():
+def test_single_mag_has_one_slot():
     model = build("single_100X").eval()
-    out = model(batch())
-    assert model.used_mags == [1]
-    assert out["mag_weights"].tolist() == [[0.0, 1.0, 0.0, 0.0]] * 3
+    out = model(batch(slots=1))
+    assert model.used_mags == [0] and model.mag == "100X"
+    assert out["mag_weights"].tolist() == [[1.0]] * 3
+    with pytest.raises(PipelineError, match="one slot"):
+        build_model("single_mag", **TINY)
+
+
+def test_four_fields_of_one_magnification_fuse_four_distinct_inputs():
+    model = build("mmnet_fields_100X").eval()
+    assert model.used_mags == [0, 1, 2, 3] and len(model.branches) == 4
+    x = batch()
+    y = x.clone()
+    y[:, 2] = torch.randn_like(y[:, 2])
+    with torch.no_grad():
+        assert not torch.allclose(model(x)["binary_logits"], model(y)["binary_logits"])
 
 
 def test_hma_follows_magnification_order():
@@ -89,19 +106,20 @@ def test_hma_follows_magnification_order():
     assert model.used_mags == [1, 3, 2, 0]
 
 
-@pytest.mark.parametrize("name", ["mmnet", "mmnet_separate", "mmnet_no_cmf", "mmnet_only_200X", "simple_concat"])
+@pytest.mark.parametrize("name", ["mmnet", "mmnet_separate", "mmnet_no_cmf", "mmnet_40X_400X", "simple_concat",
+                                  "linear_probe"])
 @pytest.mark.parametrize("train", [False, True])
 def test_masked_magnification_has_no_influence(name, train):
     model = build(name).train(train)
-    x = batch()
+    slots = len(model.magnifications)
+    mask = MASK[:, :slots]
+    x = batch(slots=slots)
     y = x.clone()
-    y[~MASK] = torch.randn_like(y[~MASK]) * 5
-    if name == "mmnet_only_200X":
-        y[:, [0, 1, 3]] = torch.randn_like(y[:, [0, 1, 3]])
+    y[~mask] = torch.randn_like(y[~mask]) * 5
     torch.manual_seed(1)
-    a = model(x, MASK)
+    a = model(x, mask)
     torch.manual_seed(1)
-    b = model(y, MASK)
+    b = model(y, mask)
     for key in KEYS:
         if a[key] is not None:
             assert torch.allclose(a[key], b[key], atol=1e-6), key
@@ -140,10 +158,11 @@ def test_ablation_removes_module(flag, attr):
 def test_subset_of_magnifications_is_smaller():
     full = build("mmnet")
     single = build("mmnet_only_200X")
-    assert single.used_mags == [2] and len(single.branches) == 1
+    assert single.used_mags == [0] and len(single.branches) == 1
+    assert single.hma is None and single.cmf is None
     assert count_params(single) < count_params(full)
     with pytest.raises(PipelineError):
-        build_model("mmnet", **dict(TINY, use_mags=("1000X",)))
+        build_model("mmnet", **dict(TINY, magnifications=()))
 
 
 def test_separate_backbones_have_more_params():
@@ -186,17 +205,17 @@ def test_subtype_head_reads_embedding():
 
 
 def test_registry_builds_every_name():
-    assert set(list_models()) == {"mmnet", "simple_concat", "single_mag", "resnet50_transfer"}
+    assert set(list_models()) == {"mmnet", "simple_concat", "single_mag", "resnet50_transfer", "linear_probe"}
     for name in list_models():
-        kw = TINY_RESNET if name == "resnet50_transfer" else TINY
-        model = build_model(name, **kw).eval()
-        check_outputs(model(batch(64 if name == "resnet50_transfer" else 32, n=2)), 2)
-        assert model.magnifications == MAGS
+        model = registry_model(name).eval()
+        slots = len(model.magnifications)
+        check_outputs(model(batch(64 if name == "resnet50_transfer" else 32, n=2, slots=slots)), 2, slots=slots)
 
 
 def registry_model(name):
     torch.manual_seed(0)
-    return build_model(name, **(TINY_RESNET if name == "resnet50_transfer" else TINY))
+    one = dict(magnifications=("40X",)) if name in ("single_mag", "resnet50_transfer") else {}
+    return build_model(name, **dict(TINY_RESNET if name == "resnet50_transfer" else TINY, **one))
 
 
 def test_registry_names_and_reference():
@@ -234,14 +253,15 @@ def test_model_settings_come_from_the_config_and_unknown_or_missing_ones_are_nam
 def test_fullgraph_compile_forward_and_backward(name):
     model = registry_model(name).eval()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
-    x = batch(64)
+    slots = len(model.magnifications)
+    x, mask = batch(64, slots=slots), MASK[:, :slots]
     with torch.no_grad():
-        want, got = model(x, MASK), compiled(x, MASK)
+        want, got = model(x, mask), compiled(x, mask)
     for key in KEYS:
         assert (want[key] is None) == (got[key] is None)
         assert want[key] is None or torch.allclose(want[key], got[key], atol=1e-5), key
     model.train()
-    out = compiled(x, MASK)
+    out = compiled(x, mask)
     (out["binary_logits"].sum() + out["subtype_logits"].logsumexp(1).sum()).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -254,11 +274,12 @@ def test_unknown_model_lists_valid_names():
     with pytest.raises(PipelineError, match="timm backbone"):
         build_model("mmnet", **dict(TINY, backbone="no_such_net"))
     with pytest.raises(PipelineError, match="ResNet backbone"):
-        build_model("resnet50_transfer", **TINY)
+        build_model("resnet50_transfer", **dict(TINY, magnifications=("40X",)))
 
 
 def test_resnet50_transfer_freezing_pattern():
-    model = ResNet50Transfer(model_config(replace(Config(), pretrained=False), "resnet50_transfer", 5, backbone="resnet50"))
+    model = ResNet50Transfer(model_config(replace(Config(), pretrained=False), "resnet50_transfer", 5, backbone="resnet50",
+                                          magnifications=("40X",)))
     net = model.backbone
     assert not any(p.requires_grad for p in net.conv1.parameters())
     assert not any(p.requires_grad for p in net.layer1[0].conv1.parameters())
@@ -273,13 +294,11 @@ def test_resnet50_transfer_freezing_pattern():
     assert all(p.requires_grad for p in backbone + head)
 
 
-def test_resnet50_transfer_reads_only_its_magnification():
-    model = build_model("resnet50_transfer", **dict(TINY_RESNET, mag="200X")).eval()
-    x = batch(64, n=2)
-    y = x.clone()
-    y[:, [0, 1, 3]] = torch.randn_like(y[:, [0, 1, 3]])
-    assert torch.allclose(model(x)["binary_logits"], model(y)["binary_logits"])
-    assert model(x)["mag_weights"][:, 2].eq(1).all()
+def test_resnet50_transfer_reads_one_slot():
+    model = build_model("resnet50_transfer", **dict(TINY_RESNET, magnifications=("200X",))).eval()
+    x = batch(64, n=2, slots=1, width=96)
+    assert model.reads(model.cfg) == ("200X",)
+    assert model(x)["binary_logits"].shape == (2,) and model(x)["mag_weights"].eq(1).all()
 
 
 def test_offline_pretrained_is_a_pipeline_error(monkeypatch):
@@ -300,7 +319,8 @@ def test_pretrained_path_loads_local_weights(tmp_path):
     with pytest.raises(PipelineError, match="does not exist"):
         build_model("mmnet", **model_settings(pretrained_path=str(tmp_path / "nope.pth"), pretrained=True))
     with pytest.raises(PipelineError, match="not a weights file"):
-        build_model("single_mag", **model_settings(backbone="test_resnet", pretrained_path=str(path), pretrained=True))
+        build_model("single_mag", **model_settings(backbone="test_resnet", pretrained_path=str(path), pretrained=True,
+                                                   magnifications=("40X",)))
 
 
 @pytest.mark.parametrize("name", ["mmnet", "mmnet_separate", "mmnet_40X_400X", "simple_concat", "single_100X"])
@@ -319,10 +339,10 @@ def test_cam_layers_see_feature_maps(name):
 
 
 def test_resnet_cam_layer():
-    model = build_model("resnet50_transfer", **TINY_RESNET).eval()
+    model = registry_model("resnet50_transfer").eval()
     shapes = []
     model.cam_layers()[0].register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
-    model(batch(64, n=2))
+    model(batch(64, n=2, slots=1))
     assert shapes == [(2, model.num_features, 2, 2)]
 
 
@@ -334,5 +354,7 @@ def test_profile_model_counts_and_leaves_model_clean():
     assert stats["params"] == count_params(model)
     assert stats["macs"] > 0 and stats["flops"] == 2 * stats["macs"]
     assert stats["ms_median"] > 0 and stats["threads"] == 1
-    single = profile_model(build("single_100X"), len(MAGS), 32, "cpu", threads=1, repeats=2, warmup=1)
+    single = profile_model(build("single_100X"), 1, 32, "cpu", threads=1, repeats=2, warmup=1)
+    wide = profile_model(model, len(MAGS), (32, 48), "cpu", threads=1, repeats=1, warmup=0)
+    assert wide["macs"] > stats["macs"]
     assert single["macs"] < stats["macs"]

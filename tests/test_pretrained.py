@@ -80,9 +80,10 @@ def test_normalisation_follows_the_backbone_into_the_checkpoint():
     assert same_normalisation(normalization("test_resnet"), HALF)
     cfg = Config()
     for backbone, expected in (("test_efficientnet", IMAGENET), ("test_resnet", HALF)):
-        kwargs = model_settings(backbone=backbone, num_subtypes=2)
+        kwargs = model_settings(backbone=backbone, num_subtypes=2, magnifications=("40X",))
         model = build_model("single_mag", **kwargs)
-        meta = SimpleNamespace(model_name="single_mag", model_kwargs=kwargs, classes=["a", "b"])
+        meta = SimpleNamespace(model_name="single_mag", model_kwargs=kwargs, classes=["a", "b"],
+                               bank=SimpleNamespace(shape=(32, 48)))
         assert same_normalisation(checkpoint(model, meta, cfg, 1, 0.5)["normalization"], expected)
 
 

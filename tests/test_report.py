@@ -28,7 +28,7 @@ RUNS = {
     "single_400X": FOLDS[:3], "resnet50_transfer_40X": FOLDS[:2],
 }
 SKILL = {"mmnet": 2.0, "simple_concat": 1.2, "resnet50_transfer_40X": 0.8}
-PROFILED = {"mmnet": ("mmnet", {}), "single_40X": ("single_mag", {"mag": "40X"})}
+PROFILED = {"mmnet": ("mmnet", {}), "single_40X": ("single_mag", {"magnifications": ("40X",)})}
 
 
 
@@ -96,11 +96,12 @@ def history(seed, epochs=5):
 def save_checkpoint(folder, run):
     from backbones import build_model
     model_name, flags = PROFILED[run]
-    kwargs = model_settings(magnifications=MAGS, num_subtypes=len(CLASSES), **flags)
+    kwargs = model_settings(**dict(dict(magnifications=MAGS, num_subtypes=len(CLASSES)), **flags))
     model = build_model(model_name, **kwargs)
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
-    torch.save(dict(model=model.state_dict(), model_name=model_name, model_kwargs=kwargs, magnifications=list(MAGS),
-                    image_size=32, classes={"binary": ["benign", "malignant"], "subtype": CLASSES},
+    torch.save(dict(model=model.state_dict(), model_name=model_name, model_kwargs=kwargs,
+                    magnifications=list(model.magnifications), image_size=32, field=[32, 48],
+                    classes={"binary": ["benign", "malignant"], "subtype": CLASSES},
                     normalization={"mean": [0.5] * 3, "std": [0.5] * 3}, epoch=1, best_auc=0.9),
                folder / "checkpoints" / "best.pth")
 
@@ -249,6 +250,7 @@ def test_comparison_tables_use_shared_folds(report):
     assert profiled[["params", "ms_per_tuple", "ms_per_patient", "auc_per_m_params"]].notna().all().all()
     eff = table(out, "efficiency")
     assert (eff["flops"] == 2 * eff["macs"]).all() and (eff["macs"] > 0).all()
+    assert set(eff["field"]) == {"48x32"}
     assert t4.loc[t4["model"] == "single_100X", "params"].isna().all()
 
 
@@ -315,6 +317,7 @@ def test_explain_writes_gradcam_attention_and_importance(make_cfg, monkeypatch):
     from preprocess.preprocess import run_split
     from utils.helpers import models_dir
     from stages.inference.explain import run_explain
+    from preprocess.cache import field_shape
     from stages.training.checkpoint import checkpoint
     cfg = make_cfg(image_size=48, explain_samples=1)
     run_analyze(cfg)
@@ -324,13 +327,15 @@ def test_explain_writes_gradcam_attention_and_importance(make_cfg, monkeypatch):
     torch.manual_seed(0)
     model = build_model("mmnet", **kwargs)
     models_dir(cfg).mkdir(parents=True, exist_ok=True)
-    meta = SimpleNamespace(model_name="mmnet", model_kwargs=kwargs, classes=classes)
+    index = load_index(cfg)
+    meta = SimpleNamespace(model_name="mmnet", model_kwargs=kwargs, classes=classes,
+                           bank=SimpleNamespace(shape=field_shape(index["width"], index["height"], cfg.image_size)))
     trained_with = replace(cfg, stain_norm=True, tta=True)
     torch.save(checkpoint(model, meta, trained_with, 1, 0.5), models_dir(cfg) / "best_model.pth")
     views, predict = [], explain.predict
     monkeypatch.setattr(explain, "predict", lambda *a, **k: views.append(k.get("tta")) or predict(*a, **k))
     run_explain(cfg)
-    assert list((Path(cfg.output_dir) / "cache").glob("images_48_macenko_*.npy")), "the checkpoint's stain setting"
+    assert list((Path(cfg.output_dir) / "cache").glob("images_*x48_macenko_*.npy")), "the checkpoint's stain setting"
     assert views == [True], "the checkpoint's test-time augmentation, as its thresholds were fitted"
     plots = models_dir(cfg).parent / "plots"
     listing = pd.read_csv(plots / "gradcam" / "index.csv")

@@ -128,10 +128,11 @@ def test_checkpoint_of_another_configuration_gives_a_clear_message(prepared, tmp
     from types import SimpleNamespace
     from stages.training.checkpoint import checkpoint, load_model, save
     kwargs = model_settings(magnifications=prepared.magnifications, num_subtypes=3)
-    meta = SimpleNamespace(model_name="mmnet", model_kwargs=kwargs, classes=["a", "b", "c"])
+    meta = SimpleNamespace(model_name="mmnet", model_kwargs=kwargs, classes=["a", "b", "c"],
+                           bank=SimpleNamespace(shape=(32, 48)))
     save(checkpoint(build_model("mmnet", **kwargs), meta, prepared, 1, 0.5), tmp_path / "a.pth")
     other = SimpleNamespace(model_name="mmnet", model_kwargs=dict(kwargs, backbone="test_resnet", num_subtypes=4),
-                            classes=["a", "b", "c", "d"])
+                            classes=["a", "b", "c", "d"], bank=SimpleNamespace(shape=(64, 96)))
     expect = checkpoint(build_model("mmnet", **other.model_kwargs), other, replace(prepared, image_size=64), 0, 0)
     with pytest.raises(PipelineError) as info:
         load_model(tmp_path / "a.pth", expect=expect)

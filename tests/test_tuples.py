@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from preprocess.cache import cache_folder, image_cache, macenko
-from preprocess.transforms import augment, prepare, tta_views
-from preprocess.tuples import ImageBank, TrainBatches, draw_tuples, eval_batches, eval_tuples, groups
+from preprocess.cache import cache_folder, field_shape, fit_field, image_cache, macenko
+from preprocess.transforms import augment, orient, prepare, tta_views
+from preprocess.tuples import (ANY, ImageBank, TrainBatches, draw_tuples, eval_batches, eval_tuples, groups,
+                               slot_labels)
 from tests.conftest import SAMPLES
 
 MAGS = ("40X", "100X", "200X", "400X")
@@ -101,17 +102,18 @@ def test_cache_decodes_once_and_is_rebuilt_when_a_source_file_changes(make_cfg, 
     for f in files:
         shutil.copy(f, tmp_path / f.name)
         paths.append(str(tmp_path / f.name))
-    arr, file, rows = image_cache(paths, cfg.image_size, cfg.stain_norm, cache_folder(cfg))
-    assert isinstance(arr, np.memmap) and arr.shape == (3, 16, 16, 3) and arr.dtype == np.uint8
-    expected = cv2.resize(cv2.cvtColor(cv2.imread(paths[1]), cv2.COLOR_BGR2RGB), (16, 16), interpolation=cv2.INTER_AREA)
+    shape = (16, 24)
+    arr, file, rows = image_cache(paths, shape, cfg.stain_norm, cache_folder(cfg))
+    assert isinstance(arr, np.memmap) and arr.shape == (3, 16, 24, 3) and arr.dtype == np.uint8
+    expected = cv2.resize(cv2.cvtColor(cv2.imread(paths[1]), cv2.COLOR_BGR2RGB), (24, 16), interpolation=cv2.INTER_AREA)
     assert np.array_equal(arr[rows[paths[1]]], expected)
     write_png(paths[1], np.zeros((40, 60, 3), dtype=np.uint8))
     os.utime(paths[1], ns=(1, 10**18))
-    arr2, file2, rows2 = image_cache(paths, cfg.image_size, cfg.stain_norm, cache_folder(cfg))
+    arr2, file2, rows2 = image_cache(paths, shape, cfg.stain_norm, cache_folder(cfg))
     assert file2 != file and not file.exists()
     assert arr2[rows2[paths[1]]].max() == 0
     assert np.array_equal(arr2[0], arr[0])
-    stained, file3, _ = image_cache(paths, cfg.image_size, True, cache_folder(cfg))
+    stained, file3, _ = image_cache(paths, shape, True, cache_folder(cfg))
     assert "macenko" in file3.name and file2.exists()
     assert stained.shape == arr2.shape and not np.array_equal(stained[0], arr2[0])
 
@@ -136,14 +138,14 @@ def test_macenko_fallbacks_are_counted_in_the_log(tmp_path, monkeypatch):
     real = sorted(SAMPLES.glob("*.png"))[0]
     blank = tmp_path / "blank.png"
     cv2.imwrite(str(blank), np.full((40, 60, 3), 245, dtype=np.uint8))
-    cache.build_cache([str(real), str(blank), str(blank)], tmp_path / "images.npy", 32, True)
+    cache.build_cache([str(real), str(blank), str(blank)], tmp_path / "images.npy", (32, 48), True)
     assert lines == ["Macenko stain normalisation: 1 of 3 images normalised; left as they are: 2 background"]
 
 
 def test_augmentation_is_independent_per_image_and_adds_no_noise():
     torch.manual_seed(0)
     grey = torch.full((2, 4, 3, 16, 16), 0.5)
-    out = augment(grey.clone())
+    out = augment(grey.clone(), 16)
     flat = out.reshape(8, 3, -1)
     assert torch.allclose(flat, flat[..., :1].expand_as(flat), atol=1e-5)
     assert len({round(float(v), 5) for v in flat[:, 0, 0]}) == 8
@@ -154,3 +156,53 @@ def test_augmentation_is_independent_per_image_and_adds_no_noise():
     assert x.shape == (1, 4, 3, 16, 16)
     assert (x[0, 2] == 0).all() and (x[0, 0] != 0).any()
     assert [v.shape for v in tta_views(x)] == [x.shape] * 4
+
+
+def test_fields_keep_their_aspect_ratio_from_the_file_to_the_model():
+    assert field_shape([700, 700, 700], [460, 460, 456], 224) == (224, 341)
+    assert field_shape([460], [700], 224) == (341, 224)
+    field = np.zeros((456, 700, 3), np.uint8)
+    field[:, 345:355] = 255  # a vertical bar at the centre stays a bar of the same relative width
+    out = fit_field(field, (224, 341))
+    assert out.shape == (224, 341, 3)
+    bar = np.flatnonzero(out[112, :, 0] > 127)
+    assert abs(bar.mean() - 170) <= 1 and 3 <= len(bar) <= 7
+    images = torch.zeros((2, 4, 16, 24, 3), dtype=torch.uint8)
+    mask = torch.ones((2, 4), dtype=torch.bool)
+    assert prepare(images, mask, torch.device("cpu"), train=False)[0].shape == (2, 4, 3, 16, 24)
+    assert prepare(images, mask, torch.device("cpu"), train=True)[0].shape == (2, 4, 3, 16, 16)
+
+
+def test_training_views_never_turn_a_field_by_a_quarter_turn():
+    """A pattern that varies only along the width still varies only along the width after augmentation, as in the
+    test-time views: training and evaluation see one set of orientations."""
+    torch.manual_seed(0)
+    ramp = torch.linspace(0.2, 0.8, 24).view(1, 1, 1, 1, 24).expand(3, 4, 3, 16, 24).contiguous()
+    out = augment(ramp, 16)
+    assert out.shape == (3, 4, 3, 16, 16)
+    assert torch.allclose(out, out[..., :1, :].expand_as(out), atol=1e-4)
+    assert not torch.allclose(out, out[..., :1].expand_as(out), atol=1e-3)
+    views = tta_views(ramp)
+    assert len(views) == 4 and all(v.shape == ramp.shape for v in views)
+    assert all(torch.allclose(v, v[..., :1, :].expand_as(v)) for v in views)
+    assert torch.equal(orient(orient(ramp, 3), 3), ramp)
+
+
+def test_slots_of_one_magnification_take_distinct_fields(index):
+    slots = ("40X",) * 4
+    assert slot_labels(slots) == ["40X_1", "40X_2", "40X_3", "40X_4"]
+    t = eval_tuples(index, slots)
+    b = t[t["group"] == "B_DC"]
+    assert len(b) == 1 and sorted(b.iloc[0][[f"path_40X_{i}" for i in range(1, 5)]]) == sorted(
+        ["/d/B_DC_40X_1.png", "/d/B_DC_40X_2.png"] * 2)
+    drawn = draw_tuples(groups(index, slots), slots, 5, np.random.default_rng(0))
+    for _, row in drawn[drawn["group"] == "A_F"].iterrows():
+        assert len({row[f"path_40X_{i}"] for i in range(1, 4)}) == 3
+
+
+def test_the_any_slot_scores_every_image_once(index):
+    t = eval_tuples(index, (ANY,))
+    assert sorted(t["path_any"]) == sorted(index["path"])
+    assert t.groupby("group").size().to_dict() == {"A_F": 6, "B_DC": 5, "B_LC": 4}
+    pooled = eval_tuples(index, (ANY,), pool=("40X",))
+    assert set(pooled["path_any"]) == set(index.loc[index["magnification"] == "40X", "path"])

@@ -162,6 +162,7 @@ RULES = dict(
     backbone_lr_scale=number(0, low_open=True), weight_decay=number(0), warmup_epochs=integer(0),
     grad_clip=number(0), patience=integer(1), selection=choice(SELECTIONS), freeze_backbone=boolean(),
     frozen_epochs=integer(0), feature_stage=stage_indices(), runs=name_list(), tuples_per_patient=integer(1), focal_gamma=number(0),
+    label_smoothing=number(0, 1, high_open=True), checkpoint_every_s=integer(0), plan=boolean(),
     subtype_loss_weight=number(0), amp=boolean(), precision=choice(PRECISIONS),
     channels_last=choice(SWITCHES), fused_adamw=choice(SWITCHES), compile=boolean(),
     compile_backend=choice(COMPILE_BACKENDS), jobs=integer(0), stain_norm=boolean(), tta=boolean(),

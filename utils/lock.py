@@ -6,6 +6,7 @@ import secrets
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -116,7 +117,7 @@ class RunLock:
         reason = stale_reason(self.path, holder, self.stale_s)
         if not reason:
             return False
-        guard = self.path.with_name(".lock.takeover")
+        guard = self.path.with_name(f"{self.path.name}.takeover")
         if not create_exclusive(guard, self.info):
             clear_dead_guard(guard, self.stale_s)
             return False
@@ -157,3 +158,25 @@ def try_lock(folder, stale_s=STALE_AFTER_S):
     """A held RunLock for `folder`, or None when a live process holds it (see RunLock(folder).held_by())."""
     lock = RunLock(folder, stale_s)
     return lock if lock.acquire() else None
+
+
+class FileLock(RunLock):
+    """A RunLock held in a lock file of its own (beside a cache file) instead of folder/.lock."""
+
+    def __init__(self, path, stale_s=STALE_AFTER_S):
+        super().__init__(Path(path).parent, stale_s)
+        self.path = Path(path)
+
+
+@contextmanager
+def file_lock(path, what, stale_s=STALE_AFTER_S, wait_s=1.0):
+    """Hold the lock file at `path` while doing `what`; while another live process holds it, wait (saying so once)."""
+    lock = FileLock(path, stale_s)
+    if not lock.acquire():
+        log(f"waiting for {describe(lock.held_by(), lock.path)}, who is building {what}")
+        while not lock.acquire():
+            time.sleep(wait_s)
+    try:
+        yield lock
+    finally:
+        lock.release()

@@ -1,4 +1,5 @@
-"""Class-weighted focal loss for the binary head and class-balanced cross entropy for the subtype head."""
+"""Class-weighted (focal) binary cross entropy with label smoothing for the binary head and class-balanced cross
+entropy for the subtype head."""
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,18 @@ def class_balanced_weights(counts, beta=0.999):
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def focal_loss(logits, labels, alpha, gamma):
-    return sigmoid_focal_loss(logits.float(), labels.float(), alpha=alpha, gamma=gamma, reduction="mean")
+def smoothed(labels, smoothing):
+    """Binary targets pulled towards 1/2 by `smoothing` (Szegedy et al. 2016): 1 -> 1 - s/2, 0 -> s/2."""
+    return labels.float() * (1 - smoothing) + smoothing / 2
+
+
+def focal_loss(logits, labels, alpha, gamma, smoothing=0.0):
+    """torchvision's sigmoid focal loss (gamma 0: alpha-weighted cross entropy) on smoothed targets; the class weight
+    follows the hard label."""
+    targets = smoothed(labels, smoothing)
+    loss = sigmoid_focal_loss(logits.float(), targets, alpha=-1, gamma=gamma, reduction="none")
+    weight = labels.float() * alpha + (1 - labels.float()) * (1 - alpha)
+    return (weight * loss).mean()
 
 
 def subtype_loss(logits, labels, weights):
@@ -54,14 +65,15 @@ def distillation_loss(out, teacher_prob, teacher_subtype, temperature, subtype_w
 
 
 class Criterion:
-    """Focal loss on the binary logit plus `subtype_weight` times class-balanced CE on the subtype logits."""
+    """Class-weighted (focal) loss with label smoothing on the binary logit plus `subtype_weight` times class-balanced
+    CE on the subtype logits."""
 
-    def __init__(self, alpha, subtype_weights, gamma=2.0, subtype_weight=0.5):
-        self.alpha, self.gamma = alpha, gamma
+    def __init__(self, alpha, subtype_weights, gamma=0.0, subtype_weight=0.5, smoothing=0.0):
+        self.alpha, self.gamma, self.smoothing = alpha, gamma, smoothing
         self.subtype_weights, self.subtype_weight = subtype_weights, subtype_weight
 
     def __call__(self, out, labels, subtypes, x=None, mask=None):
-        loss = focal_loss(out["binary_logits"], labels, self.alpha, self.gamma)
+        loss = focal_loss(out["binary_logits"], labels, self.alpha, self.gamma, self.smoothing)
         if self.subtype_weight and out.get("subtype_logits") is not None:
             loss = loss + self.subtype_weight * subtype_loss(out["subtype_logits"], subtypes, self.subtype_weights)
         return loss

@@ -11,7 +11,7 @@ from utils.scoring import (BINARY, DECISION_RULES, KEY, LEVELS, RULES, SUBTYPE, 
                            subtype_result, subtype_summary)
 
 EFFICIENCY = ["model", "params", "params_m", "macs", "flops", "macs_g", "flops_g", "ms_per_tuple", "ms_per_patient",
-              "tuples_per_patient", "image_size", "device", "checkpoint"]
+              "tuples_per_patient", "image_size", "field", "device", "checkpoint"]
 TABLE_NAMES = {
     "cv": "table_1_cross_validation_k_fold_results.csv",
     "fixed": "table_2_patient_wise_results.csv",

@@ -14,13 +14,11 @@ def mag_order(mag):
     return int(str(mag).upper().rstrip("X"))
 
 
-def resolve_used(magnifications, use_mags=None):
-    """Indices of the used magnifications in the input tuple, lowest magnification first."""
-    use_mags = tuple(magnifications) if use_mags is None else tuple(use_mags)
-    unknown = [m for m in use_mags if m not in magnifications]
-    if unknown or not use_mags:
-        raise PipelineError(f"use_mags {use_mags} must be a non-empty subset of {tuple(magnifications)}")
-    return sorted((magnifications.index(m) for m in set(use_mags)), key=lambda i: mag_order(magnifications[i]))
+def slot_order(magnifications):
+    """Indices of the input slots, lowest magnification first (slots of one magnification in their order)."""
+    if not magnifications:
+        raise PipelineError("MMNet needs at least one input slot (magnifications)")
+    return sorted(range(len(magnifications)), key=lambda i: mag_order(magnifications[i]))
 
 
 def masked_softmax(scores, mask, dim=-1):
@@ -129,19 +127,16 @@ class MMNet(MagnificationModel):
     """Multi-magnification network: per-magnification attention branches, MSAP, HMA, CMF and two heads.
 
     Each selected backbone stage has its own branches and MSAP; the pooled vectors of the stages are concatenated.
-    HMA and CMF fuse magnifications, so a model that reads a single magnification (use_mags=('40X',)) has neither.
+    HMA and CMF fuse the slots, so a model with a single slot (magnifications=('40X',)) has neither; four slots of one
+    magnification (mmnet_fields_100X) fuse four fields of it.
     """
 
     name = "mmnet"
     takes_features = True
 
-    @staticmethod
-    def reads(cfg):
-        return tuple(cfg.use_mags or cfg.magnifications)
-
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.used_mags = resolve_used(self.magnifications, cfg.use_mags)
+        self.used_mags = slot_order(self.magnifications)
         self.shared_backbone = cfg.shared_backbone
         n_used = len(self.used_mags)
         n_backbones = 1 if cfg.shared_backbone else n_used

@@ -1,11 +1,12 @@
-"""Explain stage: Grad-CAM, spatial attention and magnification importance of best_model.pth on fixed-split test tuples."""
+"""Explain stage: Grad-CAM, spatial attention and magnification importance of best_model.pth on fixed-split test
+tuples, each map laid over the whole field at its own aspect."""
 import numpy as np
 import pandas as pd
 
 from backbones.our.gradcam import attention_maps, gradcam
 from preprocess.cache import cache_folder
 from preprocess.transforms import prepare
-from preprocess.tuples import eval_batches, eval_tuples, image_bank, tuple_rows
+from preprocess.tuples import eval_batches, eval_tuples, image_bank, slot_labels, tuple_rows
 from stages.training.checkpoint import load_model
 from stages.training.data import split_frames
 from stages.training.evaluate import tuple_predictions
@@ -63,12 +64,12 @@ def sample_title(row, what):
 
 
 def explain_figures(cfg, model, picks, mags, bank, device):
-    """Grad-CAM and spatial-attention figures of the picked tuples; returns the file list."""
-    mags = list(mags)
+    """Grad-CAM and spatial-attention figures of the picked tuples (whole fields); returns the file list."""
     used = [j in set(model.used_mags) for j in range(len(mags))]
     images, mask = bank.gather(tuple_rows(picks, mags, bank.row_of), device)
     x, mask = prepare(images, mask, device, **model.normalization)
     images = images.cpu()
+    labels = slot_labels(mags)
     cams = gradcam(model, x.to(device), mask.to(device)).cpu().numpy()
     attn, out = attention_maps(model, x.to(device), mask.to(device))
     weights = out["mag_weights"].float().cpu().numpy()
@@ -79,12 +80,12 @@ def explain_figures(cfg, model, picks, mags, bank, device):
         stem = f"{row['category']}_{row['rank']}_{safe_name(row['patient_id'], '-_')}"
         captions = [f"CMF weight {w:.2f}" if m else "" for w, m in zip(weights[i], mask[i].tolist())]
         target = plots.CLASS_NAMES[int(row["pred"])]
-        gc = plots.overlay_panels(images[i].numpy(), cams[i], mask[i].tolist(), used, mags,
+        gc = plots.overlay_panels(images[i].numpy(), cams[i], mask[i].tolist(), used, labels,
                               sample_title(row, f"Grad-CAM for '{target}'"), plots_dir(cfg) / "gradcam" / f"{stem}.png",
                               "Grad-CAM (scaled per image)", captions)
         at = None
         if attn is not None:
-            at = plots.overlay_panels(images[i].numpy(), attn[i].cpu().numpy(), mask[i].tolist(), used, mags,
+            at = plots.overlay_panels(images[i].numpy(), attn[i].cpu().numpy(), mask[i].tolist(), used, labels,
                                   sample_title(row, "Spatial attention"),
                                   plots_dir(cfg) / "attention_maps" / f"{stem}.png",
                                   "attention (scaled per image)", captions)
@@ -107,12 +108,12 @@ def run_explain(cfg):
     model, ckpt = load_model(path, device)
     mags, classes = tuple(ckpt["magnifications"]), list(ckpt["classes"]["subtype"])
     index, parts = split_frames(cfg, "fixed")
-    tuples = eval_tuples(parts["test"], mags)
+    tuples = eval_tuples(parts["test"], mags, tuple(ckpt["pool"]))
     if tuples.empty:
         raise PipelineError("the fixed split has no test tuples to explain. "
                             "Rerun: python main.py --stages split,fixed,explain")
     threshold = tuple_threshold(cfg, ckpt)
-    bank = image_bank(index["path"].astype(str).tolist(), int(ckpt["image_size"]), bool(ckpt["config"]["stain_norm"]),
+    bank = image_bank(index["path"].astype(str).tolist(), tuple(ckpt["field"]), bool(ckpt["config"]["stain_norm"]),
                       cache_folder(cfg))
     frame = predict_all(model, tuples, mags, classes, bank, device, cfg.batch_size, bool(ckpt["config"]["tta"]))
     plots.importance_plot(frame, mags, "Best model: magnification importance on the fixed-split test tuples",

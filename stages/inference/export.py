@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from preprocess.cache import cache_folder
-from preprocess.tuples import image_bank
+from preprocess.tuples import image_bank, slot_labels
 from stages.inference.predictor import INPUTS, OUTPUTS, checkpoint_paths, load_predictor, onnx_predictor, score
 from stages.training.data import split_frames
 from stages.training.runs import REFERENCE
@@ -38,10 +38,11 @@ class Averaged(nn.Module):
         return prob, subtype, weights
 
 
-def example_inputs(n_mags, size, batch=2):
+def example_inputs(n_mags, field, batch=2):
+    """Random whole fields (B, slots, 3, height, width) and a mask with some slots absent."""
     mask = torch.ones(batch, n_mags, dtype=torch.bool)
     mask[-1, 1:] = False
-    return torch.randn(batch, n_mags, 3, size, size), mask
+    return torch.randn(batch, n_mags, 3, *field), mask
 
 
 def quiet_export(module, inputs, path):
@@ -56,7 +57,7 @@ def quiet_export(module, inputs, path):
 def export_onnx(models, path, meta):
     """Write the models' mean as ONNX at `path` with `meta` (JSON values) in its metadata_props."""
     module = Averaged([m.cpu().eval() for m in models]).eval()
-    inputs = example_inputs(len(meta["magnifications"]), int(meta["image_size"]))
+    inputs = example_inputs(len(meta["magnifications"]), tuple(meta["field"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
     try:
@@ -86,7 +87,8 @@ def metadata(p, paths):
     thresholds, stain normalisation and TTA, and where it came from (checkpoints, the runs' records)."""
     return dict(model_name=p.models[0].name, source=p.source, members=[str(x) for x in paths],
                 classes={"binary": ["benign", "malignant"], "subtype": list(p.classes)},
-                magnifications=list(p.mags), reads=list(p.reads), image_size=p.image_size,
+                magnifications=list(p.mags), pool=list(p.pool), reads=list(p.reads), image_size=p.image_size,
+                field=list(p.field),
                 normalization=p.normalization, threshold=p.threshold, threshold_rule=p.rule, stain_norm=p.stain_norm,
                 tta=p.tta, runs=p.runs)
 
@@ -96,7 +98,7 @@ def fixed_test_data(cfg, p):
     if not index_path(cfg).exists() or not split_path(cfg, "fixed").exists():
         return None
     index, parts = split_frames(cfg, "fixed")
-    bank = image_bank(index["path"].astype(str).tolist(), p.image_size, p.stain_norm, cache_folder(cfg))
+    bank = image_bank(index["path"].astype(str).tolist(), p.field, p.stain_norm, cache_folder(cfg))
     return parts["test"], bank
 
 
@@ -114,14 +116,14 @@ def parity(cfg, p, q):
     """torch against onnxruntime on the fixed split's test tuples (random tuples without a split)."""
     data = fixed_test_data(cfg, p)
     if data is None:
-        x, mask = example_inputs(len(p.mags), p.image_size, batch=8)
+        x, mask = example_inputs(len(p.mags), p.field, batch=8)
         with torch.no_grad():
             want = [v.numpy() for v in Averaged(p.models)(x, mask)]
         got = q.models[0].session.run(None, {"images": x.numpy(), "mask": mask.numpy()})
         return dict(on="random tuples (no fixed split under --output-dir)", tuples=len(x), **largest_gaps(want, got))
     frame, bank = data
-    want = tuple_outputs(*score(p, frame, bank, cfg.batch_size, CPU), p.mags)
-    got = tuple_outputs(*score(q, frame, bank, cfg.batch_size, CPU), p.mags)
+    want = tuple_outputs(*score(p, frame, bank, cfg.batch_size, CPU), slot_labels(p.mags))
+    got = tuple_outputs(*score(q, frame, bank, cfg.batch_size, CPU), slot_labels(p.mags))
     return dict(on="fixed split test tuples", tuples=len(want[0]), patients=int(frame["patient_id"].nunique()),
                 **largest_gaps(want, got))
 

@@ -1,17 +1,14 @@
 """New images for the predict stage: files listed as analyze finds them, labels from names, checked and decoded."""
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 
 from preprocess.analyze import IMAGE_EXTS, find_base, list_files, parse_name, validate
-from preprocess.cache import decode, log_fallbacks
+from preprocess.cache import decode_into, log_fallbacks
 from preprocess.tuples import ImageBank
-from utils.helpers import PipelineError
 
 JUNK = {"thumbs.db", "desktop.ini"}
 
@@ -79,20 +76,15 @@ def collect(inputs, mags):
     return own_patients([r for r, why in zip(rows, reasons) if not why]), problems, left_out
 
 
-def decode_all(paths, size, stain_norm):
-    """(images (N, S, S, 3) uint8, reason per path where decoding failed, '' where it worked): the training decode,
-    Macenko fallbacks counted in the log."""
-    out = np.zeros((len(paths), size, size, 3), np.uint8)
-    reasons, kept = [""] * len(paths), [""] * len(paths)
-
-    def work(i):
-        try:
-            out[i], kept[i] = decode(paths[i], size, stain_norm)
-        except (PipelineError, cv2.error):
-            reasons[i] = "unreadable image (cannot be decoded)"
-
-    with ThreadPoolExecutor(min(16, (os.cpu_count() or 2) * 2)) as pool:
-        list(pool.map(work, range(len(paths))))
+def decode_all(paths, shape, stain_norm):
+    """(fields (N, height, width, 3) uint8, reason per path where decoding failed, '' where it worked): the training
+    decode (each field at its own aspect, fitted to `shape`), Macenko fallbacks counted in the log."""
+    out = np.zeros((len(paths), *shape, 3), np.uint8)
+    failed = []
+    kept = decode_into(out, paths, shape, stain_norm, failed)
+    reasons = [""] * len(paths)
+    for i, why in failed:
+        reasons[i] = why
     log_fallbacks([k for k, r in zip(kept, reasons) if not r], stain_norm)
     return out, reasons
 
@@ -106,10 +98,11 @@ def index_frame(rows, classes):
     return frame
 
 
-def load_images(inputs, mags, size, stain_norm, classes):
-    """(index frame of the decoded images, their ImageBank, problems, left out) for the model's settings."""
+def load_images(inputs, mags, shape, stain_norm, classes):
+    """(index frame of the decoded images of magnifications `mags`, their ImageBank at field `shape`, problems, left
+    out) for the model's settings."""
     rows, problems, left_out = collect(inputs, mags)
-    images, reasons = decode_all([r["path"] for r in rows], size, stain_norm)
+    images, reasons = decode_all([r["path"] for r in rows], shape, stain_norm)
     problems += [(r["path"], why) for r, why in zip(rows, reasons) if why]
     rows = [r for r, why in zip(rows, reasons) if not why]
     images = images[np.array([not why for why in reasons], dtype=bool)]

@@ -6,7 +6,7 @@ import torch
 
 from backbones.our.gradcam import attention_maps, gradcam
 from preprocess.transforms import prepare
-from preprocess.tuples import tuple_rows
+from preprocess.tuples import slot_labels, tuple_rows
 from stages.inference.predictor import checkpoint_paths, load_predictor, score_images
 from stages.training.forward import amp_settings
 from utils import plottings as plots
@@ -45,11 +45,13 @@ def overlays(p, tuples, patients, bank, folder, device, batch_size):
         images, mask = images.cpu().numpy(), mask.cpu().tolist()
         for i, row in enumerate(patients.iloc[start:start + batch_size].to_dict("records")):
             stem = safe_name(row["patient_id"])
-            captions = [f"weight {row[f'weight_{m}']:.2f}" if mask[i][j] else "" for j, m in enumerate(p.mags)]
-            plots.overlay_panels(images[i], cams[i], mask[i], used, p.mags, overlay_title(row, "Grad-CAM"),
+            captions = [f"weight {row[f'weight_{m}']:.2f}" if mask[i][j] else ""
+                        for j, m in enumerate(slot_labels(p.mags))]
+            plots.overlay_panels(images[i], cams[i], mask[i], used, slot_labels(p.mags), overlay_title(row, "Grad-CAM"),
                                  folder / f"{stem}_gradcam.png", "Grad-CAM (scaled per image)", captions)
             if attn is not None:
-                plots.overlay_panels(images[i], attn[i], mask[i], used, p.mags, overlay_title(row, "Spatial attention"),
+                plots.overlay_panels(images[i], attn[i], mask[i], used, slot_labels(p.mags),
+                                     overlay_title(row, "Spatial attention"),
                                      folder / f"{stem}_attention.png", "attention (scaled per image)", captions)
 
 
@@ -67,7 +69,7 @@ def summary(p, patients, n_images, folder):
     log(f"Scored {len(patients)} patient(s) from {n_images} image(s) with {p.source}, trained as {trained} "
         f"(decision threshold {p.threshold['decision']:.3f}, {p.rule}; high sensitivity {p.threshold['sens95']:.3f}, "
         f"from validation)")
-    columns = ["patient_id", *[f"n_{m}" for m in p.mags], "prob_malignant", "decision", "decision_high_sensitivity",
+    columns = ["patient_id", *[f"n_{m}" for m in p.reads], "prob_malignant", "decision", "decision_high_sensitivity",
                "subtype", "subtype_prob", "true_class"]
     log(patients[columns].head(SHOWN).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if len(patients) > SHOWN:
@@ -105,7 +107,7 @@ def run_predict(cfg):
     own = frame[frame["label"] < 0]
     if len(own):
         warn(f"{len(own)} file(s) without a BreakHis name (e.g. {own['file'].iloc[0]}) are each their own patient, "
-             f"at the magnification of their folder or else {p.mags[0]} (see the note column of images.csv)")
+             f"at the magnification of their folder or else {p.reads[0]} (see the note column of images.csv)")
     folder = output_path(cfg, "predictions", run_name(cfg))
     write_csv(scored.patients, folder / "patients.csv", index=False)
     write_csv(scored.images, folder / "images.csv", index=False)

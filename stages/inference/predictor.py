@@ -10,29 +10,32 @@ import pandas as pd
 import torch
 
 from backbones import magnifications_read
-from preprocess.tuples import eval_batches, eval_tuples
+from preprocess.tuples import ANY, eval_batches, eval_tuples, slot_labels
 from stages.inference.inputs import load_images
 from stages.training.checkpoint import load_model, read_checkpoint
 from stages.training.forward import predict
 from stages.training.runs import REFERENCE
 from utils.helpers import PipelineError
 
-NEEDED = ("model", "model_name", "model_kwargs", "classes", "magnifications", "image_size", "normalization", "threshold",
-          "threshold_rule", "config", "record")
+NEEDED = ("model", "model_name", "model_kwargs", "classes", "magnifications", "pool", "image_size", "field",
+          "normalization", "threshold", "threshold_rule", "config", "record")
 INPUTS = ("images", "mask")
 OUTPUTS = ("prob_malignant", "subtype_prob", "mag_weights")
-META = ("model_name", "source", "members", "classes", "magnifications", "reads", "image_size", "normalization",
-        "threshold", "threshold_rule", "stain_norm", "tta", "runs", "parity")
+META = ("model_name", "source", "members", "classes", "magnifications", "pool", "reads", "image_size", "field",
+        "normalization", "threshold", "threshold_rule", "stain_norm", "tta", "runs", "parity")
 
 
 @dataclass
 class Predictor:
-    """The models to average and what they share: magnifications (those in a tuple, those the models read), image size,
-    stain normalisation and test-time augmentation as in training, classes, patient-level thresholds and their rule."""
+    """The models to average and what they share: input slots (`mags`), the run's magnifications an 'any' slot draws
+    from (`pool`), those the models read, image size and whole-field shape, stain normalisation and test-time
+    augmentation as in training, classes, patient-level thresholds and their rule."""
     models: list
     mags: tuple
+    pool: tuple
     reads: tuple
     image_size: int
+    field: tuple
     stain_norm: bool
     tta: bool
     classes: list
@@ -75,13 +78,19 @@ def loaded(path, ckpt, device):
                         f"{have} (another timm version?). Use the versions it was trained with, or retrain it.")
 
 
+def images_read(reads, pool):
+    """The magnifications whose image files a model scores: those of its slots, every one of the run's for 'any'."""
+    return tuple(dict.fromkeys(m for r in reads for m in (pool if r == ANY else (r,))))
+
+
 def settings(ckpt):
-    """What the models of an ensemble must share, as trained: magnifications, those read, image size, stain
-    normalisation, test-time augmentation, classes, input normalisation."""
+    """What the models of an ensemble must share, as trained: slots, the run's magnifications, those read, image size
+    and field shape, stain normalisation, test-time augmentation, classes, input normalisation."""
     norm = tuple(tuple(ckpt["normalization"][k]) for k in ("mean", "std"))
-    return (tuple(ckpt["magnifications"]), magnifications_read(ckpt["model_name"], ckpt["model_kwargs"]),
-            int(ckpt["image_size"]), bool(ckpt["config"]["stain_norm"]), bool(ckpt["config"]["tta"]),
-            tuple(ckpt["classes"]["subtype"]), norm)
+    pool = tuple(ckpt["pool"])
+    reads = images_read(magnifications_read(ckpt["model_name"], ckpt["model_kwargs"]), pool)
+    return (tuple(ckpt["magnifications"]), pool, reads, int(ckpt["image_size"]), tuple(ckpt["field"]),
+            bool(ckpt["config"]["stain_norm"]), bool(ckpt["config"]["tta"]), tuple(ckpt["classes"]["subtype"]), norm)
 
 
 def checkpoint_paths(output_dir, checkpoint="", ensemble=False):
@@ -106,14 +115,14 @@ def load_predictor(paths, device):
     ckpts = [checked(p) for p in paths]
     shared = {settings(c) for c in ckpts}
     if len(shared) > 1:
-        raise PipelineError(f"the models of {', '.join(map(str, paths))} differ in magnifications, image size, "
+        raise PipelineError(f"the models of {', '.join(map(str, paths))} differ in input slots, image size, "
                             f"stain or input normalisation or classes; an ensemble needs them alike. "
                             f"Retrain them: python main.py --stages cv --force")
-    mags, reads, size, stain_norm, tta, classes, (mean, std) = shared.pop()
+    mags, pool, reads, size, field, stain_norm, tta, classes, (mean, std) = shared.pop()
     models = [loaded(p, c, device) for p, c in zip(paths, ckpts)]
     threshold, rule = decision_of(ckpts)
     source = f"ensemble of {len(paths)} CV models" if len(paths) > 1 else str(paths[0])
-    return Predictor(models, mags, reads, size, stain_norm, tta, list(classes), threshold, rule, source,
+    return Predictor(models, mags, pool, reads, size, field, stain_norm, tta, list(classes), threshold, rule, source,
                      dict(mean=mean, std=std), [provenance(c["record"]) for c in ckpts])
 
 
@@ -135,20 +144,20 @@ def onnx_predictor(path, threads=0):
     model = OnnxModel(path, threads)
     m = model.meta
     threshold, rule = decision_of([m])
-    return Predictor([model], tuple(m["magnifications"]), tuple(m["reads"]), int(m["image_size"]),
-                     bool(m["stain_norm"]), bool(m["tta"]), list(m["classes"]["subtype"]), threshold, rule,
-                     f"{path} (onnxruntime)", m["normalization"], m["runs"])
+    return Predictor([model], tuple(m["magnifications"]), tuple(m["pool"]), tuple(m["reads"]), int(m["image_size"]),
+                     tuple(m["field"]), bool(m["stain_norm"]), bool(m["tta"]), list(m["classes"]["subtype"]),
+                     threshold, rule, f"{path} (onnxruntime)", m["normalization"], m["runs"])
 
 
 def score(p, frame, bank, batch_size, device, dtype=None):
     """Evaluation tuples of every patient (one per distinct image for a model that reads one magnification) with the
     models' outputs averaged: probability (over the four views where the models were trained with --tta), weights,
     subtype probabilities."""
-    tuples = eval_tuples(frame, p.mags, p.reads)
+    tuples = eval_tuples(frame, p.mags, p.pool)
     batches = eval_batches(tuples, p.mags, bank.row_of, p.classes, batch_size)
     runs = [predict(model, bank, batches, device, dtype, tta=p.tta) for model in p.models]
     tuples["prob_malignant"] = np.mean([r["prob"] for r in runs], 0)
-    for j, m in enumerate(p.mags):
+    for j, m in enumerate(slot_labels(p.mags)):
         tuples[f"w_{m}"] = np.mean([r["mag_weights"][:, j] for r in runs], 0)
     subtype = np.mean([r["subtype_prob"] for r in runs], 0)
     return tuples, subtype
@@ -157,7 +166,7 @@ def score(p, frame, bank, batch_size, device, dtype=None):
 def score_images(p, inputs, batch_size, device, dtype=None):
     """The one path from image files to patient decisions (predict stage and service): list and check the files,
     decode them as in training, score every patient's evaluation tuples, build the patient and image tables."""
-    frame, bank, problems, left_out = load_images(inputs, p.mags, p.image_size, p.stain_norm, p.classes)
+    frame, bank, problems, left_out = load_images(inputs, p.reads, p.field, p.stain_norm, p.classes)
     if frame.empty:
         return Scored(frame, bank, None, None, None, problems, left_out)
     tuples, subtype = score(p, frame, bank, batch_size, device, dtype)
@@ -173,7 +182,7 @@ def patient_table(tuples, subtype, frame, p):
     """One row per patient: images per magnification, mean probability, decisions, subtype, magnification weights."""
     at = tuples.groupby("patient_id", sort=True)
     counts = frame.groupby(["patient_id", "magnification"]).size().unstack(fill_value=0)
-    table = counts.reindex(index=at.size().index, columns=list(p.mags), fill_value=0).add_prefix("n_")
+    table = counts.reindex(index=at.size().index, columns=list(p.reads), fill_value=0).add_prefix("n_")
     table["prob_malignant"] = at["prob_malignant"].mean()
     table["decision"] = decision(table["prob_malignant"], p.threshold["decision"])
     table["decision_high_sensitivity"] = decision(table["prob_malignant"], p.threshold["sens95"])
@@ -182,7 +191,7 @@ def patient_table(tuples, subtype, frame, p):
     sub = pd.DataFrame(subtype, index=tuples["patient_id"]).groupby(level=0).mean().reindex(table.index).to_numpy()
     table["subtype"] = [p.classes[i] for i in sub.argmax(1)] if sub.shape[1] else ""
     table["subtype_prob"] = sub.max(1) if sub.shape[1] else np.nan
-    for m in p.mags:
+    for m in slot_labels(p.mags):
         table[f"weight_{m}"] = at[f"w_{m}"].mean()
     truth = frame.groupby("patient_id").agg(label=("label", "max"), true_subtype=("subtype_group", "first"))
     table["true_class"] = truth["label"].map({0: "benign", 1: "malignant", -1: ""})
@@ -193,7 +202,8 @@ def patient_table(tuples, subtype, frame, p):
 
 def image_table(tuples, frame, problems, left_out, p):
     """Every input file: its patient, magnification, labels, mean probability over the tuples holding it, or why not."""
-    used = pd.concat([tuples[[f"path_{m}", "prob_malignant"]].set_axis(["path", "prob"], axis=1) for m in p.mags])
+    used = pd.concat([tuples[[f"path_{m}", "prob_malignant"]].set_axis(["path", "prob"], axis=1)
+                      for m in slot_labels(p.mags)])
     prob = used[used["path"] != ""].groupby("path")["prob"].agg(["mean", "size"])
     table = frame[["path", "patient_id", "magnification", "class_name", "subtype", "note"]].copy()
     table["prob_malignant"] = table["path"].map(prob["mean"])

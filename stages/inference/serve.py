@@ -17,6 +17,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from preprocess.analyze import IMAGE_EXTS, parse_name
+from preprocess.tuples import slot_labels
 from stages.inference.predictor import checkpoint_paths, load_predictor, onnx_predictor, score_images
 from utils.env import amp_dtype, resolve_device
 from utils.helpers import PipelineError, is_finite
@@ -117,8 +118,8 @@ def patient_entries(scored, p):
             threshold=finite(row["threshold"]), threshold_rule=row["threshold_rule"],
             threshold_high_sensitivity=finite(row["threshold_high_sensitivity"]),
             subtype=row["subtype"] or None, subtype_prob=finite(row["subtype_prob"]),
-            magnification_weights={m: finite(row[f"weight_{m}"]) for m in p.mags},
-            images_per_magnification={m: int(row[f"n_{m}"]) for m in p.mags}, tuples=int(row["n_tuples"]),
+            magnification_weights={m: finite(row[f"weight_{m}"]) for m in slot_labels(p.mags)},
+            images_per_magnification={m: int(row[f"n_{m}"]) for m in p.reads}, tuples=int(row["n_tuples"]),
             true_class=row["true_class"] or None,
             images=[dict(file=Path(r["path"]).name, magnification=r["magnification"],
                          prob_malignant=finite(r["prob_malignant"])) for r in own.to_dict("records")]))
@@ -130,7 +131,7 @@ def predict_uploads(service, uploads, values, lock):
     p, limits = service.predictor, service.limits
     if len(uploads) > limits.max_files:
         raise BadUpload(413, f"{len(uploads)} files in one request; at most {limits.max_files}")
-    mags = file_mags(uploads, values, p.mags)
+    mags = file_mags(uploads, values, p.reads)
     with tempfile.TemporaryDirectory(prefix="mmnet_serve_") as tmp:
         save_uploads(uploads, mags, Path(tmp), limits)
         with lock:
@@ -145,7 +146,8 @@ def predict_uploads(service, uploads, values, lock):
 def describe(service):
     p = service.predictor
     return dict(kind=service.kind, source=p.source, models=len(p.models), magnifications=list(p.mags),
-                image_size=p.image_size, normalization=p.normalization, stain_norm=p.stain_norm,
+                reads=list(p.reads), image_size=p.image_size, field=list(p.field), normalization=p.normalization,
+                stain_norm=p.stain_norm,
                 classes={"binary": ["benign", "malignant"], "subtype": list(p.classes)}, thresholds=p.threshold,
                 threshold_rule=p.rule, runs=p.runs, device=str(service.device), max_files=service.limits.max_files,
                 max_mib=service.limits.max_bytes / MIB)

@@ -29,13 +29,14 @@ def tuples_per_patient(runs):
 
 def profile_run(name, checkpoint, device, per_patient):
     model, ckpt = load_model(checkpoint, device)
-    n_mags, size = len(ckpt["magnifications"]), ckpt["image_size"]
+    n_mags, size = len(ckpt["magnifications"]), tuple(ckpt["field"])
     stats = profile_model(model, n_mags, size, device)
     patient = profile_model(model, n_mags, size, device, batch=per_patient)
     return dict(model=name, params=int(stats["params"]), params_m=stats["params"] / 1e6, macs=int(stats["macs"]),
                 flops=int(stats["flops"]), macs_g=stats["macs"] / 1e9,
                 flops_g=stats["flops"] / 1e9, ms_per_tuple=stats["ms_median"], ms_per_patient=patient["ms_median"],
-                tuples_per_patient=per_patient, image_size=ckpt["image_size"], device=str(device),
+                tuples_per_patient=per_patient, image_size=ckpt["image_size"], field=f"{size[1]}x{size[0]}",
+                device=str(device),
                 checkpoint=str(checkpoint))
 
 
@@ -104,7 +105,8 @@ def time_forward(model, inputs, device, repeats=20, warmup=3):
 
 
 def profile_model(model, n_mags, image_size, device="cpu", threads=None, batch=1, repeats=20, warmup=3):
-    """Params, trainable params, MACs/FLOPs (thop, one batch) and median latency of one batch of tuples."""
+    """Params, trainable params, MACs/FLOPs (thop, one batch) and median latency of one batch of tuples of whole
+    fields (`image_size`: a side, or (height, width))."""
     device = torch.device(device)
     old_threads = torch.get_num_threads()
     if threads and device.type == "cpu":
@@ -112,7 +114,8 @@ def profile_model(model, n_mags, image_size, device="cpu", threads=None, batch=1
     try:
         was_training = model.training
         model.eval().to(device)
-        x = torch.randn(batch, n_mags, 3, image_size, image_size, device=device)
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        x = torch.randn(batch, n_mags, 3, height, width, device=device)
         mask = torch.ones(batch, n_mags, dtype=torch.bool, device=device)
         macs = count_macs(model, (x, mask))
         ms = time_forward(model, (x, mask), device, repeats, warmup)

@@ -1,4 +1,5 @@
-"""Checkpoints: what inference needs (weights, model settings, classes, magnifications, size, normalisation), resume state."""
+"""Checkpoints: what inference needs (weights, model settings, classes, input slots, field shape, normalisation),
+resume state."""
 import io
 import os
 import random
@@ -12,25 +13,27 @@ from backbones import build_model
 from utils.helpers import PipelineError, write_bytes
 
 CHECKED_KWARGS = ("backbone", "magnifications", "num_subtypes", "shared_backbone", "use_spatial", "use_channel",
-                  "use_hma", "use_cmf", "use_mags", "mag")
+                  "use_hma", "use_cmf", "feature_stage")
 
 
 def checkpoint(model, meta, cfg, epoch, best_auc):
-    """What inference needs: weights, how to rebuild the model, classes, magnifications, size, normalisation."""
+    """What inference needs: weights, how to rebuild the model, classes, its input slots (`magnifications`) and the
+    run's magnifications an 'any' slot draws from (`pool`), the short side and the whole-field shape its inputs had,
+    normalisation."""
     return dict(
         model=model.state_dict(), model_name=meta.model_name, model_kwargs=dict(meta.model_kwargs),
         config=asdict(cfg), classes={"binary": ["benign", "malignant"], "subtype": list(meta.classes)},
-        magnifications=list(cfg.magnifications), image_size=cfg.image_size,
-        normalization=dict(model.normalization), epoch=epoch, best_auc=best_auc,
+        magnifications=list(model.magnifications), pool=list(cfg.magnifications), image_size=cfg.image_size,
+        field=list(meta.bank.shape), normalization=dict(model.normalization), epoch=epoch, best_auc=best_auc,
     )
 
 
 def describe(ckpt):
     kwargs = ckpt.get("model_kwargs", {})
     info = {k: kwargs.get(k) for k in CHECKED_KWARGS if k in kwargs}
-    info.update(model_name=ckpt.get("model_name"), image_size=ckpt.get("image_size"),
+    info.update(model_name=ckpt.get("model_name"), image_size=ckpt.get("image_size"), field=ckpt.get("field"),
                 subtype_classes=list(ckpt.get("classes", {}).get("subtype", [])))
-    for key in ("magnifications", "use_mags"):
+    for key in ("magnifications", "feature_stage"):
         if info.get(key) is not None:
             info[key] = list(info[key])
     return info

@@ -5,22 +5,24 @@ import time
 import numpy as np
 import pandas as pd
 
+from preprocess.tuples import slot_labels
 from stages.training.forward import amp_settings, predict
 from utils.scoring import (LEVELS, binary_block, check_no_leak, class_index, fitted_thresholds, levels, patient_rows,
                            subtype_block)
 from utils.subtype_head import refit_subtype_head
 
 
-def tuple_predictions(tuples, res, mags, classes, role, smote_prob=None):
-    """predictions.csv rows of one role at tuple level: labels, probabilities, subtype predictions, image paths,
-    presence masks and magnification weights (the explain stage reads the same frame)."""
+def tuple_predictions(tuples, res, slots, classes, role, smote_prob=None):
+    """predictions.csv rows of one role at tuple level: labels, probabilities, subtype predictions, and per input slot
+    (its label: 40X, or 100X_1 ... for repeated slots, or any) the image path, presence mask and magnification weight
+    (the explain stage reads the same frame)."""
     df = tuples[["patient_id", "group", "tuple_id", "label", "subtype_label"]].copy()
     df.insert(0, "role", role)
     df.insert(0, "level", "tuple")
     df["prob_malignant"] = res["prob"]
     df["subtype_pred"] = [classes[i] for i in res["subtype_prob"].argmax(1)] if len(classes) else ""
     df["subtype_pred_smote"] = [classes[i] for i in smote_prob.argmax(1)] if smote_prob is not None else ""
-    for j, m in enumerate(mags):
+    for j, m in enumerate(slot_labels(slots)):
         df[f"path_{m}"] = tuples[f"path_{m}"].to_numpy()
         df[f"mask_{m}"] = (tuples[f"path_{m}"] != "").astype(int).to_numpy()
         df[f"w_{m}"] = res["mag_weights"][:, j]
@@ -39,7 +41,7 @@ def smote_head(cfg, run, res):
 
 def role_frames(cfg, run, role, res, smote_probs):
     """Tuple rows and patient rows (mean probability over the patient's tuples) of one role."""
-    t = tuple_predictions(run.tuples[role], res[role], cfg.magnifications, run.classes, role, smote_probs.get(role))
+    t = tuple_predictions(run.tuples[role], res[role], run.slots, run.classes, role, smote_probs.get(role))
     columns = [("subtype_pred", res[role]["subtype_prob"], run.classes),
                ("subtype_pred_smote", smote_probs.get(role), run.classes)]
     return t, patient_rows(t, columns)
@@ -84,11 +86,11 @@ def score(cfg, run, res, state, start, sources, oof=None, thresholds=None):
         run=run.name, split=run.split, seed=cfg.seed, model_name=run.model_name, model_kwargs=run.model_kwargs,
         classes=run.classes, threshold=thresholds, test=test["binary"], val=metrics["val"]["binary"],
         subtype=test["subtype"], subtype_smote=test.get("subtype_smote"), smote=counts, tta=cfg.tta,
-        mag_weights={m: float(np.nanmean(frames["test"][0][f"w_{m}"])) for m in cfg.magnifications},
+        mag_weights={m: float(np.nanmean(frames["test"][0][f"w_{m}"])) for m in slot_labels(run.slots)},
         best_epoch=state.best_epoch, epochs=len(state.history), train_seconds=state.seconds,
         eval_seconds=time.time() - start,
     )
     predictions = pd.concat([f for pair in frames.values() for f in pair], ignore_index=True)
-    for m in cfg.magnifications:
+    for m in slot_labels(run.slots):
         predictions[f"mask_{m}"] = predictions[f"mask_{m}"].astype("Int64")
     return predictions, summary

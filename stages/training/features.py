@@ -1,9 +1,11 @@
-"""Frozen-backbone features: each cached image's backbone feature maps (one per selected stage, flattened side by
-side) in 8 fixed views (flips and quarter turns), computed once per backbone, weights, image size and stages, and kept
-as an fp16 memory map beside the image cache."""
+"""Frozen-backbone features: each cached field's backbone feature maps (one per selected stage, flattened side by
+side) in the ORIENTATIONS views (flips, the half turn), computed once per backbone, weights, field shape and stages
+and kept as an fp16 memory map beside the image cache; and, for the linear probe, each field's maps mean-pooled per
+stage (plain view), a small float32 file. Each file is built once, by one process."""
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,37 +13,33 @@ import torch
 
 from backbones import REFERENCE_MODEL, model_config
 from backbones.common import feature_backbone, normalization
-from preprocess.cache import cache_folder, drop_dead_tmp
-from preprocess.transforms import normalize, to_float
+from preprocess.cache import build_once, cache_folder, drop_dead_tmp
+from preprocess.transforms import ORIENTATIONS, normalize, orient, to_float
 from preprocess.tuples import Resident
 from stages.training.forward import autocast
 from utils.env import amp_dtype, fits_on_gpu
 from utils.helpers import PipelineError, log
 
-VIEWS = 8
+VIEWS = ORIENTATIONS
 CHUNK = 64
 
 
-def view(x, k):
-    """The k-th of the 8 dihedral views of (N, C, H, W) images: k mod 4 quarter turns, mirrored for k >= 4."""
-    x = torch.rot90(x, k % 4, (2, 3))
-    return x.flip(3) if k >= 4 else x
-
-
-def extractor(cfg):
-    """The frozen backbone; a random-init one is drawn from --seed, so every run of the process gets the same."""
+def extractor(cfg, stage=None):
+    """The frozen backbone read at `stage` (default --feature-stage); a random-init one is drawn from --seed, so every
+    run of the process gets the same."""
+    stage = tuple(stage or cfg.feature_stage)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         try:
-            net = feature_backbone(model_config(cfg, REFERENCE_MODEL, 1))
+            net = feature_backbone(model_config(cfg, REFERENCE_MODEL, 1, feature_stage=stage))
         except IndexError:
-            raise PipelineError(f"--feature-stage {stage_text(cfg)} is not a list of stages of backbone "
+            raise PipelineError(f"--feature-stage {stage_text(stage)} is not a list of stages of backbone "
                                 f"'{cfg.backbone}'. Pick indices from 0 to n-1, or -1 for the last stage.") from None
     return net.eval().requires_grad_(False)
 
 
-def stage_text(cfg):
-    return ",".join(map(str, cfg.feature_stage))
+def stage_text(stage):
+    return ",".join(map(str, stage))
 
 
 def weights_key(cfg):
@@ -51,10 +49,12 @@ def weights_key(cfg):
     return "hub" if cfg.pretrained else f"random|{cfg.seed}"
 
 
-def feature_path(cfg, source):
-    key = json.dumps([cfg.backbone, weights_key(cfg), cfg.image_size, list(cfg.feature_stage), VIEWS, Path(source).name])
+def feature_path(cfg, bank, stage, kind="features"):
+    key = json.dumps([cfg.backbone, weights_key(cfg), list(bank.shape), list(stage), VIEWS, Path(bank.source).name,
+                      kind])
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    return cache_folder(cfg) / f"features_{cfg.backbone.replace('/', '_')}_{cfg.image_size}_{digest}.npy"
+    height, width = bank.shape
+    return cache_folder(cfg) / f"{kind}_{cfg.backbone.replace('/', '_')}_{width}x{height}_{digest}.npy"
 
 
 @torch.no_grad()
@@ -64,12 +64,20 @@ def stage_shapes(net, height, width):
 
 
 @torch.no_grad()
-def embed_views(net, images, device, norm):
-    """(n, VIEWS, D) fp16: every stage's feature maps of uint8 (n, S, S, 3) images, flattened and concatenated."""
+def embed_views(net, images, device, norm, views=VIEWS):
+    """(n, views, D) fp16: every stage's feature maps of uint8 (n, H, W, 3) fields, flattened and concatenated."""
     x = normalize(to_float(images[:, None], device), **norm)[:, 0]
     with autocast(device, amp_dtype(device) if device.type == "cuda" else None):
-        maps = [torch.cat([f.flatten(1) for f in net(view(x, k))], 1) for k in range(VIEWS)]
+        maps = [torch.cat([f.flatten(1) for f in net(orient(x, k))], 1) for k in range(views)]
     return torch.stack(maps, 1).half().cpu().numpy()
+
+
+@torch.no_grad()
+def embed_pooled(net, images, device, norm):
+    """(n, sum of channels) float32: each stage's maps of uint8 fields mean-pooled, stages side by side."""
+    x = normalize(to_float(images[:, None], device), **norm)[:, 0]
+    with autocast(device, amp_dtype(device) if device.type == "cuda" else None):
+        return torch.cat([f.float().mean((2, 3)) for f in net(x)], 1).cpu().numpy()
 
 
 def unflatten(flat, shapes):
@@ -78,23 +86,31 @@ def unflatten(flat, shapes):
     return [part.unflatten(-1, shape) for part, shape in zip(flat.split(sizes, -1), shapes)]
 
 
-def build_features(net, norm, bank, target, device):
-    """Every image of the bank through the frozen backbone, written to a temp .npy and renamed into place."""
-    net = net.to(device)
-    first = embed_views(net, bank.host[:1], device, norm)
+def write_rows(target, embed, n, dtype):
+    """Every chunk of `n` fields through `embed(start, end)` into a temp .npy, renamed into place."""
+    first = embed(0, 1)
     tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.npy")
-    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(bank.host),) + first.shape[1:])
-    for start in range(0, len(bank.host), CHUNK):
-        store[start:start + CHUNK] = embed_views(net, bank.host[start:start + CHUNK], device, norm)
+    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n,) + first.shape[1:])
+    for start in range(0, n, CHUNK):
+        store[start:start + CHUNK] = embed(start, min(n, start + CHUNK))
     store.flush()
     del store
     os.replace(tmp, target)
+
+
+def build_features(net, norm, bank, target, device, pooled=False):
+    """Every field of the bank through the frozen backbone: its maps in every view, or pooled."""
+    net = net.to(device)
+    if pooled:
+        write_rows(target, lambda a, b: embed_pooled(net, bank.host[a:b], device, norm), len(bank.host), np.float32)
+    else:
+        write_rows(target, lambda a, b: embed_views(net, bank.host[a:b], device, norm), len(bank.host), np.float16)
     net.cpu()
 
 
 class FeatureBank(Resident):
     """Cached feature maps (N, VIEWS, D) fp16, D the flattened stages side by side: on the GPU when they fit, else
-    memory-mapped; a batch reads a random view of each image when training and the plain view otherwise."""
+    memory-mapped; a batch reads a random view of each field when training and the plain view otherwise."""
 
     def __init__(self, store, shapes, row_of, backbone_state):
         self.store = store
@@ -123,16 +139,8 @@ class FeatureBank(Resident):
         return [m * mask.view(*mask.shape, 1, 1, 1) for m in unflatten(maps, self.shapes)], mask
 
     def image_maps(self, row, k=0):
-        """Each stage's maps (C, h, w) of one cached image in view k."""
+        """Each stage's maps (C, h, w) of one cached field in view k."""
         return unflatten(torch.from_numpy(self.store[row, k].astype(np.float32)), self.shapes)
-
-    def pooled(self):
-        """Mean-pooled plain-view features (N, sum of channels) for the linear probe, stages side by side."""
-        parts = []
-        for i in range(0, len(self.store), 256):
-            maps = unflatten(torch.from_numpy(self.store[i:i + 256, 0].astype(np.float32)), self.shapes)
-            parts.append(torch.cat([m.mean((2, 3)) for m in maps], 1).numpy())
-        return np.concatenate(parts)
 
 
 def install_backbone(model, state):
@@ -142,22 +150,46 @@ def install_backbone(model, state):
         net.load_state_dict(state)
 
 
+def built(cfg, bank, device, stage, pooled):
+    """(the cached file of the bank's features at `stage`, the extractor): built once, by one process."""
+    target = feature_path(cfg, bank, stage, "pooled" if pooled else "features")
+    net = extractor(cfg, stage)
+
+    def build():
+        what = "mean-pooled" if pooled else f"{VIEWS} views"
+        log(f"Frozen backbone {cfg.backbone}: embedding {len(bank.host)} fields ({what}) at stage(s) "
+            f"{stage_text(stage)} -> {target}")
+        drop_dead_tmp(target.parent, f"{target.name.split('_')[0]}_*.tmp.npy")
+        build_features(net, normalization(cfg.backbone), bank, target, device, pooled)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build_once(target, build, "the frozen-backbone cache")
+    return target, net
+
+
 _FEATURES = {}
 
 
 def feature_bank(cfg, bank, device):
-    """The FeatureBank of an image bank under the config's backbone, weights, size and stage; built on first use."""
-    target = feature_path(cfg, bank.source)
+    """The FeatureBank of an image bank under the config's backbone, weights, field shape and stage."""
+    target = feature_path(cfg, bank, cfg.feature_stage)
     if str(target) in _FEATURES:
         return _FEATURES[str(target)]
-    net = extractor(cfg)
-    if not target.exists():
-        log(f"Frozen backbone {cfg.backbone}: embedding {len(bank.host)} images x {VIEWS} views at stage(s) "
-            f"{stage_text(cfg)} -> {target}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        drop_dead_tmp(target.parent, "features_*.tmp.npy")
-        build_features(net, normalization(cfg.backbone), bank, target, device)
+    target, net = built(cfg, bank, device, tuple(cfg.feature_stage), pooled=False)
     _FEATURES.clear()
-    shapes = stage_shapes(net, *bank.host.shape[1:3])
+    shapes = stage_shapes(net, *bank.shape)
     _FEATURES[str(target)] = FeatureBank(np.load(target, mmap_mode="r"), shapes, bank.row_of, net.state_dict())
     return _FEATURES[str(target)]
+
+
+@dataclass
+class Pooled:
+    """Mean-pooled plain-view features (N, sum of channels) of every field, and the frozen extractor's weights."""
+    values: np.ndarray
+    backbone_state: dict
+
+
+def pooled_features(cfg, bank, device, stage):
+    """The Pooled features of every field of the bank at `stage`."""
+    target, net = built(cfg, bank, device, tuple(stage), pooled=True)
+    return Pooled(np.load(target), net.state_dict())

@@ -2,6 +2,7 @@
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
+from preprocess.tuples import slot_labels
 from utils.helpers import is_finite, output_path
 
 SCALARS = {"loss/train": "train_loss", "loss/val": "val_loss", "auc/val_patient": "val_auc",
@@ -17,7 +18,7 @@ class Curves:
     """A SummaryWriter for one run (nothing with --no-tensorboard); a resumed run overwrites the epochs it repeats."""
 
     def __init__(self, cfg, run, last_epoch=0):
-        self.mags = tuple(cfg.magnifications)
+        self.mags = slot_labels(run.slots)
         self.writer = None
         if cfg.tensorboard:
             self.writer = SummaryWriter(str(curves_dir(cfg, run.name, run.split)), purge_step=last_epoch + 1)

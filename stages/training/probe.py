@@ -1,9 +1,11 @@
-"""The linear-probe baseline (the eva protocol): each image's frozen backbone feature map, mean-pooled and
-standardised, into a logistic regression fit on the training patients, whose C is chosen by grouped, stratified inner
-CV over all the split's train+val patients (patient AUC of the pooled out-of-fold predictions; ties: DEFAULT_C, else
-the strongest tied regularisation). The chosen C's out-of-fold predictions give the oof_youden thresholds. A tuple's
-probability is the mean over its images, a patient's the mean over its tuples, scored like every other run."""
+"""Fitting the linear-probe baseline (the eva protocol; the model is backbones.LinearProbe): each field's frozen
+backbone maps, mean-pooled and standardised, into a logistic regression fit on the training patients, whose C is
+chosen by grouped, stratified inner CV over all the split's train+val patients (patient AUC of the pooled out-of-fold
+predictions; ties: DEFAULT_C, else the strongest tied regularisation). The chosen C's out-of-fold predictions give the
+oof_youden thresholds. A tuple's probability is the mean over its images, a patient's the mean over its tuples, scored
+like every other run; the fit becomes the weights of its checkpoint."""
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,13 +14,15 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from backbones import build_model
+from stages.training.checkpoint import checkpoint, save
 from stages.training.evaluate import score
+from stages.training.features import install_backbone
 from stages.training.train import TrainState
 from utils.helpers import log
 from utils.metrics import patient_level, safe_auc
 from utils.scoring import oof_thresholds
 
-NAME = "linear_probe"
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_C = 1e-2
 
@@ -114,17 +118,47 @@ def choose_c(run, pooled, k, seed):
     return c, aucs, oof_thresholds(tuples.assign(prob_malignant=probs[c]))
 
 
-def subtype_probs(pooled, x, subtypes, n_classes, c, seed):
-    """Per-image subtype probabilities (N_images, n_classes) from a multinomial probe; one class gets probability 1."""
-    seen = np.unique(subtypes[subtypes >= 0])
-    out = np.zeros((len(pooled), n_classes))
-    if len(seen) < 2:
-        out[:, seen[0] if len(seen) else 0] = 1.0
-        return out
+def regression(c, seed):
+    return LogisticRegression(C=c, max_iter=2000, class_weight="balanced", random_state=seed)
+
+
+def subtype_fit(x, subtypes, c, seed):
+    """{class index: (coef, intercept)} of a multinomial probe on scaled features; one seen class gets everything."""
     keep = subtypes >= 0
-    model = classifier(c, seed).fit(x[keep], subtypes[keep])
-    out[:, model.classes_] = model.predict_proba(pooled)
-    return out
+    seen = np.unique(subtypes[keep])
+    if len(seen) < 2:
+        return {int(seen[0]) if len(seen) else 0: (np.zeros(x.shape[1]), 0.0)}
+    model = regression(c, seed).fit(x[keep], subtypes[keep])
+    if len(model.classes_) == 2:
+        return {int(model.classes_[0]): (np.zeros(x.shape[1]), 0.0),
+                int(model.classes_[1]): (model.coef_[0], float(model.intercept_[0]))}
+    return {int(k): (model.coef_[i], float(model.intercept_[i])) for i, k in enumerate(model.classes_)}
+
+
+def softmax_rows(logits):
+    logits = logits - logits.max(1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(1, keepdims=True)
+
+
+def fitted_probe(run, x, y, subtypes, c, seed, backbone_state):
+    """The LinearProbe model with the scaler and both regressions fit on the training images."""
+    scaler = StandardScaler().fit(x)
+    scaled = scaler.transform(x)
+    binary = regression(c, seed).fit(scaled, y)
+    model = build_model(run.model_name, **run.model_kwargs)
+    install_backbone(model, backbone_state)
+    model.set_weights(scaler.mean_, scaler.scale_, (binary.coef_[0], float(binary.intercept_[0])),
+                      subtype_fit(scaled, subtypes, c, seed))
+    return model.eval()
+
+
+def image_outputs(model, pooled):
+    """Per-image P(benign, malignant) and subtype probabilities of pooled features, as the model computes them."""
+    z = (pooled - model.mean.numpy()) / model.scale.numpy()
+    p = 1 / (1 + np.exp(-(z @ model.binary.weight.detach().numpy()[0] + float(model.binary.bias.detach()[0]))))
+    sub = softmax_rows(z @ model.subtype.weight.detach().numpy().T + model.subtype.bias.detach().numpy())
+    return np.stack([1 - p, p], 1), sub
 
 
 def role_outputs(run, role, binary, subtype, pooled):
@@ -138,14 +172,17 @@ def role_outputs(run, role, binary, subtype, pooled):
 
 
 def probe_run(cfg, run, sources):
-    """Choose C by inner CV over the train+val patients, fit the probe on the training images, score like any run."""
+    """Choose C by inner CV over the train+val patients, fit the probe on the training images, score like any run;
+    the fitted model is the run's checkpoint."""
     start = time.time()
-    pooled = run.features.pooled()
+    pooled = run.features.values
     x, y, subtypes = training_images(run, pooled)
     c, aucs, oof = choose_c(run, pooled, cfg.inner_folds, cfg.seed)
-    binary = classifier(c, cfg.seed).fit(x, y).predict_proba(pooled)
-    subtype = subtype_probs(pooled, x, subtypes, len(run.classes), c, cfg.seed)
-    log(f"[{run.tag}] linear probe on {len(x)} training images x {x.shape[1]} features | inner {cfg.inner_folds}-fold "
+    model = fitted_probe(run, x, y, subtypes, c, cfg.seed, run.features.backbone_state)
+    save(checkpoint(model, run, cfg, 0, float("nan")), Path(run.folder) / "checkpoints" / "best.pth")
+    binary, subtype = image_outputs(model, pooled)
+    log(f"[{run.tag}] linear probe on {len(x)} training images x {x.shape[1]} features (stage(s) "
+        f"{','.join(map(str, run.model_kwargs['feature_stage']))}) | inner {cfg.inner_folds}-fold "
         f"out-of-fold patient AUC by C: {', '.join(f'{k:g}: {v:.3f}' for k, v in aucs.items())} -> C={c:g}, "
         f"out-of-fold Youden threshold {oof['patient']:.3f} on patient means")
     res = {role: role_outputs(run, role, binary, subtype, pooled) for role in ("train", "val", "test")}

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from backbones import magnifications_read
+from backbones import MODELS, magnifications_read
 from preprocess.preprocess import load_split
-from stages.training.probe import NAME as PROBE
 from utils.config_file import STUDY_KEY, read_config_file
 from utils.env import commit
 from utils.helpers import PipelineError, index_path, read_json_or_none, run_dir, split_path, write_json
 from utils.lock import me
 from utils.scoring import union_seen
 
-COMPUTE = ("device", "amp", "precision", "channels_last", "fused_adamw", "compile", "compile_backend", "jobs")
-RUN_CONTROL = ("data_root", "output_dir", "demo", "synthetic", "cache_dir", "folds", "runs", "resume", "force",
+COMPUTE = ("device", "amp", "precision", "channels_last", "fused_adamw", "compile", "compile_backend", "jobs",
+           "checkpoint_every_s")
+RUN_CONTROL = ("data_root", "output_dir", "demo", "synthetic", "cache_dir", "folds", "runs", "resume", "force", "plan",
                "stages", "bootstrap", "explain_samples", "input", "checkpoint", "ensemble", "lock_stale_s",
                "tune_trials", "tune_minutes", "tune_space", "tune_scope", "tensorboard", "tuning", "tuned_folds")
 PER_RUN = ("resnet_backbone", "student_backbone", "student_image_size", "student_embed_dim", "distill_temperature",
@@ -118,7 +118,7 @@ def tuning_source(run_cfg):
 def inner_source(run_cfg, spec, own):
     """The inner models over a run's train+val patients (the linear probe's C; --threshold-rule oof_youden), which
     train and validate on each of them; None for a run without."""
-    if spec.model != PROBE and (run_cfg.threshold_rule != "oof_youden" or spec.members):
+    if not MODELS[spec.model].inner_models and (run_cfg.threshold_rule != "oof_youden" or spec.members):
         return None
     both = sorted(set(own["train"]) | set(own["val"]))
     return dict(name=f"the inner models of {own['name']}", train=both, val=both)

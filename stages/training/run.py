@@ -4,12 +4,11 @@ import time
 
 import numpy as np
 
-from backbones import build_model
+from backbones import MODELS, build_model
 from stages.training.checkpoint import read_checkpoint, save, slim_last
 from stages.training.data import prepare_run
 from stages.training.evaluate import evaluate
 from stages.training.inner import oof_threshold, wanted
-from stages.training.probe import NAME as PROBE
 from stages.training.probe import probe_run
 from stages.training.record import new_record, read_record, run_config, sources_of, stale, stale_error, write_record
 from stages.training.train import fit
@@ -123,10 +122,8 @@ def train_and_score(cfg, spec, split_name, folder, callback=None, adapt=None, so
     write_record(folder, record)
     device = resolve_device(run_cfg.device)
     extra = adapt(run, device) if adapt is not None else {}
-    if spec.model == PROBE:
-        predictions, metrics = probe_run(run_cfg, run, sources)
-    else:
-        predictions, metrics = train_model(run_cfg, spec, run, device, sources, callback)
+    fit = FITS[MODELS[spec.model].fit]
+    predictions, metrics = fit(run_cfg, spec, run, device, sources, callback)
     metrics.update(extra)
     finish_checkpoint(folder, metrics["threshold"]["patient"], run_cfg.threshold_rule, record)
     write_csv(predictions, folder / "predictions.csv", index=False)
@@ -147,6 +144,13 @@ def train_model(cfg, spec, run, device, sources, callback=None):
     predictions, metrics = evaluate(cfg, model, run, device, state, sources, oof)
     metrics["inner"] = dict(folds=cfg.inner_folds, seconds=seconds)
     return predictions, metrics
+
+
+def fit_probe(cfg, spec, run, device, sources, callback=None):
+    return probe_run(cfg, run, sources)
+
+
+FITS = dict(gradient=train_model, probe=fit_probe)
 
 
 def finish_checkpoint(folder, thresholds, rule, record):

@@ -1,11 +1,13 @@
 """The one list of runs: every model the pipeline trains, the stage that trains it and the tables that show it."""
 from dataclasses import dataclass, field
 
-from backbones import REFERENCE_MODEL
-from stages.training.probe import NAME as LINEAR_PROBE
+from backbones import REFERENCE_MODEL, LinearProbe
+from backbones.encoders import frozen_stage
+from preprocess.tuples import ANY
 from utils.helpers import PipelineError
 
 REFERENCE = REFERENCE_MODEL
+LINEAR_PROBE = LinearProbe.name
 MEMBERS = f"{REFERENCE}_fixed_member"
 PARTS = ("spatial", "channel", "hma", "cmf")
 STUDENT = f"{REFERENCE}_student"
@@ -32,21 +34,38 @@ def reference_runs():
             RunSpec(MEMBERS, REFERENCE, "fixed", members=True)]
 
 
+def any_mag_run(cfg):
+    """The magnification-independent classifier: one backbone and head on single fields of every magnification, a
+    patient scored by the mean over all its fields; it sees as many fields per step and per epoch as MMNet."""
+    n = len(cfg.magnifications)
+    settings = dict(batch_size=cfg.batch_size * n, tuples_per_patient=cfg.tuples_per_patient * n)
+    return RunSpec("any_mag", "single_mag", "baselines", {"magnifications": (ANY,)}, ("baseline",), settings=settings)
+
+
 def baseline_runs(cfg):
     runs = [RunSpec("simple_concat", "simple_concat", "baselines", tables=("baseline", "ablation"))]
-    runs += [RunSpec(f"single_{m}", "single_mag", "baselines", {"mag": m}, ("baseline", "magnification"), m)
-             for m in cfg.magnifications]
+    runs += [RunSpec(f"single_{m}", "single_mag", "baselines", {"magnifications": (m,)}, ("baseline", "magnification"),
+                     m) for m in cfg.magnifications]
+    runs.append(any_mag_run(cfg))
     mag = cfg.magnifications[0]
-    flags = {"mag": mag, "backbone": cfg.resnet_backbone}
+    flags = {"magnifications": (mag,), "backbone": cfg.resnet_backbone}
     runs.append(RunSpec(f"resnet50_transfer_{mag}", "resnet50_transfer", "baselines", flags, ("baseline",), mag))
-    return runs + [RunSpec(LINEAR_PROBE, LINEAR_PROBE, "baselines", tables=("baseline",))]
+    probe = {"feature_stage": cfg.feature_stage if cfg.freeze_backbone else frozen_stage(cfg.backbone)}
+    return runs + [RunSpec(LINEAR_PROBE, LINEAR_PROBE, "baselines", probe, tables=("baseline",))]
 
 
 def ablation_runs(cfg):
+    """MMNet without each part; on each magnification alone (one field) and fed four fields of it (as many fields
+    per decision as MMNet, one magnification)."""
     runs = [RunSpec(f"{REFERENCE}_no_{part}", REFERENCE, "ablations", {f"use_{part}": False}, ("ablation",))
             for part in PARTS]
-    return runs + [RunSpec(f"{REFERENCE}_only_{m}", REFERENCE, "ablations", {"use_mags": (m,)},
-                           ("ablation", "magnification"), m) for m in cfg.magnifications]
+    n = len(cfg.magnifications)
+    for m in cfg.magnifications:
+        runs.append(RunSpec(f"{REFERENCE}_only_{m}", REFERENCE, "ablations", {"magnifications": (m,)},
+                            ("ablation", "magnification"), m))
+        runs.append(RunSpec(f"{REFERENCE}_fields_{m}", REFERENCE, "ablations", {"magnifications": (m,) * n},
+                            ("ablation", "magnification"), m))
+    return runs
 
 
 def distill_runs(cfg):

@@ -1,7 +1,10 @@
 """Training one run: AdamW, warmup + cosine, AMP, accumulation, clipping, early stopping and weight selection on the
-validation patients, frozen-backbone epochs on cached features."""
+validation patients, frozen-backbone epochs on cached features; one host sync per step, validation only where the
+selection rule or the curves need it, the resume checkpoint every --checkpoint-every-s seconds."""
 import math
 import time
+
+import numpy as np
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +23,9 @@ from utils.helpers import PipelineError, log, warn, write_csv
 from utils.metrics import binary_metrics, patient_level, safe_auc, youden_threshold
 
 
+CURVE_POINTS = 5  # validations per run under swa, which selects nothing on them: points of the validation curves
+
+
 @dataclass
 class TrainState:
     """Where training stands: saved in last.pth so --resume continues at the next epoch."""
@@ -32,6 +38,7 @@ class TrainState:
     bad_steps: int = 0
     stopped: bool = False
     seconds: float = 0.0
+    saved_at: float = 0.0
 
 
 @dataclass
@@ -116,11 +123,12 @@ def bad_step(state, cfg, epoch, step):
 
 def train_epoch(model, forward, run, bank, opt, selection, cfg, device, state, epoch):
     """One pass over fresh training tuples from `bank` (images or cached features) through `forward` (the model, or
-    its compiled twin); returns (mean loss, accuracy at 0.5)."""
+    its compiled twin); returns (mean loss, accuracy at 0.5). The one host sync of a step reads the loss (is it finite,
+    and its value for the bar); the accuracy is counted on the device."""
     model.train()
-    total, correct, seen, accum = 0.0, 0, 0, max(1, cfg.accum_steps)
-    batches = list(run.train_sampler)
-    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None, dynamic_ncols=True)
+    total, seen, accum = 0.0, 0, max(1, cfg.accum_steps)
+    correct = torch.zeros((), device=device)
+    bar = tqdm(list(run.train_sampler), desc=f"epoch {epoch}", leave=False, disable=None, dynamic_ncols=True)
     opt.optimizer.zero_grad(set_to_none=True)
     pending = 0
     for step, (rows, labels, subtypes) in enumerate(bar, 1):
@@ -129,7 +137,8 @@ def train_epoch(model, forward, run, bank, opt, selection, cfg, device, state, e
         with autocast(device, opt.dtype):
             out = forward(x, mask)
             loss = run.criterion(out, labels, subtypes, x, mask)
-        if not torch.isfinite(loss):
+        value = float(loss.detach())
+        if not math.isfinite(value):
             bad_step(state, cfg, epoch, step)
             continue
         (opt.scaler.scale(loss / accum) if opt.scaler else loss / accum).backward()
@@ -138,15 +147,28 @@ def train_epoch(model, forward, run, bank, opt, selection, cfg, device, state, e
             opt.step(model, cfg)
             selection.after_step(model)
             pending = 0
-        n = len(labels)
-        total += loss.item() * n
-        correct += int(((out["binary_logits"].detach() > 0).float() == labels).sum())
-        seen += n
-        bar.set_postfix(loss=f"{total / seen:.4f}")
+        total += value * len(rows)
+        correct += ((out["binary_logits"].detach() > 0).float() == labels).sum()
+        seen += len(rows)
+        bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
     if pending:
         opt.step(model, cfg)
         selection.after_step(model)
-    return (total / seen if seen else float("nan")), (correct / seen if seen else float("nan"))
+    return (total / seen if seen else float("nan")), (float(correct) / seen if seen else float("nan"))
+
+
+def validates(cfg, selection, epoch):
+    """Whether this epoch scores the validation patients: every epoch for a rule that selects on them, CURVE_POINTS
+    evenly spread epochs (the last among them) under swa, for the curves."""
+    if selection.early_stop:
+        return True
+    every = max(1, math.ceil(cfg.epochs / CURVE_POINTS))
+    return epoch % every == 0 or epoch == cfg.epochs
+
+
+def skipped_validation():
+    return dict(val_loss=np.nan, val_acc=np.nan, val_bal_acc=np.nan, val_f1=np.nan, val_auc=np.nan,
+                val_auc_tuple=np.nan, threshold=np.nan)
 
 
 
@@ -180,10 +202,21 @@ def resume(folder, model, opt, selection, run, cfg):
 
 
 def epoch_line(tag, epoch, cfg, row, best):
+    val = (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} bal {row['val_bal_acc']:.3f} "
+           f"F1 {row['val_f1']:.3f} AUC {row['val_auc']:.3f} (tuple {row['val_auc_tuple']:.3f}) | "
+           f"t {row['threshold']:.2f}") if np.isfinite(row["val_loss"]) else "val not scored this epoch (swa)"
     return (f"[{tag}] epoch {epoch:>2}/{cfg.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} bal {row['val_bal_acc']:.3f} "
-            f"F1 {row['val_f1']:.3f} AUC {row['val_auc']:.3f} (tuple {row['val_auc_tuple']:.3f}) | "
-            f"t {row['threshold']:.2f} | lr {row['lr']:.2e} | {row['seconds']:.1f}s{' *' if best else ''}")
+            f"{val} | lr {row['lr']:.2e} | {row['seconds']:.1f}s{' *' if best else ''}")
+
+
+def save_last(model, run, opt, selection, cfg, state, row, final):
+    """last.pth for --resume: at most every --checkpoint-every-s seconds, and at the run's last epoch."""
+    if not final and time.time() - state.saved_at < cfg.checkpoint_every_s:
+        return
+    last = checkpoint(model, run, cfg, row["epoch"], state.best_auc)
+    last.update(opt.state_dict(), rng=rng_state(), state=asdict(state), average=selection.state_dict())
+    save(last, Path(run.folder) / "checkpoints" / "last.pth")
+    state.saved_at = time.time()
 
 
 def end_epoch(model, run, opt, selection, cfg, state, row):
@@ -204,9 +237,7 @@ def end_epoch(model, run, opt, selection, cfg, state, row):
     state.stopped = selection.early_stop and state.bad_epochs >= cfg.patience
     log(epoch_line(run.tag, row["epoch"], cfg, row, improved))
     write_csv(pd.DataFrame(state.history), Path(run.folder) / "history.csv", index=False)
-    last = checkpoint(model, run, cfg, row["epoch"], state.best_auc)
-    last.update(opt.state_dict(), rng=rng_state(), state=asdict(state), average=selection.state_dict())
-    save(last, ckpt_dir / "last.pth")
+    save_last(model, run, opt, selection, cfg, state, row, state.stopped or row["epoch"] == cfg.epochs)
     if state.stopped:
         log(f"[{run.tag}] early stop: validation {cfg.selection} score not better for {cfg.patience} epochs "
             f"(best epoch {state.best_epoch})")
@@ -257,8 +288,10 @@ def fit(cfg, model, run, device, callback=None):
         run.train_sampler.set_epoch(epoch)
         loss, acc = train_epoch(model, forward, run, bank, opt, selection, cfg, device, state, epoch)
         row = dict(epoch=epoch, train_loss=loss, train_acc=acc)
-        val = predict(selection.kept(model), bank, run.batches["val"], device, opt.dtype, run.criterion)
-        row.update(validation_row(run.tuples["val"], val))
+        val = None
+        if validates(cfg, selection, epoch):
+            val = predict(selection.kept(model), bank, run.batches["val"], device, opt.dtype, run.criterion)
+        row.update(validation_row(run.tuples["val"], val) if val is not None else skipped_validation())
         row.update(lr=opt.optimizer.param_groups[-1]["lr"], seconds=time.time() - start)
         end_epoch(model, run, opt, selection, cfg, state, row)
         curves.epoch(row, val)

@@ -11,11 +11,9 @@ import optuna
 
 from backbones import REFERENCE_MODEL, build_model, model_config
 from preprocess.analyze import subtype_classes
-from preprocess.cache import cache_folder
 from preprocess.preprocess import inner_splits, load_split, member_split_names
-from preprocess.tuples import TrainBatches, eval_batches, eval_tuples, groups, image_bank
-from stages.training.data import RunData, make_criterion, reads_features, split_frames
-from stages.training.features import feature_bank
+from preprocess.tuples import TrainBatches, eval_batches, eval_tuples, groups
+from stages.training.data import RunData, index_bank, make_criterion, run_features, split_frames
 from stages.training.forward import amp_settings, predict
 from stages.training.train import fit, validation_row
 from stages.tuning.space import suggest
@@ -56,18 +54,17 @@ def inner_run(cfg, split, rows, parts, folder):
     """RunData of one outer fold restricted to its training patients: train on train, validate on val."""
     mags = tuple(cfg.magnifications)
     classes = subtype_classes(rows)
-    with resource_errors("the image cache", folder=cache_folder(cfg)):
-        bank = image_bank(rows["path"].astype(str).tolist(), cfg.image_size, cfg.stain_norm, cache_folder(cfg))
-    sampler = TrainBatches(parts["train"], mags, bank.row_of, classes, cfg.tuples_per_patient, cfg.batch_size, cfg.seed)
-    tuples = {role: eval_tuples(parts[role], mags) for role in INNER}
+    settings = model_config(cfg, REFERENCE_MODEL, len(classes))
+    bank = index_bank(cfg, rows)
+    sampler = TrainBatches(parts["train"], mags, bank.row_of, classes, cfg.tuples_per_patient, cfg.batch_size, cfg.seed,
+                           mags)
+    tuples = {role: eval_tuples(parts[role], mags, mags) for role in INNER}
     batches = {"val": eval_batches(tuples["val"], mags, bank.row_of, classes, cfg.batch_size)}
-    features = None
-    if reads_features(cfg, REFERENCE_MODEL):
-        features = feature_bank(cfg, bank, resolve_device(cfg.device))
     return RunData(name=folder.parent.name, split=split, folder=folder, model_name=REFERENCE_MODEL,
-                   model_kwargs=asdict(model_config(cfg, REFERENCE_MODEL, len(classes))), classes=classes, bank=bank,
-                   train_sampler=sampler, tuples=tuples, batches=batches,
-                   criterion=make_criterion(cfg, groups(parts["train"], mags), classes), features=features)
+                   model_kwargs=asdict(settings), slots=mags, classes=classes, bank=bank, train_sampler=sampler,
+                   tuples=tuples, batches=batches, criterion=make_criterion(cfg, groups(parts["train"], mags, mags),
+                                                                            classes),
+                   features=run_features(cfg, REFERENCE_MODEL, settings, bank))
 
 
 def fold_score(cfg, split, rows, parts, folder, report):

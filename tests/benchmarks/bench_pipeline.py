@@ -8,7 +8,9 @@ defaults on CUDA. The in-memory limit repeats forward + backward + optimizer ste
 (evaluation) of the same model on one batch already on the device: no data loading, no augmentation.
 --full also runs `main.py` (every stage) on the full-size synthetic tree in a subprocess and prints each stage's wall
 time and the total; flags after `--` go to main.py. The last line reads
-`pipeline: train T tuples/s, limit L tuples/s, train/limit R, eval/train E` so runs can be compared.
+`pipeline: train T tuples/s, limit L tuples/s, train/limit R, eval/train E` so runs can be compared; the line before
+it times a single-magnification baseline's training the same way (`single-magnification: ...`): it decodes, augments
+and forwards only the one image per tuple it reads.
 """
 import argparse
 import cProfile
@@ -122,7 +124,7 @@ def train_limit(cfg, run, device, steps):
     forward = place(model, cfg, device)
     opt = optimisation(model, cfg, device, steps + 3)
     rows, labels, subtypes = next(iter(run.train_sampler))
-    x, mask = prepare(*run.bank.gather(rows, device), device)
+    x, mask = prepare(*run.bank.gather(rows, device), device, train=True)
     y, s = targets(labels, device), targets(subtypes, device, torch.long)
     model.train()
 
@@ -165,7 +167,7 @@ def evaluated_tuples(cfg, run):
 def prepare_fold(cfg, device, stages):
     """Index, split and cache stages, then the run of fold 0 with its bank on the device."""
     from preprocess.analyze import load_index, run_analyze
-    from preprocess.cache import cache_folder, image_cache
+    from stages.training.data import index_bank
     from preprocess.preprocess import run_split
     from stages.training.data import prepare_run
     from stages.training.runs import REFERENCE
@@ -173,9 +175,9 @@ def prepare_fold(cfg, device, stages):
         run_analyze(cfg)
     with stages.stage("split"):
         run_split(cfg)
-    paths = load_index(cfg)["path"].astype(str).tolist()
-    with stages.stage("cache (decode + resize)", len(paths), "images"):
-        image_cache(paths, cfg.image_size, cfg.stain_norm, cache_folder(cfg))
+    index = load_index(cfg)
+    with stages.stage("cache (decode + resize)", len(index), "images"):
+        index_bank(cfg, index)
     with stages.stage("prepare_run + bank"):
         run = prepare_run(cfg, REFERENCE, SPLIT, REFERENCE, {})
         run.bank.on(device)
@@ -227,6 +229,36 @@ def fold_zero(cfg, args, device, stages, run=None):
     stages.add("  evaluate: metrics, rest", eval_s - predict_s - smote_s)
     return dict(train=per_epoch / steady(clock.calls["train"]), limit=limit, eval_train=eval_s / fit_s,
                 epochs=epochs, per_epoch=per_epoch)
+
+
+def single_rate(cfg, device):
+    """Training tuples/s of single_<first magnification> over two epochs of fold 0, steady epoch as for MMNet."""
+    import stages.training.train as train_module
+    from backbones import build_model
+    mag = cfg.magnifications[0]
+    run = prepare_run_of(cfg, f"single_{mag}", "single_mag", {"magnifications": (mag,)})
+    model = build_model(run.model_name, **run.model_kwargs)
+    seconds = []
+    original = train_module.train_epoch
+
+    def clocked(*args, **kwargs):
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    train_module.train_epoch = clocked
+    try:
+        train_module.fit(replace(cfg, epochs=2, warmup_epochs=1), model, run, device)
+    finally:
+        train_module.train_epoch = original
+    return f"single_{mag}", epoch_tuples(run) / steady(seconds)
+
+
+def prepare_run_of(cfg, name, model, flags):
+    from stages.training.data import prepare_run
+    return prepare_run(cfg, name, SPLIT, model, flags)
 
 
 def print_profile(profiler, top=20):
@@ -338,6 +370,9 @@ def run(args, work):
     if args.full:
         flags = main_flags(args, device) + args.main_flags
         print_stage_times(end_to_end(root, Path(work) / "main_output", flags, args.threads))
+    name, single = single_rate(cfg, device)
+    print(f"single-magnification: {name} train {single:.2f} tuples/s, MMNet {result['train']:.2f} tuples/s, "
+          f"ratio {single / result['train']:.2f} x")
     ratio = result["train"] / result["limit"]
     print(f"pipeline: train {result['train']:.2f} tuples/s, limit {result['limit']:.2f} tuples/s, "
           f"train/limit {ratio:.2f}, eval/train {result['eval_train']:.2f}")

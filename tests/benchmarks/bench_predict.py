@@ -34,6 +34,7 @@ from backbones import REFERENCE_MODEL, build_model, model_config  # noqa: E402
 from config import MAGNIFICATIONS, Config  # noqa: E402
 from preprocess.analyze import parse_name  # noqa: E402
 from preprocess.synthetic import make_synthetic  # noqa: E402
+from preprocess.cache import field_shape  # noqa: E402
 from preprocess.tuples import ImageBank, eval_batches, eval_tuples  # noqa: E402
 from stages.inference.export import export_onnx  # noqa: E402
 from stages.inference.predictor import OnnxModel  # noqa: E402
@@ -68,7 +69,7 @@ def one_patient(p, files, device, dtype, batch_size):
     times, start = {}, time.perf_counter()
     rows, problems, _ = collect(files, p.mags)
     times["check"] = time.perf_counter() - start
-    images, _ = decode_all([r["path"] for r in rows], p.image_size, p.stain_norm)
+    images, _ = decode_all([r["path"] for r in rows], p.field, p.stain_norm)
     times["decode"] = time.perf_counter() - start - sum(times.values())
     frame = index_frame(rows, p.classes)
     bank = ImageBank(images, {r["path"]: i for i, r in enumerate(rows)})
@@ -84,7 +85,7 @@ def one_patient(p, files, device, dtype, batch_size):
 def model_alone(p, files, device, dtype, batch_size):
     """Seconds of the prediction path alone (gather, normalise, forward) over one patient's decoded tuples."""
     rows, _, _ = collect(files, p.mags)
-    images, _ = decode_all([r["path"] for r in rows], p.image_size, p.stain_norm)
+    images, _ = decode_all([r["path"] for r in rows], p.field, p.stain_norm)
     bank = ImageBank(images, {r["path"]: i for i, r in enumerate(rows)})
     frame = index_frame(rows, p.classes)
     batches = eval_batches(eval_tuples(frame, p.mags), p.mags, bank.row_of, [], batch_size)
@@ -122,7 +123,8 @@ def predictor(backbone, size, embed_dim=256):
     settings = model_config(replace(Config(), backbone=backbone, pretrained=False), REFERENCE_MODEL, len(CLASSES),
                             embed_dim=embed_dim)
     model = build_model(REFERENCE_MODEL, **asdict(settings)).eval()
-    return Predictor([model], MAGNIFICATIONS, MAGNIFICATIONS, size, False, False, CLASSES,
+    field = field_shape([700], [460], size)
+    return Predictor([model], MAGNIFICATIONS, MAGNIFICATIONS, MAGNIFICATIONS, size, field, False, False, CLASSES,
                      dict(decision=0.5, youden=0.5, sens95=0.5), "fixed_0.5", backbone, model.normalization)
 
 
@@ -131,7 +133,7 @@ def onnx_twin(p, folder, threads):
     path = Path(folder) / f"{p.source}_{p.image_size}.onnx"
     export_onnx([p.models[0]], path, metadata(p, []))
     model = OnnxModel(path, threads)
-    return Predictor([model], p.mags, p.reads, p.image_size, False, False, CLASSES, p.threshold, p.rule,
+    return Predictor([model], p.mags, p.pool, p.reads, p.image_size, p.field, False, False, CLASSES, p.threshold, p.rule,
                      f"{p.source} (onnxruntime)", model.normalization)
 
 

@@ -131,11 +131,12 @@ def engine_rates(cfg, run, device):
 
 def step_memory(cfg, model, optimizer, batch, device):
     """Peak allocated bytes of one AMP training step (augmentation included) at `batch` tuples."""
+    from preprocess.cache import field_shape
     from preprocess.transforms import prepare
     from stages.training.forward import amp_settings, autocast
     dtype, scaler = amp_settings(cfg, device)
-    m, s = len(cfg.magnifications), cfg.image_size
-    images = torch.randint(0, 255, (batch, m, s, s, 3), dtype=torch.uint8)
+    m, (h, w) = len(cfg.magnifications), field_shape([700], [460], cfg.image_size)
+    images = torch.randint(0, 255, (batch, m, h, w, 3), dtype=torch.uint8)
     mask = torch.ones(batch, m, dtype=torch.bool)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -225,13 +226,12 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as work:
         from preprocess.analyze import load_index
-        from preprocess.cache import cache_folder, image_cache
-        from stages.training.data import prepare_run
+        from stages.training.data import index_bank, prepare_run
         from stages.training.runs import REFERENCE
         cfg, made = prepare_tree(cfg, args.root, preset, work)
         paths = load_index(cfg)["path"].astype(str).tolist()
         reset_peak(device)
-        _, decode_s = timed(lambda: image_cache(paths, cfg.image_size, cfg.stain_norm, cache_folder(cfg)))
+        _, decode_s = timed(lambda: index_bank(cfg, load_index(cfg)))
         run = prepare_run(cfg, "bench", "fold_0", REFERENCE, {})
         _, place_s = timed(lambda: run.bank.on(device), device)
         where = run.bank.on(device).device

@@ -5,8 +5,10 @@ Parts (PARTS, in order), each in its own try so a failing one prints its name an
 tree (the full-size synthetic tree), prepare (index, splits, image cache), cv (fold 0 at the defaults, eager), bench
 (bench_pipeline's figures on fold 0), predict (ms per patient, PNG files to decision), torchrun (--nproc-per-node 1,
 nccl, one stage), jobs (--jobs 0 on a short stage), compile (fold 0 with --compile), memory (peak GPU memory in use
-during each part), estimate (the pipeline's wall time from the run list and the measured run times; docs/benchmarks.md,
-"GPU acceptance check"). The main.py parts run in subprocesses that must end by --deadline seconds after the start.
+during each part), estimate (the default run's --plan: its unit list and its wall time from the same short measurement;
+docs/benchmarks.md, "GPU acceptance check"). The main.py parts run in subprocesses that must end by --deadline seconds
+after the start; their timeouts (TIMEOUT_S) sum to less than it. The pretrained path runs through a local weights file
+(--weights, default: the default backbone's own weights saved by timm into WORK/weights.pth), as the box is offline.
 --dry: the same code on the tiny tree on CPU with tiny settings (gloo instead of nccl, no compile speedup expected,
 main() in this process except under torchrun), run by tests/test_gpu_check.py. The last line reads
 `gpu: pipeline ~T min (est.), cv fold W s, compile C x, train/limit R, eval/train E, predict P ms/patient, jobs J`.
@@ -38,13 +40,13 @@ import bench_pipeline  # noqa: E402
 from bench_predict import one_patient, patients  # noqa: E402
 import main as pipeline  # noqa: E402
 from preprocess.analyze import load_index, run_analyze  # noqa: E402
-from preprocess.cache import cache_folder, image_cache  # noqa: E402
 from preprocess.preprocess import run_split  # noqa: E402
 from preprocess.synthetic import make_synthetic  # noqa: E402
-from stages.training.data import prepare_run  # noqa: E402
+from stages.planning.plan import estimate as plan_estimate, plan_line, plan_units  # noqa: E402
+from stages.training.data import index_bank, prepare_run  # noqa: E402
 from stages.training.forward import amp_settings  # noqa: E402
 from stages.inference.predictor import load_predictor  # noqa: E402
-from stages.training.runs import REFERENCE, all_runs  # noqa: E402
+from stages.training.runs import REFERENCE  # noqa: E402
 from utils.helpers import read_json, setup_logging  # noqa: E402
 
 PARTS = ("tree", "prepare", "cv", "bench", "predict", "torchrun", "jobs", "compile", "memory", "estimate")
@@ -54,7 +56,7 @@ DRY = ("--device", "cpu", "--backbone", "test_efficientnet", "--image-size", "32
        "--epochs", "1", "--batch-size", "8", "--tuples-per-patient", "4", "--warmup-epochs", "1", "--bootstrap", "20",
        "--no-amp", "--lr", "2e-3", "--resnet-backbone", "test_resnet")
 DRY_BASELINES = ("--runs", "simple_concat,single_40X")
-TIMEOUT_S = dict(cv=240, compile=180, jobs=120, torchrun=90)
+TIMEOUT_S = dict(cv=150, compile=120, jobs=90, torchrun=60)
 
 
 class Memory:
@@ -88,15 +90,16 @@ class Memory:
 class Check:
     """Where the check writes, its settings, and what each part found (None for a part that failed)."""
 
-    def __init__(self, work, dry, deadline_s):
-        self.work, self.dry = Path(work), dry
+    def __init__(self, work, dry, deadline_s, weights=""):
+        self.work, self.dry, self.weights = Path(work), dry, weights
         self.root, self.out = self.work / "data", self.work / "output"
         self.device = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
         self.memory = Memory(self.device)
         self.results, self.start, self.deadline_s = {}, time.time(), deadline_s
 
     def flags(self, *extra):
-        base = ["--data-root", str(self.root), "--output-dir", str(self.out), "--synthetic", "--no-pretrained"]
+        weights = ["--no-pretrained"] if self.dry else ["--pretrained-path", self.weights]
+        base = ["--data-root", str(self.root), "--output-dir", str(self.out), "--synthetic", *weights]
         return [*base, *(DRY if self.dry else ()), *extra]
 
     def config(self, *extra):
@@ -194,13 +197,23 @@ def tree(check):
     return dict(preset=preset, images=sum(1 for _ in check.root.rglob("*.png")))
 
 
+def local_weights(check):
+    """The default backbone's weights as a local file (--weights, else timm's random init saved to WORK): the
+    pretrained path without a network."""
+    if check.dry or check.weights:
+        return
+    import timm
+    check.weights = str(check.work / "weights.pth")
+    torch.save(timm.create_model(pipeline.Config().backbone).state_dict(), check.weights)
+
+
 def prepare(check):
+    local_weights(check)
     start, cfg = time.time(), check.config()
     run_analyze(cfg)
     run_split(cfg)
-    paths = load_index(cfg)["path"].astype(str).tolist()
-    image_cache(paths, cfg.image_size, cfg.stain_norm, cache_folder(cfg))
-    return dict(images=len(paths), seconds=time.time() - start)
+    bank = index_bank(cfg, load_index(cfg))
+    return dict(images=len(bank.host), field=f"{bank.shape[1]}x{bank.shape[0]}", seconds=time.time() - start)
 
 
 def cv(check):
@@ -276,26 +289,19 @@ def memory(check):
     return dict(peak_gib=max(peaks.values()), per_part=peaks, total_gib=torch.cuda.mem_get_info()[1] / GIB)
 
 
-def cost(name, runs):
-    """A run's cost relative to an MMNet run: its model's training seconds over simple_concat's (four images per
-    tuple, as MMNet) in the jobs part; MMNet variants on one magnification as single_<mag>; 1 where not measured."""
-    single = re.fullmatch(rf"{REFERENCE}_only_(\w+)", name)
-    measured = f"single_{single.group(1)}" if single else name
-    if not runs.get("simple_concat") or measured not in runs:
-        return 1.0
-    return runs[measured] / runs["simple_concat"]
+def default_units(check):
+    """The units of the default `python main.py` at this check's settings (what --plan lists), every one to train."""
+    cfg = replace(check.config(), force=True)
+    return cfg, plan_units(cfg, list(pipeline.DEFAULT))
 
 
 def estimate(check):
-    fold_s = check.need("cv")["fold_s"]
-    found = check.results.get("jobs") or dict(jobs=1, runs={})
-    cfg = check.config()
-    units = [(spec.name, 1 if spec.stage == "fixed" else cfg.n_folds) for spec in all_runs(cfg)]
-    sequential_s = sum(n * fold_s * cost(name, found["runs"]) for name, n in units)
+    """The default run's plan on this device: the same unit list and short measurement as --plan."""
     prepare_s = check.need("prepare")["seconds"]
-    minutes = (prepare_s + sequential_s / found["jobs"]) / 60
-    return dict(minutes=minutes, runs=sum(n for _, n in units), jobs=found["jobs"],
-                minutes_one_process=(prepare_s + sequential_s) / 60)
+    cfg, units = default_units(check)
+    est = plan_estimate(cfg, list(pipeline.DEFAULT), units, dict(analyze=prepare_s))
+    print(plan_line(units, est), flush=True)
+    return dict(minutes=sum(est.stages.values()) / 60, units=len(units), disk_gb=est.disk)
 
 
 def number(check, name, key, fmt):
@@ -338,12 +344,17 @@ def main(argv=None):
     parser.add_argument("--dry", action="store_true", help="the tiny tree on CPU with tiny settings (the test suite)")
     parser.add_argument("--deadline", type=float, default=480, help="seconds after the start by which the subprocess "
                         "parts must end (default 480)")
+    parser.add_argument("--weights", default="", help="weights file of the default backbone for --pretrained-path "
+                        "(default: timm's initial weights of it, saved under --work)")
     args = parser.parse_args(argv)
+    if sum(TIMEOUT_S.values()) >= args.deadline:
+        parser.error(f"--deadline {args.deadline:.0f} s leaves no time: the parts' timeouts sum to "
+                     f"{sum(TIMEOUT_S.values())} s")
     if args.work:
         Path(args.work).mkdir(parents=True, exist_ok=True)
-        return run(Check(args.work, args.dry, args.deadline))
+        return run(Check(args.work, args.dry, args.deadline, args.weights))
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
-        return run(Check(work, args.dry, args.deadline))
+        return run(Check(work, args.dry, args.deadline, args.weights))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepare a machine for the MMNet pipeline: Python packages, the BreakHis data, a GPU check. Safe to rerun.
+# Prepare a machine for the MMNet pipeline: Python packages, pretrained weights, the BreakHis data, a GPU check.
+# Safe to rerun.
 set -uo pipefail
 
 OFFICIAL_URL="http://www.inf.ufpr.br/vri/databases/BreaKHis_v1.tar.gz"
@@ -10,6 +11,7 @@ DEST="${BREAKHIS_DEST:-data}"
 DATA_DIR=""
 INSTALL=1
 GET_DATA=1
+GET_WEIGHTS=1
 GPU_INFO=1
 ASKED=0
 CHECK_TORCH=0
@@ -19,12 +21,14 @@ usage() {
     cat <<EOF
 Usage: bash setup.sh [options]
 
-Installs the Python packages, downloads and extracts BreakHis into data/, prints torch/CUDA facts.
+Installs the Python packages, caches the pretrained weights of the default run's backbones, downloads and extracts
+BreakHis into data/, prints torch/CUDA facts.
 Rerunning is safe: packages already present are kept, existing data is never deleted or re-downloaded.
 
 Options:
   --skip-install     do not install Python packages
   --skip-data        do not download or check the dataset
+  --skip-weights     do not fetch the pretrained backbone weights (python -m backbones.fetch [BACKBONE ...])
   --url URL          download BreakHis from URL (default: \$BREAKHIS_URL or $OFFICIAL_URL)
   --tarball FILE     extract a local BreaKHis_v1.tar.gz instead of downloading (env: BREAKHIS_TARBALL)
   --data-dir DIR     use an already extracted copy at DIR: only count its images
@@ -36,7 +40,8 @@ Options:
 Packages: requirements.lock (every package pinned) on a plain machine; requirements.runpod (the same pins, keeps
 the preinstalled torch, warns when its version is outside the tested range) when torch with CUDA already works.
 A failed package install exits non-zero. A failed download says so and exits 0, unless the data was asked for
-explicitly (--url, --tarball, --data-dir), then it exits 1.
+explicitly (--url, --tarball, --data-dir), then it exits 1. Weights that cannot be fetched (offline) only warn:
+python main.py then needs the network at its first model, or --pretrained-path FILE, or --no-pretrained.
 Without the data, try the whole pipeline on synthetic images: python main.py --demo
 EOF
 }
@@ -47,6 +52,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --skip-install) INSTALL=0 ;;
         --skip-data) GET_DATA=0 ;;
+        --skip-weights) GET_WEIGHTS=0 ;;
         --skip-gpu-info) GPU_INFO=0 ;;
         --check-torch) CHECK_TORCH=1 ;;
         --url) URL="${2:?--url needs a value}"; ASKED=1; shift ;;
@@ -181,6 +187,12 @@ get_data() {
     say "data ready: python main.py (data root: $DEST)"
 }
 
+get_weights() {
+    say "caching the pretrained weights of the default backbones (timm / Hugging Face hub caches)"
+    "$PYTHON" -m backbones.fetch && return 0
+    say "WARNING: some pretrained weights are not cached (see above); setup goes on"
+}
+
 gpu_facts() {
     "$PYTHON" - <<'EOF' 2>/dev/null || say "torch is not importable yet"
 import torch
@@ -202,6 +214,7 @@ mkdir -p output/logs
 if [ "$INSTALL" -eq 1 ]; then
     install_packages || exit 1
 fi
+[ "$GET_WEIGHTS" -eq 1 ] && get_weights
 if [ "$GET_DATA" -eq 1 ]; then
     get_data || status=1
 fi

@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(slides=dict(A=1, F=1, DC=1), per_mag=1, size=(32, 24))
 
 
-def setup_sh(*args, env=None):
-    run = subprocess.run(["bash", str(ROOT / "setup.sh"), "--skip-install", "--skip-gpu-info", *map(str, args)],
-                         capture_output=True, text=True, timeout=60, env=dict(os.environ, **(env or {})))
+def setup_sh(*args, env=None, weights=False):
+    skips = ["--skip-install", "--skip-gpu-info"] + ([] if weights else ["--skip-weights"])
+    run = subprocess.run(["bash", str(ROOT / "setup.sh"), *skips, *map(str, args)],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, **(env or {})))
     return run.returncode, run.stdout + run.stderr
 
 
@@ -31,7 +32,7 @@ def tarball(tmp_path_factory):
 def test_help_lists_the_flags():
     code, text = setup_sh("--help")
     assert code == 0
-    for flag in ("--skip-install", "--url", "--tarball", "--data-dir", "--dest", "main.py --demo"):
+    for flag in ("--skip-install", "--skip-weights", "--url", "--tarball", "--data-dir", "--dest", "main.py --demo"):
         assert flag in text
 
 
@@ -73,6 +74,18 @@ def test_a_bad_tarball_fails_without_leaving_a_tree(tmp_path):
     code, text = setup_sh("--tarball", bad, "--dest", tmp_path / "data")
     assert code == 1
     assert not (tmp_path / "data" / "BreaKHis_v1").exists()
+
+
+def test_offline_weights_step_warns_names_each_backbone_and_goes_on(tmp_path):
+    env = dict(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path), HF_HUB_CACHE=str(tmp_path / "hub"),
+               TORCH_HOME=str(tmp_path / "torch"))
+    code, text = setup_sh("--skip-data", weights=True, env=env)
+    assert code == 0, text
+    assert "caching the pretrained weights" in text and "WARNING: some pretrained weights are not cached" in text
+    for name in ("mobilenetv4_conv_small", "resnet50", "mobilenetv3_small_050"):
+        assert f"backbone '{name}'" in text
+    code, text = setup_sh("--skip-data", env=env)
+    assert code == 0 and "pretrained weights" not in text
 
 
 def test_torch_outside_the_tested_range_warns_and_goes_on():

@@ -179,7 +179,7 @@ def test_registry_builds_each_table_as_its_builder_does(report):
     efficiency = table(out, "efficiency")
     direct = dict(cv=T.cv_table, fixed=T.fixed_table, magnification=T.magnification_table, subtype=T.subtype_table,
                   ablation=lambda b: ablation_table(b, efficiency), baseline=lambda b: baseline_table(b, efficiency))
-    built = T.build_tables(book_of(cfg, S.load_runs(Path(cfg.output_dir) / "runs")), efficiency)
+    built = T.build_tables(cfg, book_of(cfg, S.load_runs(Path(cfg.output_dir) / "runs")), efficiency)
     assert set(built) == set(T.TABLE_NAMES) and built["efficiency"] is efficiency
     for key, build in direct.items():
         expected = build(book_of(cfg, S.load_runs(Path(cfg.output_dir) / "runs")))
@@ -189,7 +189,7 @@ def test_registry_builds_each_table_as_its_builder_does(report):
         assert list(written.columns) == list(built[key].columns) and len(written) == len(built[key]), key
     assert len(set(T.TABLE_NAMES.values())) == len(T.TABLE_NAMES)
     assert {T.paper_key(t) for t in T.TABLES if t.paper} == {"table_1", "table_2", "table_3", "table_4", "table_4b",
-                                                               "table_5"}
+                                                               "table_5", "table_6", "table_7"}
 
 
 def test_cv_table_columns_and_no_gaps(report):

@@ -17,7 +17,7 @@ from utils import stats
 from utils.helpers import run_dir
 from stages.report.registry import TABLE_NAMES
 
-TABLE_SECTIONS = [f"table_{k}" for k in range(1, 6)]
+TABLE_SECTIONS = [f"table_{k}" for k in range(1, 8)]
 
 
 class Page(HTMLParser):

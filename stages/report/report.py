@@ -7,6 +7,7 @@ from utils import plottings as plots
 from utils import scoring
 from utils.helpers import PipelineError, log, plots_dir, runs_dir, tables_dir, write_text
 from stages.report.paper import write_paper
+from stages.report.triage import triage_plot
 from stages.report.registry import TABLE_NAMES, build_tables, paper_tables
 from utils.tables import Book, write_table
 
@@ -36,12 +37,13 @@ def run_report(cfg):
     book = book_of(cfg, runs)
     log(f"Runs found: {', '.join(f'{name} ({len(splits)} splits)' for name, splits in runs.items())}")
     efficiency = efficiency_table(cfg, runs, book.notes)
-    tables = build_tables(book, efficiency)
+    tables = build_tables(cfg, book, efficiency)
     tables = {key: write_table(cfg, TABLE_NAMES[key], table) for key, table in tables.items()}
     paper = paper_tables(tables, book, cfg.synthetic)
     written = write_paper(tables_dir(cfg) / "paper", paper)
     book.notes += [f"paper {key}: no rows (its runs are missing)." for key in paper if key not in written]
     write_plots(cfg, book)
+    triage_plot(cfg, book, tables["triage"])
     write_notes(cfg, book.notes)
     page = write_page(cfg, book, tables, paper)
     log(f"Tables -> {tables_dir(cfg)} (paper: {tables_dir(cfg) / 'paper'}), plots -> {plots_dir(cfg)}, page -> {page}")

@@ -16,7 +16,7 @@ LEVEL_TEXT = ("; a fitted threshold decides the units it was fitted on: patient 
 METRICS = [("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced acc."), ("f1", "F1"), ("auc", "AUC")]
 MAGNIFICATION_COLUMNS = ["model", "level", "accuracy_mean", "accuracy_std", "auc_mean", "auc_std", "cmf_weight_mean",
                          "cmf_weight_std", "cmf_rank"]
-LATEX = {"±": r"$\pm$", "Δ": r"$\Delta$", ">=": r"$\geq$", "—": "---"}
+LATEX = {"±": r"$\pm$", "Δ": r"$\Delta$", ">=": r"$\geq$", "—": "---", "→": r"$\rightarrow$"}
 
 
 @dataclass

@@ -65,6 +65,7 @@ class Config:
     tta: bool = setting(False, "evaluate on the mean over four views (flips, a quarter turn): thresholds, tables and predict all use it")
     smote: bool = setting(True, "refit the subtype head on SMOTE-balanced training embeddings and report it beside the plain head")
     bootstrap: int = setting(1000, "patient resamples behind the report's 95% confidence intervals and paired AUC-difference CIs")
+    conformal_alpha: tuple = setting((0.05, 0.10), "miscoverage levels of the report's conformal prediction sets (table 7), each in (0, 1)")
     explain_samples: int = setting(2, "Grad-CAM/attention examples per class x correct/wrong among the fixed split's test tuples")
     tensorboard: bool = setting(True, "write TensorBoard curves of every run under output/tensorboard/<run>/<split>/")
     # compute: how fast, never what a run learns

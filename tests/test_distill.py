@@ -16,7 +16,7 @@ from tests.conftest import copy_output
 from tests.test_pipeline import flags
 from utils.helpers import read_json, write_json
 from utils.losses import distillation_loss
-from utils.tables import TABLE_NAMES
+from stages.report.registry import TABLE_NAMES
 
 STUDENT_FLAGS = ["--student-backbone", "test_convnext", "--student-image-size", "32", "--student-embed-dim", "16"]
 

@@ -14,6 +14,7 @@ from preprocess.analyze import build_index, group_subtypes, subtype_classes, sub
 from preprocess.tuples import eval_tuples
 from stages.training.run import fold_line
 from stages.report.plots import confusion_plots
+from stages.report.registry import TABLE_NAMES
 from utils import scoring as S
 from utils import tables as T
 from utils.helpers import plots_dir, runs_dir, tables_dir
@@ -91,8 +92,8 @@ def test_one_class_subtype_head_reads_na_everywhere(one_class_run, tmp_path):
     assert runs["mmnet"]["fold_0"]["classes"] == ["Other"]
     assert fold_line("mmnet/fold_0", runs["mmnet"]["fold_0"]["metrics"]).count("n/a") == 2
     book = T.Book(runs, "mmnet", {"ablation": [], "baseline": []}, {}, cfg.bootstrap, cfg.seed)
-    T.write_table(cfg, "cv", T.cv_table(book))
-    written = pd.read_csv(tables_dir(cfg) / T.TABLE_NAMES["cv"], keep_default_na=False, dtype=str)
+    T.write_table(cfg, TABLE_NAMES["cv"], T.cv_table(book))
+    written = pd.read_csv(tables_dir(cfg) / TABLE_NAMES["cv"], keep_default_na=False, dtype=str)
     assert set(written["subtype_macro_f1"]) == {"n/a"} and set(written["subtype_balanced_accuracy"]) == {"n/a"}
     assert T.subtype_table(book).empty and any("--subtype-min-images" in n for n in book.notes)
 

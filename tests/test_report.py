@@ -13,7 +13,7 @@ from config import Config
 from tests.conftest import model_settings
 from utils import plottings as P
 from utils import scoring as S
-from utils import tables as T
+from stages.report import registry as T
 from utils.helpers import PipelineError, run_dir
 from stages.report.report import run_report
 
@@ -171,6 +171,26 @@ def test_every_table_and_plot_is_written(report):
         assert (plots / rel).stat().st_size > 5000, rel
     for fold in FOLDS:
         assert (plots / "confusion_matrices" / f"mmnet_{fold}_binary_patient.png").exists()
+
+
+def test_registry_builds_each_table_as_its_builder_does(report):
+    from stages.report.compare import ablation_table, baseline_table
+    from stages.report.report import book_of
+    cfg, out = report
+    efficiency = table(out, "efficiency")
+    direct = dict(cv=T.cv_table, fixed=T.fixed_table, magnification=T.magnification_table, subtype=T.subtype_table,
+                  ablation=lambda b: ablation_table(b, efficiency), baseline=lambda b: baseline_table(b, efficiency))
+    built = T.build_tables(cfg, book_of(cfg, S.load_runs(Path(cfg.output_dir) / "runs")), efficiency)
+    assert set(built) == set(T.TABLE_NAMES) and built["efficiency"] is efficiency
+    for key, build in direct.items():
+        expected = build(book_of(cfg, S.load_runs(Path(cfg.output_dir) / "runs")))
+        pd.testing.assert_frame_equal(built[key], expected, obj=key)
+    for key in ("cv", "magnification"):
+        written = table(out, key)
+        assert list(written.columns) == list(built[key].columns) and len(written) == len(built[key]), key
+    assert len(set(T.TABLE_NAMES.values())) == len(T.TABLE_NAMES)
+    assert {T.paper_key(t) for t in T.TABLES if t.paper} == {"table_1", "table_2", "table_3", "table_4", "table_4b",
+                                                               "table_5", "table_6", "table_7"}
 
 
 def test_cv_table_columns_and_no_gaps(report):

@@ -15,9 +15,9 @@ from tests.test_report import MAGS, fabricate
 from utils import scoring as S
 from utils import stats
 from utils.helpers import run_dir
-from utils.tables import TABLE_NAMES
+from stages.report.registry import TABLE_NAMES
 
-TABLE_SECTIONS = [f"table_{k}" for k in range(1, 6)]
+TABLE_SECTIONS = [f"table_{k}" for k in range(1, 8)]
 
 
 class Page(HTMLParser):

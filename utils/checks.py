@@ -102,6 +102,11 @@ def path_or_empty(allowed, bad, folder=False):
                 metavar="PATH")
 
 
+def alpha_list():
+    return Rule(lambda v: distinct(v) and len(v) > 0 and all(is_number(a) and 0 < a < 1 for a in v),
+                "levels in (0, 1) without repeats, comma-separated", (1.5,), "is out of range")
+
+
 def path_list():
     return Rule(lambda v: distinct(v) and all(isinstance(p, str) and p.strip() for p in v),
                 "image files or folders, comma-separated (empty: none)", ("",))
@@ -168,7 +173,7 @@ RULES = dict(
     compile_backend=choice(COMPILE_BACKENDS), jobs=integer(0), stain_norm=boolean(), tta=boolean(),
     smote=boolean(), max_bad_steps=integer(1),
     resume=boolean(), force=boolean(), stages=stage_list(),
-    bootstrap=integer(0), explain_samples=integer(0), resnet_backbone=timm_model(),
+    bootstrap=integer(0), conformal_alpha=alpha_list(), explain_samples=integer(0), resnet_backbone=timm_model(),
     input=path_list(), ensemble=boolean(), lock_stale_s=integer(10),
     checkpoint=path_or_empty("empty (models/best_model.pth under --output-dir) or an existing checkpoint file",
                              "missing/model.pth"),

@@ -274,3 +274,20 @@ def importance_plot(frame, mags, title, path):
     if tidy.empty:
         return None
     return magnification_weights(tidy, title, path)
+
+
+def workload(curves, points, title, path):
+    """Share of patients cleared against sensitivity, one curve per model; points: (model, sensitivity, cleared,
+    label) operating points marked on them."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    palette = dict(zip(curves, colors(max(len(curves), 1))))
+    for name, (sens, cleared) in curves.items():
+        ax.step(sens, cleared, where="post", color=palette[name], lw=1.5, label=name)
+    for name, sens, cleared, label in points:
+        ax.plot(sens, cleared, "o", color=palette.get(name, "black"), ms=6, mec="black")
+        ax.annotate(label, (sens, cleared), textcoords="offset points", xytext=(-4, 6), fontsize=7, ha="right")
+    ax.set(xlim=(0.5, 1.01), ylim=(0, 1), xlabel="Sensitivity (malignant patients flagged)",
+           ylabel="Share of patients cleared (predicted benign)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    return save(fig, path)

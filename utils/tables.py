@@ -1,5 +1,5 @@
 """Result tables from scored runs (tables 1, 2 and 5, subtypes): select rows, mean ± std over folds, CIs; format and
-write every table (tables 3 and 4 are built in utils/compare.py)."""
+write every table (tables 3 and 4 are built in stages/report/compare.py)."""
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,15 +12,6 @@ from utils.scoring import (BINARY, DECISION_RULES, KEY, LEVELS, RULES, SUBTYPE, 
 
 EFFICIENCY = ["model", "params", "params_m", "macs", "flops", "macs_g", "flops_g", "ms_per_tuple", "ms_per_patient",
               "tuples_per_patient", "image_size", "field", "device", "checkpoint"]
-TABLE_NAMES = {
-    "cv": "table_1_cross_validation_k_fold_results.csv",
-    "fixed": "table_2_patient_wise_results.csv",
-    "ablation": "table_3_ablation_results.csv",
-    "baseline": "table_4_baseline_comparison.csv",
-    "magnification": "table_5_per_magnification_results.csv",
-    "subtype": "table_subtype_per_class.csv",
-    "efficiency": "table_efficiency.csv",
-}
 
 
 @dataclass
@@ -282,9 +273,10 @@ def render(title, table):
         log(table[cols].to_string(index=False, na_rep="n/a"))
 
 
-def write_table(cfg, key, table):
-    path = tables_dir(cfg) / TABLE_NAMES[key]
+def write_table(cfg, name, table):
+    """Tidy a table, write it as output/tables/<name> and log it; the tidy table."""
+    path = tables_dir(cfg) / name
     table = tidy(table)
     write_csv(table, path, index=False, na_rep="n/a")
-    render(f"{TABLE_NAMES[key]} -> {path}", table)
+    render(f"{name} -> {path}", table)
     return table

@@ -7,7 +7,7 @@ import pandas as pd
 
 from utils.env import commit
 from utils.helpers import num, read_json_or_none
-from utils.paper import RULE_TEXT
+from stages.report.paper import RULE_TEXT
 
 TARGETS = [("accuracy", "Accuracy", 0.96, "≥ 0.96 (PRD: 96-98 %)"), ("balanced_accuracy", "Balanced accuracy", None, "—"),
            ("f1", "F1", 0.95, "> 0.95"), ("auc", "AUC", 0.98, "> 0.98")]

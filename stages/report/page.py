@@ -8,47 +8,22 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from stages.report import facts
 from stages.training.runs import REFERENCE
 from utils.helpers import num, write_text
-from utils.paper import PaperTable, assemble, count
-from utils.tables import TABLE_NAMES
+from stages.report.paper import PaperTable, assemble, count
+from stages.report.registry import TABLE_NAMES, TABLES, paper_key
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 REF = REFERENCE
-FIGURES = {
-    "table_1": [([f"plots/roc_curves/{REF}_cv_patient.png"], "ROC per fold, patient level"),
-                ([f"plots/confusion_matrices/{REF}_pooled_cv_binary_patient.png",
-                  f"plots/confusion_matrices/{REF}_fold_0_binary_patient.png"], "Confusion matrix, patient level"),
-                ([f"plots/calibration/{REF}_pooled_cv_reliability_patient.png",
-                  f"plots/calibration/{REF}_fold_0_reliability_patient.png"], "Reliability diagram (ECE)"),
-                ([f"plots/calibration/{REF}_pooled_cv_confidence_patient.png",
-                  f"plots/calibration/{REF}_fold_0_confidence_patient.png"], "Confidence distribution"),
-                ([f"plots/training_curves/{REF}.png"], "Training curves of every split")],
-    "table_2": [([f"plots/roc_curves/{REF}_fixed_patient.png"], "ROC, fixed split, patient level"),
-                ([f"plots/confusion_matrices/{REF}_fixed_binary_patient.png"], "Confusion matrix, patient level"),
-                ([f"plots/calibration/{REF}_fixed_reliability_patient.png"], "Reliability diagram (ECE)")],
-    "table_3": [([f"plots/roc_curves/{REF}_vs_ablations_patient.png"], "Mean ROC against the ablations, patients"),
-                ([f"plots/roc_curves/{REF}_vs_ablations_tuple.png"], "Mean ROC against the ablations, tuples")],
-    "table_4": [([f"plots/roc_curves/{REF}_vs_baselines_patient.png"], "Mean ROC against the baselines, patients"),
-                ([f"plots/roc_curves/{REF}_vs_baselines_tuple.png"], "Mean ROC against the baselines, tuples")],
-    "table_4b": [],
-    "table_5": [([f"plots/magnification_importance/{REF}_pooled_cv.png",
-                  f"plots/magnification_importance/{REF}_fold_0.png"], "Learned magnification importance, CV test tuples"),
-                (["plots/magnification_importance/best_model_fixed_test.png"], "Best model, fixed-split test tuples")],
-}
-TITLES = {"table_1": ("Table 1 · Cross-validation", "cv"), "table_2": ("Table 2 · Fixed split", "fixed"),
-          "table_3": ("Table 3 · Ablations", "ablation"), "table_4": ("Table 4 · Baselines", "baseline"),
-          "table_4b": ("Table 4b · Student and teacher, fixed split", "baseline"),
-          "table_5": ("Table 5 · Per magnification", "magnification")}
-STAGE_OF = {"table_1": "cv", "table_2": "fixed", "table_3": "ablations", "table_4": "baselines",
-            "table_4b": "fixed,distill", "table_5": "baselines,ablations"}
 
 
-def table_sections(out, paper, csv_names):
+def table_sections(out, paper):
+    """One page section per registered table with a title: its paper table, figures and files."""
     sections = []
-    for key, (title, source) in TITLES.items():
-        figures = [facts.first_figure(out, options, caption) for options, caption in FIGURES[key]]
-        sections.append(dict(id=key, title=title, table=paper.get(key), figures=[f for f in figures if f],
-                             csv=f"tables/{csv_names[source]}", paper=f"tables/paper/{key}",
-                             missing=f"no rows: run python main.py --stages {STAGE_OF[key]}"))
+    for table in (t for t in TABLES if t.title):
+        key = paper_key(table)
+        figures = [facts.first_figure(out, options, caption) for options, caption in table.figures]
+        sections.append(dict(id=key, title=table.title, table=paper.get(key), figures=[f for f in figures if f],
+                             csv=f"tables/{TABLE_NAMES[table.wide]}", paper=f"tables/paper/{key}",
+                             missing=f"no rows: run python main.py --stages {table.stage}"))
     return sections
 
 
@@ -113,7 +88,7 @@ def write_page(cfg, book, tables, paper):
     context = dict(
         title="MMNet report", generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         run=facts.run_facts(cfg, out, reference_record(book)), headline=facts.headline(tables, book.rule),
-        sections=table_sections(out, paper, TABLE_NAMES), efficiency=efficiency_compact(tables["efficiency"]),
+        sections=table_sections(out, paper), efficiency=efficiency_compact(tables["efficiency"]),
         subtypes=subtype_compact(tables["subtype"]),
         subtype_figures=[f for f in (facts.first_figure(out, [f"plots/confusion_matrices/{REF}_{s}_subtype{t}.png"
                                                               for s in ("pooled_cv", "fixed", "fold_0")], caption)

@@ -6,9 +6,10 @@ from stages.training.runs import REFERENCE, magnification_runs, table_runs
 from utils import plottings as plots
 from utils import scoring
 from utils.helpers import PipelineError, log, plots_dir, runs_dir, tables_dir, write_text
-from utils.paper import paper_tables, write_paper
-from utils.compare import ablation_table, baseline_table
-from utils.tables import Book, cv_table, fixed_table, magnification_table, subtype_table, write_table
+from stages.report.paper import write_paper
+from stages.report.triage import triage_plot
+from stages.report.registry import TABLE_NAMES, build_tables, paper_tables
+from utils.tables import Book, write_table
 
 TRAINING_STAGES = "cv,fixed,baselines,ablations"
 
@@ -36,14 +37,13 @@ def run_report(cfg):
     book = book_of(cfg, runs)
     log(f"Runs found: {', '.join(f'{name} ({len(splits)} splits)' for name, splits in runs.items())}")
     efficiency = efficiency_table(cfg, runs, book.notes)
-    tables = dict(cv=cv_table(book), fixed=fixed_table(book), ablation=ablation_table(book, efficiency),
-                  baseline=baseline_table(book, efficiency), magnification=magnification_table(book),
-                  subtype=subtype_table(book), efficiency=efficiency)
-    tables = {key: write_table(cfg, key, table) for key, table in tables.items()}
-    paper = paper_tables(tables, REFERENCE, book.rule, cfg.synthetic, book.differs, book.tuned)
+    tables = build_tables(cfg, book, efficiency)
+    tables = {key: write_table(cfg, TABLE_NAMES[key], table) for key, table in tables.items()}
+    paper = paper_tables(tables, book, cfg.synthetic)
     written = write_paper(tables_dir(cfg) / "paper", paper)
     book.notes += [f"paper {key}: no rows (its runs are missing)." for key in paper if key not in written]
     write_plots(cfg, book)
+    triage_plot(cfg, book, tables["triage"])
     write_notes(cfg, book.notes)
     page = write_page(cfg, book, tables, paper)
     log(f"Tables -> {tables_dir(cfg)} (paper: {tables_dir(cfg) / 'paper'}), plots -> {plots_dir(cfg)}, page -> {page}")

@@ -22,8 +22,9 @@ from utils.scoring import union_seen
 COMPUTE = ("device", "amp", "precision", "channels_last", "fused_adamw", "compile", "compile_backend", "jobs",
            "checkpoint_every_s")
 RUN_CONTROL = ("data_root", "output_dir", "demo", "synthetic", "cache_dir", "folds", "runs", "resume", "force", "plan",
-               "stages", "bootstrap", "explain_samples", "input", "checkpoint", "ensemble", "lock_stale_s",
-               "tune_trials", "tune_minutes", "tune_space", "tune_scope", "tensorboard", "tuning", "tuned_folds")
+               "stages", "bootstrap", "conformal_alpha", "explain_samples", "input", "checkpoint", "ensemble",
+               "lock_stale_s", "tune_trials", "tune_minutes", "tune_space", "tune_scope", "tensorboard", "tuning",
+               "tuned_folds")
 PER_RUN = ("resnet_backbone", "student_backbone", "student_image_size", "student_embed_dim", "distill_temperature",
            "distill_weight")
 NAME = "record.json"

@@ -31,8 +31,8 @@ from utils.plottings import save
 
 STARTUP_TRIALS = 5
 NOT_SETTINGS = ("output_dir", "cache_dir", "device", "jobs", "stages", "resume", "force", "folds", "runs", "input",
-                "checkpoint", "ensemble", "explain_samples", "bootstrap", "demo", "synthetic", "tune_trials",
-                "tune_minutes", "tune_space", "tune_scope", "tuned_folds", "tuning")
+                "checkpoint", "ensemble", "explain_samples", "bootstrap", "conformal_alpha", "demo", "synthetic", "tune_trials",
+                "tune_minutes", "tune_space", "tune_scope", "tuned_folds", "tuning", "plan", "checkpoint_every_s")
 
 
 def outers(cfg):

@@ -16,7 +16,7 @@ LEVEL_TEXT = ("; a fitted threshold decides the units it was fitted on: patient 
 METRICS = [("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced acc."), ("f1", "F1"), ("auc", "AUC")]
 MAGNIFICATION_COLUMNS = ["model", "level", "accuracy_mean", "accuracy_std", "auc_mean", "auc_std", "cmf_weight_mean",
                          "cmf_weight_std", "cmf_rank"]
-LATEX = {"±": r"$\pm$", "Δ": r"$\Delta$", ">=": r"$\geq$", "—": "---"}
+LATEX = {"±": r"$\pm$", "Δ": r"$\Delta$", ">=": r"$\geq$", "—": "---", "→": r"$\rightarrow$"}
 
 
 @dataclass
@@ -241,26 +241,6 @@ def magnification_paper(table, end=""):
                      f"patient by the mean over its distinct images of that magnification.{end}",
                      ["Magnification", "Model", "Accuracy", "AUC", "Tuple AUC", "CMF weight", "CMF rank"])
     return assemble(out, rows)
-
-
-def paper_tables(tables, reference, rule, synthetic=False, differs=None, tuned=None):
-    """Tables 1-5 (and 4b: the models run on the fixed split only) in paper form; a table without rows is None.
-    `differs` {"table k": [setting texts]} names settings that differ between a table's rows in its caption, `tuned`
-    {"table k": [tuning studies]} the studies that chose its runs' settings."""
-    end = {k: tail(synthetic, (differs or {}).get(k), (tuned or {}).get(k))
-           for k in ("table 1", "table 2", "table 3", "table 4", "table 5")}
-    return {
-        "table_1": cv_paper(tables["cv"], rule, end["table 1"]),
-        "table_2": fixed_paper(tables["fixed"], rule, end["table 2"]),
-        "table_3": comparison_paper(tables["ablation"], reference, "table_3", "Table 3", "Ablations of MMNet",
-                                    end["table 3"]),
-        "table_4": comparison_paper(tables["baseline"], reference, "table_4", "Table 4", "Baselines", end["table 4"],
-                                    speed=True),
-        "table_4b": comparison_paper(tables["baseline"], reference, "table_4b", "Table 4b", "Models trained on the "
-                                     "fixed split (the distilled student and its teacher)", end["table 4"], speed=True,
-                                     protocol_name="fixed"),
-        "table_5": magnification_paper(tables["magnification"], end["table 5"]),
-    }
 
 
 def latex_text(text):

@@ -76,7 +76,7 @@ class Config:
     fused_adamw: str = setting("auto", "the fused AdamW kernel: auto turns it on for CUDA only")
     compile: bool = setting(False, "torch.compile the training forward pass (slower start, faster epochs on a GPU)")
     compile_backend: str = setting("inductor", "torch.compile backend: inductor builds kernels, aot_eager and eager only capture graphs (for debugging)")
-    jobs: int = setting(0, "training runs or tuning trials at once in separate processes (0: one per 12 GiB free GPU memory, 1 on CPU)")
+    jobs: int = setting(0, "training runs or tuning trials at once in separate processes (0: as many as free GPU memory holds at the size one run measures, 1 on CPU)")
     lock_stale_s: int = setting(600, "seconds without a heartbeat after which another process takes over a run's lock")
     checkpoint_every_s: int = setting(300, "seconds between a run's resume checkpoints (last.pth, also written at its end): --resume loses at most this much")
     # which stages, folds and runs

@@ -18,7 +18,7 @@ from stages.inference.predict import run_predict
 from stages.planning.plan import show_plan
 from stages.report.report import run_report
 from stages.training.distill import run_distill
-from stages.training.schedule import all_ok, close_distributed, init_distributed, rank, world_size
+from stages.training.schedule import all_ok, close_distributed, close_pools, init_distributed, rank, world_size
 from stages.training.runs import check_run_names
 from stages.training.stage import check_units, finish_stage, run_training
 from stages.tuning.tune import finish_tune, run_tune
@@ -66,6 +66,7 @@ def main(argv=None):
         log("Interrupted. Finished runs are kept; continue with the same command plus --resume.")
         return 130
     finally:
+        close_pools()
         close_distributed()
     return 0
 

@@ -8,7 +8,7 @@ PACKAGES = ("config", "utils", "preprocess", "backbones", "stages", "main")
 
 
 FLOORS = {"config": 0, "utils": 1, "preprocess": 2, "backbones": 2, "stages.training": 3, "stages.tuning": 4,
-          "stages.inference": 4, "stages.report": 4, "main": 5}
+          "stages.inference": 4, "stages.report": 4, "stages.planning": 4, "main": 5}
 
 
 def package(module):
@@ -19,7 +19,7 @@ def package(module):
 
 def floor(module):
     """config 0, utils 1, preprocess and backbones 2, training (a run and the stages that train runs) 3, tuning,
-    inference and report 4, main 5."""
+    inference, report and planning 4, main 5."""
     return FLOORS[package(module)]
 
 

@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +180,35 @@ def test_release_keeps_a_lock_that_is_not_ours(tmp_path):
     write_lock(tmp_path, pid=os.getpid(), host=socket.gethostname(), started="now", token="other")
     lock.release()
     assert (tmp_path / ".lock").exists()
+
+
+def cache_in_child(paths, folder, start, results):
+    from preprocess.cache import image_cache
+    start.wait()
+    arr, target, _ = image_cache(paths, (16, 24), False, folder)
+    results.put((str(target), int(arr.sum())))
+
+
+def test_two_processes_on_one_empty_cache_write_it_once(tmp_path, monkeypatch):
+    from preprocess import cache
+    from tests.conftest import SAMPLES
+    paths = [str(p) for p in sorted(SAMPLES.glob("*.png"))[:4]]
+    real, builds = cache.build_cache, tmp_path / "builds.txt"
+
+    def slow_build(*args):
+        with open(builds, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        real(*args)
+
+    monkeypatch.setattr(cache, "build_cache", slow_build)
+    start, results = FORK.Barrier(2), FORK.Queue()
+    procs = [FORK.Process(target=cache_in_child, args=(paths, tmp_path / "cache", start, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=60) for _ in range(2)]
+    for p in procs:
+        p.join(timeout=30)
+    assert len(builds.read_text().splitlines()) == 1
+    assert got[0] == got[1] and got[0][1] > 0
+    assert [p.name for p in (tmp_path / "cache").glob("*.npy")] == [Path(got[0][0]).name]

@@ -104,6 +104,7 @@ def test_gpu_placement_and_job_count_follow_free_memory(monkeypatch, prepared):
     cuda = torch.device("cuda")
     assert fits_on_gpu(19 * gib, cuda) and not fits_on_gpu(21 * gib, cuda) and not fits_on_gpu(1, CPU)
     monkeypatch.setattr("stages.training.schedule.resolve_device", lambda name: cuda)
+    monkeypatch.setattr("stages.training.schedule.run_bytes", lambda cfg, device: 10 * gib)
     assert job_count(replace(prepared, jobs=0)) == 3
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 * gib, 80 * gib))
     assert job_count(replace(prepared, jobs=0)) == 1 and job_count(replace(prepared, jobs=2)) == 2

@@ -7,12 +7,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
 from backbones import MODELS, model_config
 from preprocess.analyze import load_index, subtype_classes
 from preprocess.cache import cache_folder, cache_path, field_shape
 from preprocess.transforms import ORIENTATIONS
 from preprocess.tuples import eval_tuples, groups
-from stages.planning import measure
+from stages.training import measure
 from stages.training.data import reads_features, split_frames
 from stages.training.inner import wanted
 from stages.training.record import run_config, stale, tuning_leak
@@ -26,8 +28,7 @@ from utils.helpers import log, run_dir, split_path
 GB = 1e9
 ADAMW_COPIES = 3  # last.pth holds the weights and AdamW's two moments
 RUN_FILES_BYTES = 2e6  # predictions, metrics, curves and plots of one run folder
-UNIT_OVERHEAD_S = 6.0  # per trained unit on top of steps and evaluation: data, scoring, bootstrap, files (CPU demo)
-STAGE_S = dict(explain=2.0, report=0.6)  # per explained tuple, per unit
+STAGE_S = dict(explain=2.0, report=0.6)  # per explained tuple, per unit: CPU seconds measured on the demo
 
 
 @dataclass
@@ -126,11 +127,22 @@ def field_of(cfg, index):
     return field_shape(index["width"], index["height"], cfg.image_size)
 
 
-def unit_seconds(unit, shape):
-    """Steps and evaluation of one unit (inner models as as many shorter runs) plus its fixed overhead."""
+def unit_seconds(unit, shape, fixed_s):
+    """Steps and evaluation of one unit (inner models as as many shorter runs) plus the fixed cost of a unit."""
     train = unit.steps * shape.step_s * (1 + unit.inner * 0.8)
     evaluate = (unit.val_tuples * unit.val_passes + unit.eval_tuples) * shape.eval_tuple_s
-    return shape.build_s + train + evaluate + UNIT_OVERHEAD_S
+    return shape.build_s + train + evaluate + fixed_s
+
+
+def fixed_seconds(cfg, units, shapes):
+    """A unit's cost beyond its model, steps and evaluated tuples (data, scoring, bootstrap, files): one real unit of
+    the first model to train, one epoch of one tuple per patient, less what the shape measurement accounts for."""
+    first = next((u for u in units if u.action == "train" and u.steps), None)
+    if first is None:
+        return 0.0
+    shape = shapes[shape_key(cfg, first)]
+    whole = measure.unit_overhead_s(run_config(cfg, first.spec, first.split), first.spec, first.split)
+    return max(0.0, whole - shape.build_s - (first.eval_tuples + first.val_tuples) * shape.eval_tuple_s)
 
 
 def cache_bytes(cfg, index, units):
@@ -159,28 +171,37 @@ class Estimate:
     device: str
 
 
+def measured_costs(cfg, units, field, device, parallel):
+    """(shapes, a unit's fixed seconds), measured with the CPU threads each of `parallel` jobs gets. The fixed unit
+    builds the image cache (and frozen features) the command would build first, so the command reuses them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // parallel))
+    try:
+        shapes = measured_shapes(cfg, units, field, device)
+        return shapes, fixed_seconds(cfg, units, shapes)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def estimate(cfg, stages, units, measured):
     """Seconds per stage and peak disk of the command, from a measurement of every shape it trains on this device;
-    `measured` the seconds of the stages the plan ran itself (analyze, split)."""
+    `measured` the seconds of the stages the plan ran itself (analyze, split). Jobs on a CPU each get their share of
+    the cores (measured at that share); on a GPU they share one device and count as one stream."""
     device = resolve_device(cfg.device)
     index = load_index(cfg)
-    field = field_of(cfg, index)
-    shapes = measured_shapes(cfg, units, field, device)
     jobs = job_count(cfg)
     parallel = jobs if device.type == "cpu" else 1
     image, features = cache_bytes(cfg, index, units)
-    decode_s = image / (field[0] * field[1] * 3) / measure.decode_rate(index["path"], field, cfg.stain_norm)
+    shapes, fixed_s = measured_costs(cfg, units, field_of(cfg, index), device, parallel)
+    start_s = measure.worker_start_s() if jobs > 1 else 0.0
     seconds = dict(measured)
-    first = True
     for stage in stages:
         mine = [u for u in units if u.stage == stage]
         for u in mine:
-            u.seconds = unit_seconds(u, shapes[shape_key(cfg, u)]) if u.action == "train" else 0.0
+            u.seconds = unit_seconds(u, shapes[shape_key(cfg, u)], fixed_s) if u.action == "train" else 0.0
         if stage in TRAINING:
-            train = sum(u.seconds for u in mine)
-            start = measure.worker_start_s() if jobs > 1 and any(u.action == "train" for u in mine) else 0.0
-            seconds[stage] = train / parallel + start + (decode_s if first else 0.0)
-            first = first and not mine
+            seconds[stage] = sum(u.seconds for u in mine) / parallel + start_s * any(u.seconds for u in mine)
+            start_s = start_s if not any(u.seconds for u in mine) else 0.0
         elif stage in STAGE_S:
             per = dict(explain=cfg.explain_samples * 4, report=len(units))[stage]
             seconds[stage] = per * STAGE_S[stage]
@@ -191,7 +212,6 @@ def estimate(cfg, stages, units, measured):
 
 
 def describe(device, jobs):
-    import torch
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     return f"{name}, {jobs} job{'s' if jobs > 1 else ''}"
 

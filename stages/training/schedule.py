@@ -1,5 +1,6 @@
 """Where runs go: a stage's fixed list of (run, split) units, shared over torchrun ranks and --jobs processes; a unit
 another process holds is skipped and taken up once the free ones are done."""
+import atexit
 import multiprocessing
 import os
 import threading
@@ -11,9 +12,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from backbones import REFERENCE_MODEL
+from preprocess.analyze import load_index, subtype_classes
+from preprocess.cache import field_shape
+from stages.training.measure import measure_shape
 from stages.training.run import fold_line, holder, run_one, trained_by
+from stages.training.runs import RunSpec
 from utils.env import resolve_device
-from utils.helpers import PipelineError, log, run_dir, setup_logging
+from utils.helpers import PipelineError, index_path, log, run_dir, setup_logging
 
 GIB = 2**30
 GIB_PER_RUN = 12
@@ -58,8 +64,22 @@ def close_distributed():
         dist.destroy_process_group()
 
 
+def run_bytes(cfg, device):
+    """GPU bytes one run needs: the peak of a training step of the reference model at the command's batch and field,
+    measured here, plus the image bank each process keeps on the GPU; GIB_PER_RUN before the index exists."""
+    if not index_path(cfg).exists():
+        return GIB_PER_RUN * GIB
+    index = load_index(cfg)
+    field = field_shape(index["width"], index["height"], cfg.image_size)
+    spec = RunSpec(REFERENCE_MODEL, REFERENCE_MODEL, "cv")
+    peak = measure_shape(cfg, spec, len(subtype_classes(index)), field, device).peak_bytes
+    torch.cuda.empty_cache()
+    return peak + len(index) * field[0] * field[1] * 3
+
+
 def job_count(cfg):
-    """--jobs, or with --jobs 0 one process per GIB_PER_RUN GiB of free GPU memory (at most 4; 1 on CPU)."""
+    """--jobs, or with --jobs 0 as many processes as free GPU memory holds runs of the measured size, with a quarter
+    to spare (at most 4; 1 on CPU)."""
     if cfg.jobs > 0:
         return cfg.jobs
     device = resolve_device(cfg.device)
@@ -67,8 +87,10 @@ def job_count(cfg):
         log("--jobs 0: 1 process (no GPU)")
         return 1
     free, _ = torch.cuda.mem_get_info(device)
-    jobs = max(1, min(4, free // (GIB_PER_RUN * GIB)))
-    log(f"--jobs 0: {jobs} process(es) for {free / GIB:.0f} GiB of free GPU memory")
+    need = run_bytes(cfg, device)
+    jobs = int(max(1, min(4, free // (need * 1.25))))
+    log(f"--jobs 0: {jobs} process(es) for {free / GIB:.0f} GiB of free GPU memory, {need / GIB:.1f} GiB per run "
+        f"(measured: a training step at batch {cfg.batch_size} and the image bank)")
     return jobs
 
 
@@ -117,10 +139,28 @@ def exit_with(parent):
     threading.Thread(target=watch, daemon=True).start()
 
 
+_POOLS = {}
+
+
 def process_pool(jobs):
-    """(`jobs` fresh spawned processes, CPU threads for each): the one pool of runs and of tuning workers."""
+    """(`jobs` spawned processes, CPU threads for each): the one pool of runs and of tuning workers, started once per
+    command and kept for its later stages (a worker's imports and image bank are paid once); a broken one is
+    replaced."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")), threads
+    pool = _POOLS.get(jobs)
+    if pool is None or getattr(pool, "_broken", False):
+        close_pools()
+        pool = _POOLS[jobs] = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    return pool, threads
+
+
+def close_pools():
+    for pool in _POOLS.values():
+        pool.shutdown(wait=True, cancel_futures=True)
+    _POOLS.clear()
+
+
+atexit.register(close_pools)
 
 
 def start_worker(parent, threads, log_file):
@@ -142,11 +182,10 @@ def run_parallel(cfg, units, jobs):
     failed = []
     bar = tqdm(total=len(units), desc="runs", disable=None, dynamic_ncols=True)
     pool, threads = process_pool(jobs)
-    with pool:
-        busy = run_pass(pool, cfg, units, threads, failed, bar, wait=False)
-        if busy:
-            log(f"every free run is done; back to {len(busy)} held by other processes: {', '.join(map(tag, busy))}")
-            run_pass(pool, later(cfg), busy, threads, failed, bar, wait=True)
+    busy = run_pass(pool, cfg, units, threads, failed, bar, wait=False)
+    if busy:
+        log(f"every free run is done; back to {len(busy)} held by other processes: {', '.join(map(tag, busy))}")
+        run_pass(pool, later(cfg), busy, threads, failed, bar, wait=True)
     bar.close()
     if failed:
         raise PipelineError(f"{len(failed)} of {len(units)} runs failed ({', '.join(failed)}); the others are finished. "

@@ -113,10 +113,8 @@ def run_workers(cfg, space, outer, name, goal, jobs):
     first = rank() * jobs
     log(f"[tune] {jobs} processes share the study; each logs to {tuning_dir(cfg, outer) / name}/worker<N>.log")
     pool, threads = process_pool(jobs)
-    with pool:
-        futures = [pool.submit(worker, cfg, space, outer, name, goal, first + j, threads, os.getpid())
-                   for j in range(jobs)]
-        errors = [f.exception() for f in futures]
+    futures = [pool.submit(worker, cfg, space, outer, name, goal, first + j, threads, os.getpid()) for j in range(jobs)]
+    errors = [f.exception() for f in futures]
     errors = [e for e in errors if e is not None]
     if errors:
         raise PipelineError(f"{len(errors)} tuning process(es) stopped ({type(errors[0]).__name__}: {errors[0]}); "

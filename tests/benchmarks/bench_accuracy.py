@@ -1,5 +1,6 @@
-"""Accuracy on the calibrated synthetic data: MMNet, simple concat, each single magnification, the -HMA and -CMF
-ablations and the linear probe over the patient-wise CV folds, through main.py's own stages.
+"""Accuracy on the calibrated synthetic data: MMNet, simple concat, each single magnification, the magnification-
+independent classifier (any_mag), MMNet on four fields of each magnification, the -HMA and -CMF ablations and the
+linear probe over the patient-wise CV folds, through main.py's own stages.
 
 python tests/benchmarks/bench_accuracy.py [--root DIR] [--work DIR] [--per-mag N] [--seed S] [--epochs N]
     [--tuples-per-patient N] [--image-size S] [--jobs N] [--modes finetune,frozen,lpft] [--frozen-epochs N]
@@ -27,7 +28,8 @@ from utils.scoring import cv_splits, level_frame, load_runs  # noqa: E402
 from utils.stats import fold_aucs, paired_auc_gain  # noqa: E402
 
 REFERENCE = "mmnet"
-RUNS = ("mmnet", "simple_concat", "single_40X", "single_100X", "single_200X", "single_400X", "mmnet_no_hma",
+RUNS = ("mmnet", "simple_concat", "single_40X", "single_100X", "single_200X", "single_400X", "any_mag",
+        "mmnet_fields_40X", "mmnet_fields_100X", "mmnet_fields_200X", "mmnet_fields_400X", "mmnet_no_hma",
         "mmnet_no_cmf", "linear_probe")
 MODE_FLAGS = {"finetune": [], "frozen": ["--freeze-backbone"], "lpft": ["--frozen-epochs"]}
 

@@ -1,23 +1,27 @@
 """A short measurement on this device at the command's settings: seconds per training step and per evaluated tuple of
-each distinct model shape, its weights' size and peak memory, the image decode rate and the cost of starting a
+each distinct model shape, its weights' size and peak memory, the fixed cost of one real unit and the cost of starting a
 worker process."""
+import logging
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-import numpy as np
 import torch
 
 from backbones import MODELS, build_model, model_config
-from preprocess.cache import decode
+from preprocess.cache import cache_folder
 from preprocess.transforms import ORIENTATIONS, prepare, tta_views
 from stages.training.forward import autocast
+from stages.training.run import run_one
 from utils.env import amp_dtype
+from utils.helpers import index_path, split_path
 
 STEPS = 3  # timed training steps per shape, after one warm-up step
-DECODED = 24  # images decoded to time the decode rate
 
 
 @dataclass
@@ -97,15 +101,30 @@ def eval_batch(model, images, mask, device, dtype, norm, views):
             model(view, m)
 
 
-def decode_rate(paths, shape, stain_norm):
-    """Images decoded per second by the cache's thread pool."""
-    paths = list(paths)[:DECODED]
-    if not paths:
-        return float("inf")
-    start = time.perf_counter()
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda p: decode(p, shape, stain_norm), paths))
-    return len(paths) / max(time.perf_counter() - start, 1e-6)
+def unit_overhead_s(cfg, spec, split):
+    """Seconds of one real unit trained for one epoch of one tuple per patient into a scratch output folder (the
+    command's index, splits and caches): data, model, one short epoch, evaluation, scores and files."""
+    with tempfile.TemporaryDirectory(prefix="plan_") as scratch:
+        shutil.copy(index_path(cfg), Path(scratch) / "index.csv")
+        shutil.copytree(Path(split_path(cfg, split)).parent, Path(scratch) / "splits")
+        small = replace(cfg, output_dir=scratch, cache_dir=str(cache_folder(cfg)), epochs=1, warmup_epochs=1,
+                        tuples_per_patient=1, force=True, resume=False, jobs=1)
+        start = time.perf_counter()
+        with quiet():
+            run_one(small, spec, split)
+        return time.perf_counter() - start
+
+
+@contextmanager
+def quiet():
+    """The pipeline's log lines of a measurement kept off the console."""
+    logger = logging.getLogger("pipeline")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def worker_start_s():
@@ -115,5 +134,3 @@ def worker_start_s():
     return time.perf_counter() - start
 
 
-def median(values):
-    return float(np.median(values)) if len(values) else 0.0

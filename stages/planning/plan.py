@@ -26,8 +26,9 @@ from utils.env import resolve_device
 from utils.helpers import log, run_dir, split_path
 
 GB = 1e9
-ADAMW_COPIES = 3  # last.pth holds the weights and AdamW's two moments
-RUN_FILES_BYTES = 2e6  # predictions, metrics, curves and plots of one run folder
+ADAMW_COPIES = 3  # a running unit's last.pth holds the weights and AdamW's two moments
+KEPT_COPIES = 2  # a finished unit keeps best.pth and a last.pth without the optimiser state
+RUN_FILES_BYTES = 5e5  # predictions, metrics and curves of one run folder
 STAGE_S = dict(explain=2.0, report=0.6)  # per explained tuple, per unit: CPU seconds measured on the demo
 
 
@@ -190,23 +191,26 @@ def estimate(cfg, stages, units, measured):
     device = resolve_device(cfg.device)
     index = load_index(cfg)
     jobs = job_count(cfg)
-    parallel = jobs if device.type == "cpu" else 1
+    busiest = max([sum(u.stage == s and u.action == "train" for u in units) for s in stages] + [1])
+    parallel = min(jobs, busiest) if device.type == "cpu" else 1
     image, features = cache_bytes(cfg, index, units)
     shapes, fixed_s = measured_costs(cfg, units, field_of(cfg, index), device, parallel)
-    start_s = measure.worker_start_s() if jobs > 1 else 0.0
-    seconds = dict(measured)
+    start_s = measure.worker_start_s()
+    seconds = dict(start=start_s, **measured)
     for stage in stages:
         mine = [u for u in units if u.stage == stage]
         for u in mine:
             u.seconds = unit_seconds(u, shapes[shape_key(cfg, u)], fixed_s) if u.action == "train" else 0.0
         if stage in TRAINING:
-            seconds[stage] = sum(u.seconds for u in mine) / parallel + start_s * any(u.seconds for u in mine)
-            start_s = start_s if not any(u.seconds for u in mine) else 0.0
+            pooled = min(jobs, sum(u.action == "train" for u in mine)) > 1
+            seconds[stage] = sum(u.seconds for u in mine) / (parallel if pooled else 1) + start_s * pooled
+            start_s = 0.0 if pooled else start_s
         elif stage in STAGE_S:
             per = dict(explain=cfg.explain_samples * 4, report=len(units))[stage]
             seconds[stage] = per * STAGE_S[stage]
-    checkpoints = sum(shapes[shape_key(cfg, u)].weight_bytes * (1 + ADAMW_COPIES) + RUN_FILES_BYTES
-                      for u in units if u.action == "train")
+    weights = [shapes[shape_key(cfg, u)].weight_bytes for u in units if u.action == "train"]
+    running = jobs * max(weights, default=0) * (1 + ADAMW_COPIES)
+    checkpoints = sum(w * KEPT_COPIES + RUN_FILES_BYTES for w in weights) + running
     return Estimate(seconds, (image + features + checkpoints) / GB, free_bytes(cfg.output_dir) / GB,
                     describe(device, jobs))
 

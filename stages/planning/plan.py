@@ -3,7 +3,7 @@
 wall time per stage from a short measurement on this device. Trains nothing."""
 import math
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +18,6 @@ from stages.training import measure
 from stages.training.data import reads_features, split_frames
 from stages.training.inner import wanted
 from stages.training.record import run_config, stale, tuning_leak
-from stages.training.runs import TEACHER
 from stages.training.schedule import job_count
 from stages.training.stage import TRAINING, stage_units, weights_missing
 from stages.training.train import validates
@@ -103,7 +102,7 @@ def unit_of(cfg, stage, spec, split):
 def plan_units(cfg, stages):
     """Every unit of the command's training stages, in the order they would run (the list gpu_check counts)."""
     return [unit_of(cfg, stage, spec, split) for stage in stages if stage in TRAINING
-            for spec, split in stage_units(cfg, stage) if spec.name != TEACHER]
+            for spec, split in stage_units(cfg, stage)]
 
 
 def shape_key(cfg, unit):
@@ -111,9 +110,8 @@ def shape_key(cfg, unit):
                                                                                             unit.split))
 
 
-def measured_shapes(cfg, units, field, device):
+def measured_shapes(cfg, units, index, device):
     """One measurement per distinct model shape among the units to train."""
-    index = load_index(cfg)
     classes = len(subtype_classes(index))
     shapes = {}
     for unit in units:
@@ -172,13 +170,13 @@ class Estimate:
     device: str
 
 
-def measured_costs(cfg, units, field, device, parallel):
+def measured_costs(cfg, units, index, device, parallel):
     """(shapes, a unit's fixed seconds), measured with the CPU threads each of `parallel` jobs gets. The fixed unit
     builds the image cache (and frozen features) the command would build first, so the command reuses them."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // parallel))
     try:
-        shapes = measured_shapes(cfg, units, field, device)
+        shapes = measured_shapes(cfg, units, index, device)
         return shapes, fixed_seconds(cfg, units, shapes)
     finally:
         torch.set_num_threads(threads)
@@ -194,7 +192,7 @@ def estimate(cfg, stages, units, measured):
     busiest = max([sum(u.stage == s and u.action == "train" for u in units) for s in stages] + [1])
     parallel = min(jobs, busiest) if device.type == "cpu" else 1
     image, features = cache_bytes(cfg, index, units)
-    shapes, fixed_s = measured_costs(cfg, units, field_of(cfg, index), device, parallel)
+    shapes, fixed_s = measured_costs(cfg, units, index, device, parallel)
     start_s = measure.worker_start_s()
     seconds = dict(start=start_s, **measured)
     for stage in stages:
@@ -254,8 +252,3 @@ def show_plan(cfg, stages, measured=None):
             f"free some space or point --output-dir / --cache-dir at a larger volume")
     log(plan_line(units, est))
     return units
-
-
-def planned(cfg):
-    """The settings of a --plan command without --plan (the command it plans)."""
-    return replace(cfg, plan=False)

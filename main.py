@@ -15,9 +15,11 @@ from preprocess.synthetic import make_synthetic
 from stages.inference.explain import run_explain
 from stages.inference.export import run_export
 from stages.inference.predict import run_predict
+from stages.training.robustness import run_robustness
 from stages.planning.plan import show_plan
 from stages.report.report import run_report
 from stages.training.distill import run_distill
+from stages.training.protocol import run_protocol
 from stages.training.schedule import all_ok, close_distributed, close_pools, init_distributed, rank, world_size
 from stages.training.runs import check_run_names
 from stages.training.stage import check_units, finish_stage, run_training
@@ -35,13 +37,15 @@ STAGES = {
     "fixed": partial(run_training, stage="fixed"),
     "baselines": partial(run_training, stage="baselines"),
     "ablations": partial(run_training, stage="ablations"),
+    "robustness": run_robustness,
+    "protocol": run_protocol,
     "distill": run_distill,
     "export": run_export,
     "explain": run_explain,
     "report": run_report,
     "predict": run_predict,
 }
-DEFAULT = ("analyze", "split", "cv", "fixed", "baselines", "ablations", "explain", "report")
+DEFAULT = ("analyze", "split", "cv", "fixed", "baselines", "ablations", "robustness", "explain", "report")
 TRAINING = ("cv", "fixed", "baselines", "ablations")
 EVERY_RANK = TRAINING + ("tune",)
 DEMO_ROOT = "data/synthetic"
@@ -131,7 +135,8 @@ def build_parser():
     parser = Parser(description=__doc__, allow_abbrev=False, epilog=f"Stages, in order: {', '.join(DEFAULT)}. "
                     "--demo runs them all on synthetic data with CPU-sized settings. On request: "
                     "--stages predict --input PATH scores new patients; --stages tune searches the training settings; "
-                    "--stages distill trains a smaller student; --stages export writes ONNX.")
+                    "--stages distill trains a smaller student; --stages export writes ONNX; --stages protocol,report "
+                    "adds table 9, what an image-level split would have claimed.")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="JSON or YAML of config fields (e.g. output/tuning/best_config.json or output/config.json); "
                              "flags given beside it override it")

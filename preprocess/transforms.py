@@ -40,15 +40,22 @@ def normalize(x, mean=MEAN, std=STD):
     return (x - mean) / std
 
 
-def hed_jitter(x, scale=HED_SIGMA, shift=HED_SIGMA):
-    """HED stain jitter (Tellez et al.): per-image gain and offset of each stain density, folded into one linear map."""
-    n, hed_from_rgb, rgb_from_hed = x.shape[0], HED_FROM_RGB.to(x), RGB_FROM_HED.to(x)
-    gain = torch.empty(n, 3, device=x.device, dtype=x.dtype).uniform_(1 - scale, 1 + scale)
-    offset = torch.empty(n, 3, device=x.device, dtype=x.dtype).uniform_(-shift, shift)
+def hed_map(x, gain, offset):
+    """Images (N, 3, H, W) in [0, 1] with each stain density (haematoxylin, eosin, DAB) times `gain` plus `offset`,
+    both (N, 3), folded into one linear map of the optical density."""
+    hed_from_rgb, rgb_from_hed = HED_FROM_RGB.to(x), RGB_FROM_HED.to(x)
     mix = hed_from_rgb @ torch.diag_embed(gain) @ rgb_from_hed
     od = -torch.log(x.clamp_min(1e-6)).flatten(2)
     od = torch.baddbmm((offset @ rgb_from_hed).unsqueeze(2), mix.transpose(1, 2), od)
     return torch.exp(-od).view_as(x).clamp_(0, 1)
+
+
+def hed_jitter(x, scale=HED_SIGMA, shift=HED_SIGMA):
+    """HED stain jitter (Tellez et al.): a random gain and offset of each stain density per image."""
+    n = x.shape[0]
+    gain = torch.empty(n, 3, device=x.device, dtype=x.dtype).uniform_(1 - scale, 1 + scale)
+    offset = torch.empty(n, 3, device=x.device, dtype=x.dtype).uniform_(-shift, shift)
+    return hed_map(x, gain, offset)
 
 
 @lru_cache(maxsize=16)

@@ -1,4 +1,6 @@
 """The bad-input catalogue: each case ends in a clear message, exit code 2 where it stops, and nothing lost."""
+import errno
+import re
 import shutil
 from pathlib import Path
 
@@ -7,7 +9,9 @@ import pytest
 import torch
 
 import main
+import stages.training.checkpoint as checkpoint
 from tests.test_pipeline import flags
+from utils.helpers import RunFiles, run_dir, write_atomic
 
 
 def run(cfg, stages, *extra):
@@ -87,6 +91,28 @@ def test_unwritable_output_dir(make_cfg, tmp_path, capsys):
     cfg = make_cfg(output_dir=str(blocker / "output"))
     assert run(cfg, "analyze") == 2
     assert "--output-dir" in capsys.readouterr().out
+
+
+def test_full_disk_names_the_folder_and_space_and_leaves_no_finished_run(make_cfg, monkeypatch, capsys):
+    cfg = make_cfg(epochs=1)
+    assert run(cfg, "analyze,split") == 0
+    capsys.readouterr()
+
+    def half_then_full(path, data):
+        def write(f):
+            f.write(bytes(data[:100]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_atomic(path, write, binary=True)
+
+    monkeypatch.setattr(checkpoint, "write_bytes", half_then_full)
+    assert run(cfg, "fixed") == 2
+    text = capsys.readouterr().out
+    files = RunFiles(run_dir(cfg, "mmnet", "fixed"))
+    assert f"no space left on the disk holding {files.folder} (" in text and "Traceback" not in text
+    assert re.search(r"free now; it needs about \d+\.\d [MG]B there in all", text)
+    assert not files.metrics.exists() and not files.best.exists() and not list(files.folder.rglob("*.tmp"))
+    monkeypatch.undo()
+    assert run(cfg, "fixed") == 0 and files.metrics.exists()
 
 
 def test_checkpoint_from_other_configuration(make_cfg, capsys):

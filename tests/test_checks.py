@@ -8,7 +8,7 @@ from tests.conftest import TEST_SETTINGS
 
 from config import Config, config_fields, demo_overrides
 from utils.checks import RULES, check_config, flag, resource_errors
-from utils.helpers import PipelineError
+from utils.helpers import PipelineError, size_text
 
 
 def rejected(**changes):
@@ -19,7 +19,7 @@ def rejected(**changes):
 
 @pytest.mark.parametrize("name", list(config_fields()))
 def test_every_field_has_a_rule_that_names_its_flag(name):
-    assert name in RULES, f"config field '{name}' needs a rule in utils/checks.py RULES"
+    assert name in RULES, f"config field '{name}' needs a rule in its setting() in config.py"
     rule = RULES[name]
     message = rejected(**{name: rule.bad})
     assert message.startswith(flag(name) + " ")
@@ -96,6 +96,14 @@ def test_disk_full_names_the_folder(monkeypatch, tmp_path):
     with pytest.raises(PipelineError) as e, resource_errors("writing results"):
         (tmp_path / "runs" / "metrics.json").write_text("{}")
     assert str(tmp_path / "runs") in str(e.value) and "--output-dir" in str(e.value)
+    with pytest.raises(PipelineError) as e, resource_errors("run x", folder=tmp_path / "runs" / "x", needs_bytes=1.46e9):
+        boom(full)
+    assert f"holding {tmp_path / 'runs' / 'x'} (" in str(e.value) and "free now" in str(e.value)
+    assert "it needs about 1.5 GB there" in str(e.value)
+
+
+def test_sizes_read_in_gb_or_mb():
+    assert (size_text(1.46e9), size_text(2.5e8), size_text(0)) == ("1.5 GB", "250.0 MB", "0.0 MB")
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")

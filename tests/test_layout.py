@@ -4,11 +4,11 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("config", "utils", "preprocess", "backbones", "stages", "main")
+PACKAGES = ("rules", "config", "utils", "preprocess", "backbones", "stages", "main")
 
 
-FLOORS = {"config": 0, "utils": 1, "preprocess": 2, "backbones": 2, "stages.training": 3, "stages.tuning": 4,
-          "stages.inference": 4, "stages.report": 4, "stages.planning": 4, "main": 5}
+FLOORS = {"rules": 0, "config": 1, "utils": 2, "preprocess": 3, "backbones": 3, "stages.training": 4, "stages.tuning": 5,
+          "stages.inference": 5, "stages.report": 5, "stages.planning": 5, "main": 6}
 
 
 def package(module):
@@ -18,8 +18,8 @@ def package(module):
 
 
 def floor(module):
-    """config 0, utils 1, preprocess and backbones 2, training (a run and the stages that train runs) 3, tuning,
-    inference, report and planning 4, main 5."""
+    """rules 0, config 1, utils 2, preprocess and backbones 3, training (a run and the stages that train runs) 4,
+    tuning, inference, report and planning 5, main 6."""
     return FLOORS[package(module)]
 
 

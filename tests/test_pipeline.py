@@ -1,6 +1,8 @@
 """End-to-end: every stage on the tiny synthetic tree, the files README promises, and determinism."""
 import filecmp
 
+import numpy as np
+
 import pandas as pd
 import pytest
 
@@ -10,6 +12,7 @@ PROMISED_TABLES = [
     "dataset_summary.csv", "excluded_images.csv", "split_summary.csv",
     "table_1_cross_validation_k_fold_results.csv", "table_2_patient_wise_results.csv",
     "table_3_ablation_results.csv", "table_4_baseline_comparison.csv", "table_5_per_magnification_results.csv",
+    "table_6_triage.csv", "table_7_conformal.csv", "table_8_robustness.csv",
 ]
 PROMISED_PLOT_DIRS = [
     "confusion_matrices", "roc_curves", "training_curves", "calibration", "magnification_importance",
@@ -56,6 +59,20 @@ def test_promised_files_exist_and_are_not_empty(full_run):
     assert (out / "models" / "best_model.pth").stat().st_size > 0
     assert (out / "config.json").read_text().count('"synthetic_data": true') == 1
     assert (out / "logs" / "pipeline.log").stat().st_size > 0
+
+
+def test_robustness_scores_the_clean_input_as_the_run_did(full_run):
+    _, out = full_run
+    for run in ("mmnet", "simple_concat"):
+        folder = out / "runs" / run / "fold_0"
+        robust = pd.read_csv(folder / "robustness.csv", dtype={"patient_id": str})
+        pred = pd.read_csv(folder / "predictions.csv", dtype={"patient_id": str})
+        own = pred[(pred["level"] == "patient") & (pred["role"] == "test")].set_index("patient_id")["prob_malignant"]
+        clean = robust[robust["condition"] == "clean"].set_index("patient_id")["prob_malignant"]
+        assert robust["condition"].nunique() == 17 and set(clean.index) == set(own.index)
+        assert np.allclose(clean.sort_index(), own.sort_index(), atol=1e-5), run
+    table = pd.read_csv(out / "tables" / "table_8_robustness.csv")
+    assert set(table["model"]) == {"mmnet", "simple_concat"} and len(table) == 34
 
 
 def test_same_seed_twice_gives_identical_outputs(tmp_path, make_cfg):

@@ -131,10 +131,42 @@ def write_run(cfg, run, split, seed):
     return folder
 
 
+def write_robustness(folder, pred, seed):
+    """robustness.csv as the robustness stage writes it: the test patients clean, with 40X missing (its weight gone
+    to the others) and with 100X blurred (its scores noisier)."""
+    rng = np.random.default_rng(seed)
+    tuples = pred[(pred["level"] == "tuple") & (pred["role"] == "test")]
+    clean = tuples.groupby("patient_id").agg(label=("label", "first"), prob_malignant=("prob_malignant", "mean"),
+                                             n_tuples=("tuple_id", "size"),
+                                             **{f"w_{m}": (f"w_{m}", "mean") for m in MAGS}).reset_index()
+    missing = clean.assign(w_40X=0.0, **{f"w_{m}": clean[f"w_{m}"] / (1 - clean["w_40X"]) for m in MAGS[1:]})
+    blurred = clean.assign(prob_malignant=np.clip(clean["prob_malignant"] + rng.normal(0, 0.3, len(clean)), 0, 1),
+                           w_100X=clean["w_100X"] / 2)
+    frames = [f.assign(condition=c, kind=c.partition("_")[0], magnification=c.partition("_")[2])
+              for f, c in ((clean, "clean"), (missing, "missing_40X"), (blurred, "blur_100X"))]
+    pd.concat(frames, ignore_index=True).to_csv(folder / "robustness.csv", index=False)
+
+
+def write_protocol_run(cfg, run, split, seed):
+    """A run of the image-level protocol under output/protocol/: its test patients are PATIENT~k, and every one of
+    them also trained on its images of the other folds."""
+    folder = write_run(replace(cfg, output_dir=str(Path(cfg.output_dir) / "protocol")), run, split, seed)
+    k = split.split("_")[1]
+    pred = pd.read_csv(folder / "predictions.csv", dtype={"patient_id": str})
+    pred.assign(patient_id=pred["patient_id"] + f"~{k}").to_csv(folder / "predictions.csv", index=False)
+    rec = json.loads((folder / "record.json").read_text())
+    rec["seen_patients"]["train"] = [f"{pid}~{j}" for pid, _, _ in patients() for j in range(5) if str(j) != k]
+    (folder / "record.json").write_text(json.dumps(rec))
+
+
 def fabricate(cfg, with_checkpoints=False):
+    for j, split in enumerate(FOLDS[:3]):
+        write_protocol_run(cfg, "mmnet", split, 900 + j)
     for i, (run, splits) in enumerate(RUNS.items()):
         for j, split in enumerate(splits):
             folder = write_run(cfg, run, split, 100 * i + j)
+            if run in ("mmnet", "simple_concat") and split != "fixed":
+                write_robustness(folder, pd.read_csv(folder / "predictions.csv", dtype={"patient_id": str}), j)
             if with_checkpoints and run in PROFILED and j == 0:
                 save_checkpoint(folder, run)
 
@@ -166,6 +198,7 @@ def test_every_table_and_plot_is_written(report):
         "training_curves/mmnet.png", "training_curves/single_400X.png",
         "calibration/mmnet_pooled_cv_reliability_tuple.png",
         "calibration/mmnet_fixed_confidence_patient.png", "magnification_importance/mmnet_pooled_cv.png",
+        "robustness/auc_change.png",
     ]
     for rel in expected:
         assert (plots / rel).stat().st_size > 5000, rel
@@ -190,7 +223,31 @@ def test_registry_builds_each_table_as_its_builder_does(report):
         assert list(written.columns) == list(built[key].columns) and len(written) == len(built[key]), key
     assert len(set(T.TABLE_NAMES.values())) == len(T.TABLE_NAMES)
     assert {T.paper_key(t) for t in T.TABLES if t.paper} == {"table_1", "table_2", "table_3", "table_4", "table_4b",
-                                                               "table_5", "table_6", "table_7"}
+                                                               "table_5", "table_6", "table_7", "table_8", "table_9"}
+
+
+def test_protocol_table_sets_the_image_level_split_beside_the_patient_wise_one(report):
+    _, out = report
+    t9 = table(out, "protocol")
+    assert set(t9["model"]) == {"mmnet"} and set(t9["protocol"]) == {"image_level", "patient_wise"}
+    image = t9[(t9["protocol"] == "image_level") & (t9["level"] == "patient")].iloc[0]
+    patient = t9[(t9["protocol"] == "patient_wise") & (t9["level"] == "patient")].iloc[0]
+    assert image["n_folds"] == 3 and patient["n_folds"] == 5
+    assert image["also_trained_per_fold"] == image["test_patients_per_fold"] == 6
+    assert patient["also_trained_per_fold"] == 0
+    assert image["auc_inflation"] == pytest.approx(image["auc_mean"] - patient["auc_mean"], abs=1e-3)
+    assert image["auc_inflation_ci_low"] <= image["auc_inflation"] <= image["auc_inflation_ci_high"]
+    assert not (out / "runs" / "mmnet" / "fold_0" / "robustness.csv").read_text().count("~")
+
+
+def test_a_run_of_the_image_level_protocol_is_refused_outside_table_9(tmp_path):
+    cfg = replace(Config(), output_dir=str(tmp_path / "output"))
+    write_run(cfg, "mmnet", "fold_0", 1)
+    write_protocol_run(cfg, "mmnet", "fold_1", 2)
+    moved = Path(cfg.output_dir) / "runs" / "mmnet" / "fold_1"
+    (Path(cfg.output_dir) / "protocol" / "runs" / "mmnet" / "fold_1").rename(moved)
+    with pytest.raises(PipelineError, match="image-level protocol.*table 9"):
+        S.load_runs(Path(cfg.output_dir) / "runs")
 
 
 def test_cv_table_columns_and_no_gaps(report):
@@ -331,7 +388,7 @@ def test_reliability_diagram_ece_matches_direct_computation(tmp_path):
 
 
 def test_explain_writes_gradcam_attention_and_importance(make_cfg, monkeypatch):
-    import stages.inference.explain as explain
+    import stages.training.evaluate as evaluate
     from backbones import build_model
     from preprocess.analyze import load_index, run_analyze, subtype_classes
     from preprocess.preprocess import run_split
@@ -352,8 +409,8 @@ def test_explain_writes_gradcam_attention_and_importance(make_cfg, monkeypatch):
                            bank=SimpleNamespace(shape=field_shape(index["width"], index["height"], cfg.image_size)))
     trained_with = replace(cfg, stain_norm=True, tta=True)
     torch.save(checkpoint(model, meta, trained_with, 1, 0.5), models_dir(cfg) / "best_model.pth")
-    views, predict = [], explain.predict
-    monkeypatch.setattr(explain, "predict", lambda *a, **k: views.append(k.get("tta")) or predict(*a, **k))
+    views, predict = [], evaluate.predict
+    monkeypatch.setattr(evaluate, "predict", lambda *a, **k: views.append(k.get("tta")) or predict(*a, **k))
     run_explain(cfg)
     assert list((Path(cfg.output_dir) / "cache").glob("images_*x48_macenko_*.npy")), "the checkpoint's stain setting"
     assert views == [True], "the checkpoint's test-time augmentation, as its thresholds were fitted"

@@ -71,6 +71,23 @@ def run_dir(cfg, model_name, split_name):
     return runs_dir(cfg) / model_name / split_name
 
 
+class RunFiles:
+    """The files of one run folder (run_dir); a run counts as finished only once its metrics.json is written."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.metrics = self.folder / "metrics.json"
+        self.predictions = self.folder / "predictions.csv"
+        self.history = self.folder / "history.csv"
+        self.record = self.folder / "record.json"
+        self.log = self.folder / "run.log"
+        self.robustness = self.folder / "robustness.csv"
+        self.oof = self.folder / "oof.csv"
+        self.checkpoints = self.folder / "checkpoints"
+        self.best = self.checkpoints / "best.pth"
+        self.last = self.checkpoints / "last.pth"
+
+
 def models_dir(cfg):
     return output_path(cfg, "models")
 
@@ -159,6 +176,11 @@ def mean_std(mean, std, digits=3):
     if not is_finite(mean) or not is_finite(std):
         return num(mean, digits)
     return f"{num(mean, digits)} ± {num(std, digits)}"
+
+
+def size_text(n_bytes):
+    """A size as people read it: '1.3 GB', or '240.5 MB' under 1 GB."""
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
 
 
 def safe_name(text, keep="-_."):

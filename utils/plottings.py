@@ -291,3 +291,26 @@ def workload(curves, points, title, path):
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower left")
     return save(fig, path)
+
+
+def effects(table, what, value, group, title, xlabel, path):
+    """One point per row of `table` at `value` with its CI (`value`_ci_low/high), rows named by `what`, one colour per
+    `group`, a line at no change."""
+    names = list(dict.fromkeys(table[what]))
+    groups = list(dict.fromkeys(table[group]))
+    palette = dict(zip(groups, colors(max(len(groups), 1))))
+    fig, ax = plt.subplots(figsize=(6.5, 0.32 * len(names) + 1.5))
+    step = 0.8 / max(len(groups), 1)
+    for k, name in enumerate(groups):
+        rows = table[table[group] == name]
+        y = np.array([names.index(n) for n in rows[what]]) + (k - (len(groups) - 1) / 2) * step
+        x = rows[value].to_numpy(float)
+        err = np.abs(np.vstack([x - rows[f"{value}_ci_low"].to_numpy(float), rows[f"{value}_ci_high"].to_numpy(float) - x]))
+        ax.errorbar(x, y, xerr=np.nan_to_num(err), fmt="o", ms=4, color=palette[name], label=name, capsize=2)
+    ax.axvline(0, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(range(len(names)), [n.replace("_", " ") for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    return save(fig, path)

@@ -1,8 +1,10 @@
 """Scoring in one place: predictions (tuple and patient rows) -> thresholds and every metric, with patient CIs."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-from utils.helpers import PipelineError, read_json, read_json_or_none
+from utils.helpers import PipelineError, RunFiles, read_json, read_json_or_none
 from utils.metrics import (binary_metrics, bootstrap_ci, key_metric, patient_level, safe_auc, sensitivity_threshold,
                            subtype_metrics, youden_threshold)
 
@@ -12,6 +14,7 @@ KEY = ["accuracy", "balanced_accuracy", "f1", "auc"]
 SUBTYPE = ["subtype_macro_f1", "subtype_micro_f1", "subtype_balanced_accuracy"]
 BLOCKS = {"fixed_0.5": "t0.5", "val_youden": "youden", "val_sens95": "sens95", "oof_youden": "oof_youden"}
 RULES = tuple(BLOCKS)
+IMAGE_FOLD = "~"
 DECISION_RULES = ("fixed_0.5", "val_youden", "oof_youden")
 ROLES = ("train", "val")
 
@@ -47,14 +50,22 @@ def union_seen(seens):
     return {role: sorted(set().union(*(set(map(str, s.get(role, []))) for s in seens))) for role in ROLES}
 
 
-def check_no_leak(sources, test_ids, tag):
+def real_patient(pid):
+    """The patient behind an id: the image-level protocol (table 9) names a patient's images in image fold k
+    PATIENT~k."""
+    return str(pid).split(IMAGE_FOLD)[0]
+
+
+def check_no_leak(sources, test_ids, tag, real=False):
     """Refuse to score test patients that anything behind a run (its own training, a tuning study, a teacher,
-    ensemble members) trained or validated on, naming which source saw which patients."""
-    test = set(map(str, test_ids))
+    ensemble members) trained or validated on, naming which source saw which patients; `real` compares the patients
+    behind the ids, so runs of the image-level protocol are refused."""
+    key = real_patient if real else str
+    test = set(map(key, test_ids))
     found = []
     for source in sources:
         for role, verb in (("train", "trained on"), ("val", "validated on")):
-            ids = sorted(test & set(map(str, source.get(role, []))))
+            ids = sorted(test & set(map(key, source.get(role, []))))
             if ids:
                 found.append(f"{source['name']} {verb} {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
     if found:
@@ -72,7 +83,11 @@ def check_run(run, tag):
     if run["record"] is None:
         raise PipelineError(f"{tag} has no record.json (trained by an earlier version of the pipeline): retrain it "
                             f"with --force, or report it from a separate --output-dir.")
-    check_no_leak(run["record"]["sources"], run_test_ids(run), tag)
+    if any(IMAGE_FOLD in pid for pid in run_test_ids(run)):
+        raise PipelineError(f"{tag} was trained under the image-level protocol (a patient's images on both sides of "
+                            f"the split): its numbers belong in table 9 only, read from output/protocol/. Move it "
+                            f"out of {Path(run['folder']).parent.parent}.")
+    check_no_leak(run["record"]["sources"], run_test_ids(run), tag, real=True)
 
 
 def class_index(names, classes):
@@ -128,13 +143,13 @@ def patient_rows(tuples, subtype_columns=()):
 
 def load_run(folder):
     """predictions, history, metrics.json and record.json of one run folder."""
-    metrics = read_json(folder / "metrics.json")
-    history = folder / "history.csv"
+    files = RunFiles(folder)
+    metrics = read_json(files.metrics)
     return dict(
-        folder=folder, pred=pd.read_csv(folder / "predictions.csv", dtype={"patient_id": str, "group": str}),
-        metrics=metrics, record=read_json_or_none(folder / "record.json"), classes=list(metrics["classes"]),
-        cache={}, history=pd.read_csv(history) if history.exists() else None,
-        checkpoint=folder / "checkpoints" / "best.pth",
+        folder=folder, pred=pd.read_csv(files.predictions, dtype={"patient_id": str, "group": str}),
+        metrics=metrics, record=read_json_or_none(files.record), classes=list(metrics["classes"]),
+        cache={}, history=pd.read_csv(files.history) if files.history.exists() else None,
+        checkpoint=files.best,
     )
 
 

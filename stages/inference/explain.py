@@ -6,34 +6,25 @@ import pandas as pd
 from backbones.our.gradcam import attention_maps, gradcam
 from preprocess.cache import cache_folder
 from preprocess.transforms import prepare
-from preprocess.tuples import eval_batches, eval_tuples, image_bank, slot_labels, tuple_rows
+from preprocess.tuples import eval_tuples, image_bank, slot_labels, tuple_rows
 from stages.training.checkpoint import load_model
 from stages.training.data import split_frames
-from stages.training.evaluate import tuple_predictions
-from stages.training.forward import predict
+from stages.training.evaluate import predict_all
 from stages.training.runs import REFERENCE
 from utils import plottings as plots
 from utils.env import resolve_device
-from utils.helpers import (PipelineError, log, models_dir, plots_dir, read_json_or_none, require, runs_dir, safe_name,
-                           write_csv)
+from utils.helpers import (PipelineError, RunFiles, log, models_dir, plots_dir, read_json_or_none, require, runs_dir,
+                           safe_name, write_csv)
 from utils.scoring import threshold_of
 
 
 def tuple_threshold(cfg, ckpt):
     """The tuple-level threshold of the rule best_model.pth was trained under, from its fixed-split run (whose
     validation tuples fitted it); 0.5 without that run."""
-    metrics = read_json_or_none(runs_dir(cfg) / REFERENCE / "fixed" / "metrics.json")
+    metrics = read_json_or_none(RunFiles(runs_dir(cfg) / REFERENCE / "fixed").metrics)
     if metrics is None:
         return 0.5
     return threshold_of(metrics["threshold"]["tuple"], ckpt["threshold_rule"]) or 0.5
-
-
-
-def predict_all(model, tuples, mags, classes, bank, device, batch_size, tta=False):
-    """predictions.csv's tuple rows (probability, CMF/HMA weights, masks) of every tuple, through the one prediction
-    path (the mean over four views with `tta`, as the threshold was fitted)."""
-    batches = eval_batches(tuples, mags, bank.row_of, classes, batch_size)
-    return tuple_predictions(tuples, predict(model, bank, batches, device, tta=tta), mags, classes, "test")
 
 
 

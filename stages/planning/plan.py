@@ -14,6 +14,7 @@ from preprocess.analyze import load_index, subtype_classes
 from preprocess.cache import cache_folder, cache_path, field_shape
 from preprocess.transforms import ORIENTATIONS
 from preprocess.tuples import eval_tuples, groups
+from stages.training.robustness import RUNS as ROBUST_RUNS, conditions
 from stages.training import measure
 from stages.training.data import reads_features, split_frames
 from stages.training.inner import wanted
@@ -22,7 +23,7 @@ from stages.training.schedule import job_count
 from stages.training.stage import TRAINING, stage_units, weights_missing
 from stages.training.train import validates
 from utils.env import resolve_device
-from utils.helpers import log, run_dir, split_path
+from utils.helpers import RunFiles, log, run_dir, split_path
 
 GB = 1e9
 ADAMW_COPIES = 3  # a running unit's last.pth holds the weights and AdamW's two moments
@@ -57,7 +58,7 @@ def action_of(cfg, spec, split):
     problem = tuning_leak(cfg, spec, split) or stale(cfg, spec, split)
     if problem:
         return "refuse", problem
-    if (run_dir(cfg, spec.name, split) / "metrics.json").exists() and not cfg.force:
+    if RunFiles(run_dir(cfg, spec.name, split)).metrics.exists() and not cfg.force:
         return "reuse", ""
     if weights_missing(cfg, spec):
         return "skip", f"no ImageNet weights for {spec.flags.get('backbone')} here"
@@ -203,6 +204,8 @@ def estimate(cfg, stages, units, measured):
             pooled = min(jobs, sum(u.action == "train" for u in mine)) > 1
             seconds[stage] = sum(u.seconds for u in mine) / (parallel if pooled else 1) + start_s * pooled
             start_s = 0.0 if pooled else start_s
+        elif stage == "robustness":
+            seconds[stage] = robustness_seconds(cfg, units, shapes)
         elif stage in STAGE_S:
             per = dict(explain=cfg.explain_samples * 4, report=len(units))[stage]
             seconds[stage] = per * STAGE_S[stage]
@@ -211,6 +214,13 @@ def estimate(cfg, stages, units, measured):
     checkpoints = sum(w * KEPT_COPIES + RUN_FILES_BYTES for w in weights) + running
     return Estimate(seconds, (image + features + checkpoints) / GB, free_bytes(cfg.output_dir) / GB,
                     describe(device, jobs))
+
+
+def robustness_seconds(cfg, units, shapes):
+    """Every condition's pass over the test tuples of the CV folds the robustness stage scores."""
+    scored = [u for u in units if u.run in ROBUST_RUNS and u.split.startswith("fold_") and u.action == "train"]
+    n = len(conditions(cfg.magnifications))
+    return sum((u.eval_tuples - u.val_tuples) * n * shapes[shape_key(cfg, u)].eval_tuple_s for u in scored)
 
 
 def describe(device, jobs):

@@ -12,6 +12,7 @@ import torch
 from stages.training.checkpoint import load_model
 from stages.training.runs import REFERENCE
 from utils.env import resolve_device
+from utils.helpers import RunFiles
 from utils.scoring import level_frame
 from utils.tables import EFFICIENCY
 
@@ -53,7 +54,7 @@ def checkpoints_of(splits):
     if own is not None:
         return [own]
     members = next((r["metrics"].get("members") for r in splits.values() if r["metrics"].get("members")), [])
-    paths = [Path(p) / "checkpoints" / "best.pth" if Path(p).is_dir() else Path(p) for p in members]
+    paths = [RunFiles(p).best if Path(p).is_dir() else Path(p) for p in members]
     return paths if all(p.exists() for p in paths) else []
 
 

@@ -124,16 +124,18 @@ def links(out, pattern, parents=0):
 
 
 def csv_groups(out):
-    """Every CSV under the output folder: tables and splits by name, run files per run and split."""
+    """Every CSV under the output folder: tables and splits by name, run files per run and split (the image-level
+    protocol's runs apart)."""
     groups = [("Tables", links(out, "tables/*.csv")), ("Splits", links(out, "splits/*.csv")),
               ("Index and logs", links(out, "*.csv") + links(out, "logs/*.csv")),
               ("Grad-CAM / attention listings", links(out, "plots/*/index.csv", 1)),
               ("Predictions of new patients", links(out, "predictions/*/*.csv", 1)),
               ("Tuning", links(out, "tuning/*.csv"))]
     runs = {}
-    for path in sorted(out.glob("runs/*/*/*.csv")):
-        runs.setdefault(path.parent.parent.name, []).append(
-            dict(href=str(path.relative_to(out)), name=f"{path.parent.name}/{path.stem}"))
+    for pattern, tag in (("runs/*/*/*.csv", ""), ("protocol/runs/*/*/*.csv", " (image-level protocol, table 9)")):
+        for path in sorted(out.glob(pattern)):
+            runs.setdefault(path.parent.parent.name + tag, []).append(
+                dict(href=str(path.relative_to(out)), name=f"{path.parent.name}/{path.stem}"))
     return [(title, items) for title, items in groups if items], runs
 
 

@@ -5,6 +5,8 @@ from types import SimpleNamespace
 
 from stages.report.compare import ablation_table, baseline_table
 from stages.report.conformal import conformal_paper, conformal_table
+from stages.report.inflation import protocol_paper, protocol_table
+from stages.report.altered_inputs import robustness_paper, robustness_table
 from stages.report.paper import comparison_paper, cv_paper, fixed_paper, magnification_paper, tail
 from stages.report.triage import triage_paper, triage_table
 from stages.training.runs import REFERENCE as REF
@@ -82,6 +84,13 @@ TABLES = [
           [([f"plots/calibration/{REF}_pooled_cv_reliability_patient.png",
              f"plots/calibration/{REF}_fixed_reliability_patient.png"], "Reliability diagram before scaling")],
           "cv,fixed", "table 7"),
+    Table("robustness", "table_8_robustness.csv", lambda cfg, book, built: robustness_table(book),
+          lambda t, c: robustness_paper(t["robustness"], c.end["table 8"]), "Table 8 · Robustness",
+          [(["plots/robustness/auc_change.png"], "Patient AUC change under each altered input")],
+          "robustness", "table 8"),
+    Table("protocol", "table_9_split_protocol.csv", lambda cfg, book, built: protocol_table(cfg, book),
+          lambda t, c: protocol_paper(t["protocol"], c.end["table 9"]), "Table 9 · Protocol inflation", [],
+          "protocol,report", "table 9"),
     Table("subtype", "table_subtype_per_class.csv", lambda cfg, book, built: subtype_table(book)),
     Table("efficiency", "table_efficiency.csv", lambda cfg, book, built: built["efficiency"]),
 ]

@@ -7,6 +7,7 @@ from utils import plottings as plots
 from utils import scoring
 from utils.helpers import PipelineError, log, plots_dir, runs_dir, tables_dir, write_text
 from stages.report.paper import write_paper
+from stages.report.altered_inputs import robustness_plot
 from stages.report.triage import triage_plot
 from stages.report.registry import TABLE_NAMES, build_tables, paper_tables
 from utils.tables import Book, write_table
@@ -44,6 +45,7 @@ def run_report(cfg):
     book.notes += [f"paper {key}: no rows (its runs are missing)." for key in paper if key not in written]
     write_plots(cfg, book)
     triage_plot(cfg, book, tables["triage"])
+    robustness_plot(cfg, tables["robustness"])
     write_notes(cfg, book.notes)
     page = write_page(cfg, book, tables, paper)
     log(f"Tables -> {tables_dir(cfg)} (paper: {tables_dir(cfg) / 'paper'}), plots -> {plots_dir(cfg)}, page -> {page}")

@@ -1,5 +1,5 @@
 """Checkpoints: what inference needs (weights, model settings, classes, input slots, field shape, normalisation),
-resume state."""
+resume state, and about how much disk a run's files take."""
 import io
 import os
 import random
@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from backbones import build_model
-from utils.helpers import PipelineError, write_bytes
+from utils.helpers import PipelineError, RunFiles, write_bytes
 
 CHECKED_KWARGS = ("backbone", "magnifications", "num_subtypes", "shared_backbone", "use_spatial", "use_channel",
                   "use_hma", "use_cmf", "feature_stage")
+ROW_BYTES = 1000
 
 
 def checkpoint(model, meta, cfg, epoch, best_auc):
@@ -90,10 +91,17 @@ def save(obj, path):
     write_bytes(path, buffer.getbuffer())
 
 
+def run_bytes(model, rows=0):
+    """About the most disk one run takes: best.pth (the weights), last.pth (weights and optimiser state, about 3x),
+    a new last.pth beside the old one while it is replaced, and about 1 kB per predictions.csv row."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return weights * (1 + 3 + 3) + rows * ROW_BYTES
+
+
 def slim_last(folder):
     """A finished run's last.pth drops the optimiser state (only --resume needs it), or links best.pth if equal."""
-    ckpt_dir = Path(folder) / "checkpoints"
-    last, best = ckpt_dir / "last.pth", ckpt_dir / "best.pth"
+    files = RunFiles(folder)
+    last, best = files.last, files.best
     if not last.exists():
         return
     ckpt = read_checkpoint(last)

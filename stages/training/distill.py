@@ -13,7 +13,7 @@ from stages.training.checkpoint import load_model, read_checkpoint
 from stages.training.record import derived_record, read_record, write_record
 from stages.training.run import run_one
 from stages.training.runs import REFERENCE, STUDENT, TEACHER, stage_runs
-from utils.helpers import PipelineError, log, read_json, require, run_dir, split_path, write_bytes, write_json
+from utils.helpers import PipelineError, RunFiles, log, read_json, require, run_dir, split_path, write_bytes, write_json
 from utils.losses import distillation_loss
 from utils.scoring import check_no_leak
 
@@ -78,7 +78,7 @@ def teacher_run(cfg):
         ensemble.member_ensemble(cfg)
         return run_dir(cfg, ensemble.ENSEMBLE, "fixed"), members
     folder = run_dir(cfg, REFERENCE, "fixed")
-    path = folder / "checkpoints" / "best.pth"
+    path = RunFiles(folder).best
     if not path.exists() or read_record(folder) is None:
         raise PipelineError(f"the distill stage needs a teacher, {path} is missing. Train it first: "
                             f"python main.py --stages split,fixed")
@@ -99,10 +99,10 @@ def check_teacher(cfg, record, paths):
 def write_teacher(cfg, folder, record):
     """The teacher's row of table 4, beside the student: its run's predictions and metrics as run <student>_teacher,
     its record naming that run."""
-    target = run_dir(cfg, TEACHER, "fixed")
-    metrics = dict(read_json(folder / "metrics.json"), run=TEACHER, teacher_of=STUDENT)
-    write_bytes(target / "predictions.csv", (folder / "predictions.csv").read_bytes())
-    write_json(target / "metrics.json", metrics)
+    target, source = run_dir(cfg, TEACHER, "fixed"), RunFiles(folder)
+    metrics = dict(read_json(source.metrics), run=TEACHER, teacher_of=STUDENT)
+    write_bytes(RunFiles(target).predictions, source.predictions.read_bytes())
+    write_json(RunFiles(target).metrics, metrics)
     write_record(target, derived_record(TEACHER, "fixed", [record], f"the teacher: {record['run']}/fixed"))
     return metrics
 

@@ -17,7 +17,7 @@ from stages.training.record import derived_record, read_record, write_record
 from stages.training.runs import MEMBERS, REFERENCE
 from stages.training.train import TrainState
 from utils.env import resolve_device
-from utils.helpers import log, read_json_or_none, run_dir, write_csv, write_json
+from utils.helpers import RunFiles, log, read_json_or_none, run_dir, write_csv, write_json
 from utils.scoring import BLOCKS, LEVELS, level_thresholds, threshold_of
 
 ENSEMBLE = f"{REFERENCE}_fixed_ensemble"
@@ -31,9 +31,9 @@ def member_folders(cfg):
 
 def honest_members(cfg):
     """best.pth of every finished ensemble member (none saw a fixed test patient), or None when one is missing."""
-    folders = member_folders(cfg)
-    done = all((f / "metrics.json").exists() and (f / "checkpoints" / "best.pth").exists() for f in folders)
-    return [f / "checkpoints" / "best.pth" for f in folders] if folders and done else None
+    files = [RunFiles(f) for f in member_folders(cfg)]
+    done = all(f.metrics.exists() and f.best.exists() for f in files)
+    return [f.best for f in files] if files and done else None
 
 
 def averaged(outputs):
@@ -62,7 +62,7 @@ def score_members(cfg, folders, own_splits):
     dtype, _ = amp_settings(cfg, device)
     test, oof, oof_tuples, fits = [], [], [], []
     for folder, split in zip(folders, own_splits):
-        model, _ = load_model(folder / "checkpoints" / "best.pth", device)
+        model, _ = load_model(RunFiles(folder).best, device)
         own = prepare_run(cfg, ENSEMBLE, split, REFERENCE, {})
         test.append(predict(model, run.bank, run.batches["test"], device, dtype, tta=cfg.tta))
         oof.append(predict(model, own.bank, own.batches["val"], device, dtype, tta=cfg.tta))
@@ -73,7 +73,7 @@ def score_members(cfg, folders, own_splits):
     res = {"val": stacked(oof), "test": averaged(test)}
     thresholds = mean_thresholds(fits)
     predictions, metrics = score(cfg, run, res, TrainState(), start, record["sources"], thresholds=thresholds)
-    metrics.update(members=[str(f / "checkpoints" / "best.pth") for f in folders], thresholds_from=THRESHOLDS_FROM)
+    metrics.update(members=[str(RunFiles(f).best) for f in folders], thresholds_from=THRESHOLDS_FROM)
     return predictions, metrics, record
 
 
@@ -87,12 +87,13 @@ def member_ensemble(cfg):
     members = [read_record(f) for f in member_folders(cfg)]
     done = read_record(folder)
     same = done is not None and done["digest"] == derived_record(ENSEMBLE, "fixed", members, "")["digest"]
-    if same and not cfg.force and read_json_or_none(folder / "metrics.json") is not None:
+    files = RunFiles(folder)
+    if same and not cfg.force and read_json_or_none(files.metrics) is not None:
         log(f"[{ENSEMBLE}] scored earlier from the same members; reused (--force scores it again)")
         return
     predictions, metrics, record = score_members(cfg, member_folders(cfg), member_split_names(cfg))
-    write_csv(predictions, folder / "predictions.csv", index=False)
-    write_json(folder / "metrics.json", metrics)
+    write_csv(predictions, files.predictions, index=False)
+    write_json(files.metrics, metrics)
     write_record(folder, record)
     p = metrics["test"]["patient"][BLOCKS[cfg.threshold_rule]]
     thr = threshold_of(metrics["threshold"]["patient"], cfg.threshold_rule) or 0.5

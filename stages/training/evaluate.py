@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from preprocess.tuples import slot_labels
+from preprocess.tuples import eval_batches, slot_labels
 from stages.training.forward import amp_settings, predict
 from utils.scoring import (LEVELS, binary_block, check_no_leak, class_index, fitted_thresholds, levels, patient_rows,
                            subtype_block)
@@ -28,6 +28,13 @@ def tuple_predictions(tuples, res, slots, classes, role, smote_prob=None):
         df[f"w_{m}"] = res["mag_weights"][:, j]
         df[f"hma_{m}"] = res["hma_weights"][:, j]
     return df
+
+
+def predict_all(model, tuples, mags, classes, bank, device, batch_size, tta=False):
+    """predictions.csv's tuple rows (probability, CMF/HMA weights, masks) of every tuple, through the one prediction
+    path (the mean over four views with `tta`, as the threshold was fitted)."""
+    batches = eval_batches(tuples, mags, bank.row_of, classes, batch_size)
+    return tuple_predictions(tuples, predict(model, bank, batches, device, tta=tta), mags, classes, "test")
 
 
 def smote_head(cfg, run, res):

@@ -11,7 +11,7 @@ from preprocess.preprocess import inner_splits, load_split
 from stages.training.data import prepare_run
 from stages.training.forward import amp_settings, predict
 from stages.training.train import fit
-from utils.helpers import log, write_csv
+from utils.helpers import RunFiles, log, write_csv
 from utils.scoring import oof_thresholds
 
 
@@ -24,7 +24,7 @@ def wanted(cfg, spec):
 def inner_model(cfg, spec, split_name, i, part, device):
     """One inner model's predictions on its held-out patients (tuple rows), kept as oof.csv in its folder."""
     run = prepare_run(cfg, spec.name, f"{split_name}/inner_{i}", spec.model, dict(spec.flags), split=part)
-    path = run.folder / "oof.csv"
+    path = RunFiles(run.folder).oof
     if path.exists() and not cfg.force:
         return pd.read_csv(path, dtype={"patient_id": str})
     model = build_model(spec.model, **run.model_kwargs)
@@ -33,7 +33,7 @@ def inner_model(cfg, spec, split_name, i, part, device):
     res = predict(model, run.inputs(model), run.batches["val"], device, dtype)
     frame = run.tuples["val"][["patient_id", "tuple_id", "label"]].assign(prob_malignant=res["prob"])
     write_csv(frame, path, index=False)
-    shutil.rmtree(run.folder / "checkpoints", ignore_errors=True)
+    shutil.rmtree(RunFiles(run.folder).checkpoints, ignore_errors=True)
     return frame
 
 

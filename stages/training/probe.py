@@ -5,7 +5,6 @@ predictions; ties: DEFAULT_C, else the strongest tied regularisation). The chose
 oof_youden thresholds. A tuple's probability is the mean over its images, a patient's the mean over its tuples, scored
 like every other run; the fit becomes the weights of its checkpoint."""
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,7 +18,7 @@ from stages.training.checkpoint import checkpoint, save
 from stages.training.evaluate import score
 from stages.training.features import install_backbone
 from stages.training.train import TrainState
-from utils.helpers import log
+from utils.helpers import RunFiles, log
 from utils.metrics import patient_level, safe_auc
 from utils.scoring import oof_thresholds
 
@@ -179,7 +178,7 @@ def probe_run(cfg, run, sources):
     x, y, subtypes = training_images(run, pooled)
     c, aucs, oof = choose_c(run, pooled, cfg.inner_folds, cfg.seed)
     model = fitted_probe(run, x, y, subtypes, c, cfg.seed, run.features.backbone_state)
-    save(checkpoint(model, run, cfg, 0, float("nan")), Path(run.folder) / "checkpoints" / "best.pth")
+    save(checkpoint(model, run, cfg, 0, float("nan")), RunFiles(run.folder).best)
     binary, subtype = image_outputs(model, pooled)
     log(f"[{run.tag}] linear probe on {len(x)} training images x {x.shape[1]} features (stage(s) "
         f"{','.join(map(str, run.model_kwargs['feature_stage']))}) | inner {cfg.inner_folds}-fold "

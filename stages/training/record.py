@@ -4,7 +4,7 @@ each group named by where it came from (the run's own split, a tuning study, a t
 finished runs, the leak guard and the report read it."""
 import hashlib
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -12,22 +12,18 @@ from pathlib import Path
 import pandas as pd
 
 from backbones import MODELS, magnifications_read
+from config import of_kind
 from preprocess.preprocess import load_split
 from utils.config_file import STUDY_KEY, read_config_file
 from utils.env import commit
-from utils.helpers import PipelineError, index_path, read_json_or_none, run_dir, split_path, write_json
+from utils.helpers import PipelineError, RunFiles, index_path, read_json_or_none, run_dir, split_path, write_json
 from utils.lock import me
 from utils.scoring import union_seen
 
-COMPUTE = ("device", "amp", "precision", "channels_last", "fused_adamw", "compile", "compile_backend", "jobs",
-           "checkpoint_every_s")
-RUN_CONTROL = ("data_root", "output_dir", "demo", "synthetic", "cache_dir", "folds", "runs", "resume", "force", "plan",
-               "stages", "bootstrap", "conformal_alpha", "explain_samples", "input", "checkpoint", "ensemble",
-               "lock_stale_s", "tune_trials", "tune_minutes", "tune_space", "tune_scope", "tensorboard", "tuning",
-               "tuned_folds")
-PER_RUN = ("resnet_backbone", "student_backbone", "student_image_size", "student_embed_dim", "distill_temperature",
-           "distill_weight")
-NAME = "record.json"
+COMPUTE = of_kind("compute")
+RUN_CONTROL = of_kind("control")
+PER_RUN = of_kind("per_run")
+SHAPING = of_kind("shaping")
 ROLES = ("train", "val")
 
 
@@ -39,9 +35,9 @@ def plain(value):
 
 
 def shaping(cfg):
-    """The settings that shape a run's result: every field but the compute ones (device, precision, processes...),
-    the run controls (paths, stages, --force...) and those that reach a run only through its RunSpec."""
-    return {k: plain(v) for k, v in asdict(cfg).items() if k not in COMPUTE + RUN_CONTROL + PER_RUN}
+    """The settings that shape a run's result: the fields config.py gives kind shaping (not the compute ones, the run
+    controls, or those that reach a run only through its RunSpec)."""
+    return {k: plain(getattr(cfg, k)) for k in SHAPING}
 
 
 def digest(values):
@@ -94,9 +90,10 @@ def data_digest(cfg, split):
     return data_key(str(index), str(roles), (index.stat().st_mtime_ns, roles.stat().st_mtime_ns))
 
 
-def expected(cfg, spec, split):
-    """What a run of `spec` on `split` under `cfg` would record: its settings, model, flags and data."""
-    run_cfg = run_config(cfg, spec, split)
+def expected(cfg, spec, split, run_cfg=None):
+    """What a run of `spec` on `split` under `cfg` would record: its settings (`run_cfg`, built here unless given),
+    model, flags and data."""
+    run_cfg = run_config(cfg, spec, split) if run_cfg is None else run_cfg
     return dict(settings=shaping(run_cfg), model=spec.model, flags=plain(spec.flags), run_settings=plain(spec.settings),
                 data=data_digest(cfg, split))
 
@@ -125,19 +122,18 @@ def inner_source(run_cfg, spec, own):
     return dict(name=f"the inner models of {own['name']}", train=both, val=both)
 
 
-def sources_of(cfg, spec, split, extra=()):
-    """Every group of patients behind a run: its split's train and val, its inner models, the tuning study, `extra`
-    (a teacher)."""
-    run_cfg = run_config(cfg, spec, split)
+def sources_of(cfg, run_cfg, spec, split, extra=()):
+    """Every group of patients behind a run (`run_cfg`: its settings, run_config): its split's train and val, its inner
+    models, the tuning study, `extra` (a teacher)."""
     own = own_source(cfg, spec, split)
     found = [own, inner_source(run_cfg, spec, own), tuning_source(run_cfg)]
     return [s for s in found if s is not None] + list(extra)
 
 
-def new_record(cfg, spec, split, model_kwargs, sources):
-    """The record a run writes when it starts (so --resume and reuse know what it was trained under)."""
-    values = expected(cfg, spec, split)
-    run_cfg = run_config(cfg, spec, split)
+def new_record(cfg, run_cfg, spec, split, model_kwargs, sources):
+    """The record a run writes when it starts (so --resume and reuse know what it was trained under); `run_cfg` is its
+    settings (run_config)."""
+    values = expected(cfg, spec, split, run_cfg)
     return dict(run=spec.name, split=split, model_name=spec.model, model_kwargs=plain(model_kwargs),
                 reads=list(magnifications_read(spec.model, model_kwargs)), digest=digest(values), **values,
                 commit=commit(), trained_by=me(), started=datetime.now().isoformat(timespec="seconds"),
@@ -158,11 +154,11 @@ def derived_record(name, split, records, what):
 
 
 def read_record(folder):
-    return read_json_or_none(Path(folder) / NAME)
+    return read_json_or_none(RunFiles(folder).record)
 
 
 def write_record(folder, record):
-    write_json(Path(folder) / NAME, record)
+    write_json(RunFiles(folder).record, record)
 
 
 def shown(value):
@@ -189,8 +185,9 @@ def stale(cfg, spec, split):
     """'run/split: what differs' when a finished (or, with --resume, an interrupted) run was trained under other
     settings than the command's; '' when it may be reused or there is nothing to reuse."""
     folder = run_dir(cfg, spec.name, split)
-    finished = (folder / "metrics.json").exists()
-    resuming = cfg.resume and (folder / "checkpoints" / "last.pth").exists()
+    files = RunFiles(folder)
+    finished = files.metrics.exists()
+    resuming = cfg.resume and files.last.exists()
     if cfg.force or not (finished or resuming):
         return ""
     values = expected(cfg, spec, split)

@@ -5,7 +5,7 @@ import time
 import numpy as np
 
 from backbones import MODELS, build_model
-from stages.training.checkpoint import read_checkpoint, save, slim_last
+from stages.training.checkpoint import read_checkpoint, run_bytes, save, slim_last
 from stages.training.data import prepare_run
 from stages.training.evaluate import evaluate
 from stages.training.inner import oof_threshold, wanted
@@ -14,7 +14,7 @@ from stages.training.record import new_record, read_record, run_config, sources_
 from stages.training.train import fit
 from utils.checks import resource_errors
 from utils.env import resolve_device, seed_everything
-from utils.helpers import log, mean_std, read_json_or_none, run_dir, write_csv, write_json
+from utils.helpers import RunFiles, log, mean_std, read_json_or_none, run_dir, write_csv, write_json
 from utils.lock import RunLock, describe, owner, try_lock
 from utils.scoring import BLOCKS, threshold_of
 
@@ -59,7 +59,7 @@ def finished(cfg, spec, split_name, folder):
     problem = stale(cfg, spec, split_name)
     if problem:
         raise stale_error([problem])
-    metrics = read_json_or_none(folder / "metrics.json")
+    metrics = read_json_or_none(RunFiles(folder).metrics)
     if metrics is None or cfg.force:
         return None
     log(f"[{spec.name}/{split_name}] finished earlier by {trained_by(folder)} under the same settings; reused (--force retrains it)")
@@ -115,10 +115,11 @@ def train_and_score(cfg, spec, split_name, folder, callback=None, adapt=None, so
     """The run under its own settings (run_config): record.json first, then training, evaluation and its files."""
     run_cfg = run_config(cfg, spec, split_name)
     seed_everything(run_cfg.seed)
-    (folder / "metrics.json").unlink(missing_ok=True)
+    files = RunFiles(folder)
+    files.metrics.unlink(missing_ok=True)
     run = prepare_run(run_cfg, spec.name, split_name, spec.model, dict(spec.flags))
-    sources = sources_of(cfg, spec, split_name, sources)
-    record = new_record(cfg, spec, split_name, run.model_kwargs, sources)
+    sources = sources_of(cfg, run_cfg, spec, split_name, sources)
+    record = new_record(cfg, run_cfg, spec, split_name, run.model_kwargs, sources)
     write_record(folder, record)
     device = resolve_device(run_cfg.device)
     extra = adapt(run, device) if adapt is not None else {}
@@ -126,22 +127,25 @@ def train_and_score(cfg, spec, split_name, folder, callback=None, adapt=None, so
     predictions, metrics = fit(run_cfg, spec, run, device, sources, callback)
     metrics.update(extra)
     finish_checkpoint(folder, metrics["threshold"]["patient"], run_cfg.threshold_rule, record)
-    write_csv(predictions, folder / "predictions.csv", index=False)
-    write_json(folder / "metrics.json", metrics)
+    write_csv(predictions, files.predictions, index=False)
+    write_json(files.metrics, metrics)
     slim_last(folder)
     log(fold_line(run.tag, metrics, run_cfg.threshold_rule))
     return metrics
 
 
 def train_model(cfg, spec, run, device, sources, callback=None):
+    """Fit and score a gradient-trained model; a full disk on the way says about how much the run needs."""
     model = build_model(spec.model, **run.model_kwargs)
     log(f"[{run.tag}] {spec.model} | {len(run.train_sampler.group_list)} train groups x {cfg.tuples_per_patient} "
         f"tuples/epoch | val {len(run.tuples['val'])} / test {len(run.tuples['test'])} tuples | device {device}")
-    state = fit(cfg, model, run, device, callback)
-    if not wanted(cfg, spec):
-        return evaluate(cfg, model, run, device, state, sources)
-    oof, seconds = oof_threshold(cfg, spec, run.split, device)
-    predictions, metrics = evaluate(cfg, model, run, device, state, sources, oof)
+    rows = len(run.tuples["val"]) + len(run.tuples["test"])
+    with resource_errors(f"run {run.tag}", folder=run.folder, needs_bytes=run_bytes(model, rows)):
+        state = fit(cfg, model, run, device, callback)
+        if not wanted(cfg, spec):
+            return evaluate(cfg, model, run, device, state, sources)
+        oof, seconds = oof_threshold(cfg, spec, run.split, device)
+        predictions, metrics = evaluate(cfg, model, run, device, state, sources, oof)
     metrics["inner"] = dict(folds=cfg.inner_folds, seconds=seconds)
     return predictions, metrics
 
@@ -157,7 +161,7 @@ def finish_checkpoint(folder, thresholds, rule, record):
     """What best.pth needs to decide on new patients alone: the patient-level thresholds (`decision` under the rule
     in force, `threshold_rule`, and the validation ones), and the run's record, so predict, export and the service
     can say which run and settings a decision comes from."""
-    best = folder / "checkpoints" / "best.pth"
+    best = RunFiles(folder).best
     if not best.exists():
         return
     ckpt = read_checkpoint(best)
@@ -187,7 +191,7 @@ def summary_line(run_name, results, rule="val_youden"):
 
 def copy_best(cfg, name, split_name, target):
     """Copy a run's best checkpoint to `target` (output/models/...)."""
-    best = run_dir(cfg, name, split_name) / "checkpoints" / "best.pth"
+    best = RunFiles(run_dir(cfg, name, split_name)).best
     if not best.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)

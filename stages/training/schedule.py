@@ -19,7 +19,7 @@ from stages.training.measure import measure_shape
 from stages.training.run import fold_line, holder, run_one, trained_by
 from stages.training.runs import RunSpec
 from utils.env import resolve_device
-from utils.helpers import PipelineError, index_path, log, run_dir, setup_logging
+from utils.helpers import PipelineError, RunFiles, index_path, log, run_dir, setup_logging
 
 GIB = 2**30
 GIB_PER_RUN = 12
@@ -172,7 +172,7 @@ def start_worker(parent, threads, log_file):
 
 def worker(cfg, spec, split, threads, parent, wait):
     """One run in a fresh process: its log goes to the run folder, the parent prints one line when it ends."""
-    start_worker(parent, threads, run_dir(cfg, spec.name, split) / "run.log")
+    start_worker(parent, threads, RunFiles(run_dir(cfg, spec.name, split)).log)
     return run_one(cfg, spec, split, wait=wait)
 
 

@@ -6,7 +6,7 @@ from stages.training.ensemble import member_ensemble
 from stages.training.record import stale, stale_error, tuning_error, tuning_leak
 from stages.training.runs import REFERENCE, TEACHER, stage_runs
 from stages.training.schedule import run_units, world_size
-from utils.helpers import PipelineError, log, models_dir, read_json, require, run_dir, split_path, warn
+from utils.helpers import PipelineError, RunFiles, log, models_dir, read_json, require, run_dir, split_path, warn
 
 TRAINING = ("cv", "fixed", "baselines", "ablations", "distill")
 
@@ -89,9 +89,10 @@ def finish_stage(cfg, stage):
     ensemble."""
     for spec in stage_runs(cfg, stage):
         splits = stage_splits(cfg, stage, spec)
-        if not all((run_dir(cfg, spec.name, split) / "metrics.json").exists() for split in splits):
+        files = [RunFiles(run_dir(cfg, spec.name, split)) for split in splits]
+        if not all(f.metrics.exists() for f in files):
             continue
-        results = [read_json(run_dir(cfg, spec.name, split) / "metrics.json") for split in splits]
+        results = [read_json(f.metrics) for f in files]
         for split in splits:
             keep_best(cfg, spec, split)
         name = spec.name if stage != "fixed" or spec.members else f"{spec.name} fixed"

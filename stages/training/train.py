@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -19,7 +18,7 @@ from stages.training.live import Curves
 from stages.training.forward import amp_settings, autocast, predict, targets
 from stages.training.selection import Selection, recompute_batchnorm
 from utils.env import switch
-from utils.helpers import PipelineError, log, warn, write_csv
+from utils.helpers import PipelineError, RunFiles, log, warn, write_csv
 from utils.metrics import binary_metrics, patient_level, safe_auc, youden_threshold
 
 
@@ -184,7 +183,7 @@ def validation_row(tuples, res):
 
 def resume(folder, model, opt, selection, run, cfg):
     """Training state from checkpoints/last.pth when --resume and it exists, else a fresh state."""
-    path = Path(folder) / "checkpoints" / "last.pth"
+    path = RunFiles(folder).last
     if not cfg.resume or not path.exists():
         return TrainState()
     ckpt = read_checkpoint(path)
@@ -215,20 +214,20 @@ def save_last(model, run, opt, selection, cfg, state, row, final):
         return
     last = checkpoint(model, run, cfg, row["epoch"], state.best_auc)
     last.update(opt.state_dict(), rng=rng_state(), state=asdict(state), average=selection.state_dict())
-    save(last, Path(run.folder) / "checkpoints" / "last.pth")
+    save(last, RunFiles(run.folder).last)
     state.saved_at = time.time()
 
 
 def end_epoch(model, run, opt, selection, cfg, state, row):
     """Selection bookkeeping, best/last checkpoints and history.csv after one epoch."""
-    ckpt_dir = Path(run.folder) / "checkpoints"
+    files = RunFiles(run.folder)
     score = selection.score(state.history, row)
     improved = state.best_score is None or score > tuple(state.best_score)
     if improved:
         state.best_score, state.best_epoch, state.best_auc = list(score), row["epoch"], row["val_auc"]
         state.bad_epochs = 0
         if selection.early_stop:
-            save(checkpoint(selection.kept(model), run, cfg, row["epoch"], row["val_auc"]), ckpt_dir / "best.pth")
+            save(checkpoint(selection.kept(model), run, cfg, row["epoch"], row["val_auc"]), files.best)
     else:
         state.bad_epochs += 1
     selection.after_epoch(model, row["epoch"])
@@ -236,7 +235,7 @@ def end_epoch(model, run, opt, selection, cfg, state, row):
     state.epoch, state.seconds = row["epoch"], state.seconds + row["seconds"]
     state.stopped = selection.early_stop and state.bad_epochs >= cfg.patience
     log(epoch_line(run.tag, row["epoch"], cfg, row, improved))
-    write_csv(pd.DataFrame(state.history), Path(run.folder) / "history.csv", index=False)
+    write_csv(pd.DataFrame(state.history), files.history, index=False)
     save_last(model, run, opt, selection, cfg, state, row, state.stopped or row["epoch"] == cfg.epochs)
     if state.stopped:
         log(f"[{run.tag}] early stop: validation {cfg.selection} score not better for {cfg.patience} epochs "
@@ -263,7 +262,7 @@ def finish_average(model, run, selection, cfg, state, device):
     batches = (bank.batch(rows, device, True, model.normalization) for rows, _, _ in run.train_sampler)
     recompute_batchnorm(averaged, batches)
     state.best_epoch = state.epoch
-    save(checkpoint(averaged, run, cfg, state.epoch, float("nan")), Path(run.folder) / "checkpoints" / "best.pth")
+    save(checkpoint(averaged, run, cfg, state.epoch, float("nan")), RunFiles(run.folder).best)
 
 
 def fit(cfg, model, run, device, callback=None):
@@ -300,7 +299,7 @@ def fit(cfg, model, run, device, callback=None):
     curves.close()
     input_bank(cfg, run, model, max(1, state.epoch))
     finish_average(model, run, selection, cfg, state, device)
-    best = Path(run.folder) / "checkpoints" / "best.pth"
+    best = RunFiles(run.folder).best
     if best.exists():
         load_state(model, read_checkpoint(best, device), best)
     return state

@@ -13,6 +13,7 @@ from backbones import REFERENCE_MODEL, build_model, model_config
 from preprocess.analyze import subtype_classes
 from preprocess.preprocess import inner_splits, load_split, member_split_names
 from preprocess.tuples import TrainBatches, eval_batches, eval_tuples, groups
+from stages.training.checkpoint import run_bytes
 from stages.training.data import RunData, index_bank, make_criterion, run_features, split_frames
 from stages.training.forward import amp_settings, predict
 from stages.training.train import fit, validation_row
@@ -73,7 +74,7 @@ def fold_score(cfg, split, rows, parts, folder, report):
     run = inner_run(cfg, split, rows, parts, folder)
     device = resolve_device(cfg.device)
     model = build_model(REFERENCE_MODEL, **run.model_kwargs)
-    with resource_errors(f"tuning run {run.tag}", folder=folder):
+    with resource_errors(f"tuning run {run.tag}", folder=folder, needs_bytes=run_bytes(model)):
         fit(cfg, model, run, device, callback=lambda epoch, state: report(epoch, state.history[-1]["val_auc"]))
         res = predict(model, run.inputs(model), run.batches["val"], device, amp_settings(cfg, device)[0])
     return validation_row(run.tuples["val"], res)["val_auc"]

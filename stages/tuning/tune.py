@@ -18,6 +18,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FixedTrial, TrialState
 
 from backbones import REFERENCE_MODEL
+from config import of_kind
 from stages.training.record import shaping
 from stages.training.schedule import all_ok, job_count, process_pool, rank, start_worker, world_size
 from stages.training.stage import checked_cv_names
@@ -30,9 +31,10 @@ from utils.lock import alive
 from utils.plottings import save
 
 STARTUP_TRIALS = 5
-NOT_SETTINGS = ("output_dir", "cache_dir", "device", "jobs", "stages", "resume", "force", "folds", "runs", "input",
-                "checkpoint", "ensemble", "explain_samples", "bootstrap", "conformal_alpha", "demo", "synthetic", "tune_trials",
-                "tune_minutes", "tune_space", "tune_scope", "tuned_folds", "tuning", "plan", "checkpoint_every_s")
+# the control and compute fields best_config.json keeps; it leaves out the others (NOT_SETTINGS)
+CARRIED = ("data_root", "demo", "synthetic", "lock_stale_s", "tensorboard", "amp", "precision", "channels_last",
+           "fused_adamw", "compile", "compile_backend")
+NOT_SETTINGS = tuple(k for k in of_kind("control", "compute") if k not in CARRIED)
 
 
 def outers(cfg):
@@ -170,7 +172,7 @@ def best_config(cfg, space, study, outer, splits):
     that chose them and every patient it trained or validated on (the leak guard of every run trained with them)."""
     values = suggest(FixedTrial(study.best_trial.params), space)
     settings = asdict(trial_config(cfg, values))
-    keep = {k: v for k, v in settings.items() if k not in NOT_SETTINGS or k in ("demo", "synthetic")}
+    keep = {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
     seen = union_seen([{r: split.loc[split["role"] == r, "patient_id"] for r in INNER} for split in splits.values()])
     block = dict(study=study.study_name, scope=cfg.tune_scope, outer=outer, splits=list(splits),
                  tuned=[*values, "selection"], seen_patients=seen)

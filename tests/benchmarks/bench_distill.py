@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 
 from main_runs import run_main, tree  # noqa: E402
 from stages.training.runs import REFERENCE, STUDENT  # noqa: E402
-from utils.helpers import read_json  # noqa: E402
+from utils.helpers import RunFiles, read_json  # noqa: E402
 
 
 def parse_args():
@@ -54,10 +54,10 @@ def scores(metrics):
 def seed_results(args, seed, weights):
     """{arm: (patient AUC, patient accuracy, tuple AUC)} of the teacher and each student arm for one seed."""
     out = main_py(args, seed, "analyze,split,fixed", "--runs", REFERENCE)
-    rows = {"teacher": scores(read_json(out / "runs" / REFERENCE / "fixed" / "metrics.json"))}
+    rows = {"teacher": scores(read_json(RunFiles(out / "runs" / REFERENCE / "fixed").metrics))}
     for w in weights:
         main_py(args, seed, "distill", "--runs", STUDENT, "--distill-weight", str(w), "--force")
-        rows[f"student W={w}"] = scores(read_json(out / "runs" / STUDENT / "fixed" / "metrics.json"))
+        rows[f"student W={w}"] = scores(read_json(RunFiles(out / "runs" / STUDENT / "fixed").metrics))
     return rows
 
 

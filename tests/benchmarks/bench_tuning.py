@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from main_runs import run_main, tree  # noqa: E402
-from utils.helpers import read_json  # noqa: E402
+from utils.helpers import RunFiles, read_json  # noqa: E402
 
 
 def parse_args():
@@ -54,7 +54,8 @@ def base_flags(args):
 
 
 def test_auc(out, fold):
-    return read_json(Path(out) / "runs" / "mmnet" / f"fold_{fold}" / "metrics.json")["test"]["patient"]["youden"]["auc"]
+    metrics = read_json(RunFiles(Path(out) / "runs" / "mmnet" / f"fold_{fold}").metrics)
+    return metrics["test"]["patient"]["youden"]["auc"]
 
 
 def default_arm(args, seed):

@@ -47,7 +47,7 @@ from stages.training.data import index_bank, prepare_run  # noqa: E402
 from stages.training.forward import amp_settings  # noqa: E402
 from stages.inference.predictor import load_predictor  # noqa: E402
 from stages.training.runs import REFERENCE  # noqa: E402
-from utils.helpers import read_json, setup_logging  # noqa: E402
+from utils.helpers import RunFiles, read_json, setup_logging  # noqa: E402
 
 PARTS = ("tree", "prepare", "cv", "bench", "predict", "torchrun", "jobs", "compile", "memory", "estimate")
 GIB = 2**30
@@ -186,7 +186,7 @@ def stage_seconds(check, stage):
 
 
 def steady_epoch_s(check):
-    seconds = pd.read_csv(check.out / "runs" / REFERENCE / "fold_0" / "history.csv")["seconds"].tolist()
+    seconds = pd.read_csv(RunFiles(check.out / "runs" / REFERENCE / "fold_0").history)["seconds"].tolist()
     return bench_pipeline.steady(seconds)
 
 
@@ -219,7 +219,7 @@ def prepare(check):
 def cv(check):
     check.need("prepare")
     main_py(check, "cv", check.flags("--stages", "cv", "--folds", "0", "--force"))
-    m = read_json(check.out / "runs" / REFERENCE / "fold_0" / "metrics.json")
+    m = read_json(RunFiles(check.out / "runs" / REFERENCE / "fold_0").metrics)
     return dict(fold_s=stage_seconds(check, "cv"), epochs=m["epochs"], epoch_s=steady_epoch_s(check),
                 test_auc=m["test"]["patient"]["youden"]["auc"])
 

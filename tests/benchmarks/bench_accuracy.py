@@ -113,13 +113,16 @@ def main():
               f"{np.nanmean(t):>8.3f} ± {np.nanstd(t):.3f}")
     ref = results[REFERENCE]
     singles = {k: v for k, v in results.items() if k.startswith("single_") and "[" not in k}
-    best = max(singles, key=lambda k: np.nanmean(fold_aucs(singles[k])))
     print(f"\n{REFERENCE} minus ... (fold-mean patient AUC, 95 % paired bootstrap CI, {args.bootstrap} resamples)")
     for label, patients in results.items():
         if label == REFERENCE:
             continue
         g, lo, hi = paired_auc_gain(ref, patients, args.bootstrap, args.seed)
         print(f"  {label:<26} {g:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    if not singles:
+        print("no single-magnification run in --runs: no last accuracy line (add single_40X,... to --runs)")
+        return
+    best = max(singles, key=lambda k: np.nanmean(fold_aucs(singles[k])))
     g, lo, hi = paired_auc_gain(ref, singles[best], args.bootstrap, args.seed)
     a, b = np.nanmean(fold_aucs(ref)), np.nanmean(fold_aucs(singles[best]))
     print(f"accuracy: mmnet {a:.3f}, best single {b:.3f} ({best.removeprefix('single_')}), gain {g:+.3f} "

@@ -47,12 +47,11 @@ def accuracy_change(pooled, n_boot, seed):
     return float(diff.mean()), float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))
 
 
-def weight(frame, mag, column_end=""):
-    """Mean CMF weight of the slots of `mag` over the patients (NaN where the model has none)."""
-    columns = [c for c in frame.columns if c.startswith(f"w_{mag}") and c.endswith(column_end)
-               and (column_end or not c.endswith("_alt"))]
-    return float(np.nanmean(frame[columns].to_numpy(float))) if columns and frame[columns].notna().any().any() \
-        else np.nan
+def weight(frame, mag, suffix=""):
+    """Mean CMF weight of the slots of `mag` (w_40X, or w_100X_1 ... for repeated slots) over the patients; NaN where
+    the model has none."""
+    values = frame.filter(regex=rf"^w_{mag}(_\d+)?{suffix}$").to_numpy(float)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else np.nan
 
 
 def condition_row(name, folds, condition, rule, n_boot, seed):

@@ -105,11 +105,11 @@ def fold_frame(cfg, folder, split, device):
     return pd.concat(frames, ignore_index=True)
 
 
-def is_current(path, checkpoint, slots_conditions):
-    """A robustness.csv newer than the weights it scored, holding every condition."""
+def is_current(path, checkpoint, expected):
+    """A robustness.csv newer than the weights it scored, holding every expected condition."""
     if not path.exists() or path.stat().st_mtime < checkpoint.stat().st_mtime:
         return False
-    return set(pd.read_csv(path, usecols=["condition"])["condition"]) == set(slots_conditions)
+    return set(pd.read_csv(path, usecols=["condition"])["condition"]) == set(expected)
 
 
 def fold_folders(cfg, name):
@@ -130,7 +130,7 @@ def run_robustness(cfg):
         return
     found = {name: fold_folders(cfg, name) for name in names}
     if not any(found.values()):
-        raise PipelineError(f"no finished CV fold of {' or '.join(RUNS)} under {runs_dir(cfg)}. "
+        raise PipelineError(f"no finished CV fold of {' or '.join(names)} under {runs_dir(cfg)}. "
                             "Train first: python main.py --stages cv,baselines")
     for name, folders in found.items():
         for folder in folders:

@@ -289,7 +289,7 @@ def workload(curves, points, title, path):
     ax.set(xlim=(0.5, 1.01), ylim=(0, 1), xlabel="Sensitivity (malignant patients flagged)",
            ylabel="Share of patients cleared (predicted benign)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return save(fig, path)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torchstain
 
+from utils.checks import need_space
 from utils.helpers import PipelineError, log, output_path, warn
 from utils.lock import alive, file_lock
 
@@ -100,6 +101,7 @@ def build_cache(paths, target, shape, stain_norm):
     """Decode `paths` into a .npy written atomically at `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.npy")
+    need_space("the image cache", target.parent, len(paths) * shape[0] * shape[1] * 3)
     store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *shape, 3))
     reasons = decode_into(store, paths, shape, stain_norm)
     del store

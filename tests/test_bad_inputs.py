@@ -115,6 +115,40 @@ def test_full_disk_names_the_folder_and_space_and_leaves_no_finished_run(make_cf
     assert run(cfg, "fixed") == 0 and files.metrics.exists()
 
 
+def test_full_disk_after_fitting_says_the_space_the_last_writes_need(make_cfg, monkeypatch, capsys):
+    import stages.training.run as run_module
+    cfg = make_cfg(epochs=1)
+    assert run(cfg, "analyze,split") == 0
+    capsys.readouterr()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_module, "write_csv", full)
+    assert run(cfg, "fixed") == 2
+    text = capsys.readouterr().out
+    files = RunFiles(run_dir(cfg, "mmnet", "fixed"))
+    assert f"no space left on the disk holding {files.folder} (" in text and "Traceback" not in text
+    assert re.search(r"it needs about \d+\.\d [MG]B there in all", text)
+    assert not files.metrics.exists()
+
+
+def test_an_image_cache_the_disk_cannot_hold_stops_before_writing(make_cfg, monkeypatch, capsys):
+    import utils.checks as checks
+    from preprocess.cache import cache_folder
+    cfg = make_cfg(epochs=1)
+    assert run(cfg, "analyze,split") == 0
+    capsys.readouterr()
+    monkeypatch.setattr(checks, "free_bytes", lambda folder: 1000)
+    assert run(cfg, "fixed") == 2
+    text = capsys.readouterr().out
+    assert "the image cache: no space left on the disk holding" in text and "Traceback" not in text
+    assert re.search(r"0.0 MB free now; it needs about \d+\.\d [MG]B there in all", text), text[-1500:]
+    assert not list(cache_folder(cfg).glob("images_*.npy"))
+    monkeypatch.undo()
+    assert run(cfg, "fixed") == 0
+
+
 def test_checkpoint_from_other_configuration(make_cfg, capsys):
     cfg = make_cfg(epochs=1)
     assert run(cfg, "analyze,split,fixed") == 0

@@ -44,3 +44,17 @@ def test_a_plan_with_a_bad_flag_exits_2(make_cfg, capsys):
     cfg = make_cfg()
     assert main.main(flags(cfg, "analyze,split,cv") + ["--epochs", "0", "--plan"]) == 2
     assert "--epochs" in capsys.readouterr().out
+
+
+def test_the_plan_lists_the_protocol_units_the_command_trains(make_cfg, capsys):
+    cfg = make_cfg(epochs=1)
+    args = flags(cfg, "analyze,split,protocol") + ["--folds", "0"]
+    assert main.main(args + ["--plan"]) == 0
+    out = capsys.readouterr().out
+    assert LINE.search(out).groups() == ("2", "2", "0"), out[-3000:]
+    assert "est. protocol" in out
+    to_train = sorted(m.group(1) for m in re.finditer(r"^  train +protocol +(\S+) \[", out, re.M))
+    assert to_train == ["any_mag/fold_0", "mmnet/fold_0"]
+    assert main.main(args) == 0
+    assert trained(Path(cfg.output_dir) / "protocol") == to_train
+    assert trained(cfg.output_dir) == []

@@ -105,3 +105,29 @@ def test_paired_bootstrap_of_the_auc_difference():
     assert stats.paired_auc_gain(folds_a, folds_a, n=50, seed=0) == (0.0, 0.0, 0.0)
     clustered = stats.paired_auc_gain(folds_a, folds_b, n=300, seed=0, groups=groups)
     assert clustered[0] == pytest.approx(gain) and clustered[1] < gain < clustered[2]
+
+
+def test_weighted_bootstrap_scores_equal_the_resampled_rows_scored_by_sklearn():
+    """Each resample scored from row weights equals scikit-learn on the rows it drew, repeated, ties included."""
+    import pandas as pd
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+    from utils.metrics import group_counts, key_metric
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame(dict(patient_id=rng.integers(0, 12, 90).astype(str), label=rng.integers(0, 2, 90),
+                              prob_malignant=np.round(rng.random(90), 1), thr=rng.choice([0.3, 0.6], 90)))
+    counts, codes = group_counts(frame["patient_id"], 25, seed=1)
+    weights = counts[:, codes].astype(float)
+    checked = 0
+    for w in weights:
+        drawn = frame.loc[np.repeat(frame.index, w.astype(int))]
+        y, p = drawn["label"].to_numpy(), drawn["prob_malignant"].to_numpy()
+        if len(np.unique(y)) < 2:
+            continue
+        pred = (p >= drawn["thr"].to_numpy()).astype(int)
+        expected = dict(auc=roc_auc_score(y, p), accuracy=accuracy_score(y, pred), f1=f1_score(y, pred),
+                        balanced_accuracy=balanced_accuracy_score(y, pred))
+        for name, value in expected.items():
+            assert key_metric(name)(frame, w[None])[0] == pytest.approx(value), name
+        checked += 1
+    assert checked > 20
+    assert counts.sum(1).tolist() == [frame["patient_id"].nunique()] * 25

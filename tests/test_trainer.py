@@ -30,6 +30,14 @@ def test_metrics_equal_scikit_learn():
     assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
     assert m["auc"] == pytest.approx(skm.roc_auc_score(y, p))
     assert m["specificity"] == pytest.approx(skm.recall_score(1 - y, 1 - pred))
+    rng = np.random.default_rng(0)
+    for yy, pp in [(rng.integers(0, 2, 30), rng.random(30)) for _ in range(20)] + [(y, np.ones(10)), (y, np.zeros(10))]:
+        got, pred = M.binary_metrics(yy, pp, 0.5), (pp >= 0.5).astype(int)
+        for name, f in [("accuracy", skm.accuracy_score), ("balanced_accuracy", skm.balanced_accuracy_score),
+                        ("precision", skm.precision_score), ("recall", skm.recall_score), ("f1", skm.f1_score)]:
+            expected = f(yy, pred) if name in ("accuracy", "balanced_accuracy") else f(yy, pred, zero_division=0)
+            assert got[name] == pytest.approx(expected), name
+    assert np.isnan(M.binary_metrics(np.ones(5), np.full(5, 0.7))["balanced_accuracy"])
     fpr, tpr, thr = skm.roc_curve(y, p)
     assert M.youden_threshold(y, p) == pytest.approx(thr[np.argmax(tpr - fpr)])
     assert skm.recall_score(y, p >= M.sensitivity_threshold(y, p, 0.95)) >= 0.95

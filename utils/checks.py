@@ -85,6 +85,21 @@ def space(folder, needs_bytes):
     return f" ({'; '.join(parts)})" if parts else ""
 
 
+def full_disk_error(what, where, needs_bytes=None):
+    return PipelineError(f"{what}: no space left on the disk holding {where or 'the output and cache folders'}"
+                         f"{space(where, needs_bytes)}. Free space there (old runs under --output-dir, stale "
+                         f"images_*.npy under --cache-dir) or point --output-dir / --cache-dir at a bigger disk, then "
+                         f"continue with --resume.")
+
+
+def need_space(what, folder, needs_bytes):
+    """Stop before a memory-mapped file is written that the disk cannot hold (a full disk under a memory map kills
+    the process instead of raising)."""
+    free = free_bytes(folder)
+    if free is not None and free < needs_bytes:
+        raise full_disk_error(what, folder, needs_bytes)
+
+
 @contextmanager
 def resource_errors(what, batch_flag="--batch-size", folder=None, needs_bytes=None):
     """Out of memory -> PipelineError naming the flags to lower; disk full -> one naming the folder to free, its free
@@ -100,7 +115,4 @@ def resource_errors(what, batch_flag="--batch-size", folder=None, needs_bytes=No
         if not is_disk_full(e):
             raise
         where = folder or (Path(e.filename).parent if e.filename else None)
-        raise PipelineError(f"{what}: no space left on the disk holding {where or 'the output and cache folders'}"
-                            f"{space(where, needs_bytes)}. Free space there (old runs under "
-                            f"--output-dir, stale images_*.npy under --cache-dir) or point --output-dir / "
-                            f"--cache-dir at a bigger disk, then continue with --resume.") from None
+        raise full_disk_error(what, where, needs_bytes) from None

@@ -1,10 +1,12 @@
 """Is a difference real: DeLong's test of two correlated ROC curves, McNemar's test of paired decisions, and the
 paired bootstrap CI of an AUC difference."""
+import warnings
+
 import numpy as np
 from scipy.stats import norm, rankdata
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
-from utils.metrics import rank_auc
+from utils.metrics import percentile_ci, rank_auc, weighted_auc
 
 EXACT_BELOW = 25  # discordant pairs under which McNemar's test uses the exact binomial distribution
 
@@ -62,12 +64,13 @@ def fold_aucs(folds):
 
 
 def resampler(n, groups):
-    """Draw n units with replacement, or whole groups (e.g. a patient's tuples) when groups are given."""
+    """Draw how often each of n units is picked when n units are drawn with replacement, or when whole groups (e.g. a
+    patient's tuples) are drawn, as many as there are."""
     if groups is None:
-        return lambda rng: rng.integers(0, n, n)
+        return lambda rng: np.bincount(rng.integers(0, n, n), minlength=n)
     _, codes = np.unique(np.asarray(groups), return_inverse=True)
-    members = [np.flatnonzero(codes == c) for c in range(codes.max() + 1)]
-    return lambda rng: np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
+    size = codes.max() + 1
+    return lambda rng: np.bincount(rng.integers(0, size, size), minlength=size)[codes]
 
 
 def paired_auc_gain(a, b, n=1000, seed=0, groups=None, alpha=0.05):
@@ -77,16 +80,15 @@ def paired_auc_gain(a, b, n=1000, seed=0, groups=None, alpha=0.05):
     gain = np.nanmean(fold_aucs({f: a[f] for f in folds})) - np.nanmean(fold_aucs({f: b[f] for f in folds}))
     draw = {f: resampler(len(a[f][0]), None if groups is None else groups[f]) for f in folds}
     rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n):
-        diffs = []
+    weights = {f: np.empty((n, len(a[f][0]))) for f in folds}
+    for i in range(n):
         for f in folds:
-            (y, pa), (_, pb) = a[f], b[f]
-            pick = draw[f](rng)
-            diffs.append(rank_auc(y[pick], pa[pick]) - rank_auc(y[pick], pb[pick]))
-        draws.append(np.nanmean(diffs) if np.isfinite(diffs).any() else np.nan)
-    draws = np.asarray(draws, dtype=float)
-    draws = draws[np.isfinite(draws)]
-    if len(draws) == 0:
-        return float(gain), float("nan"), float("nan")
-    return float(gain), float(np.quantile(draws, alpha / 2)), float(np.quantile(draws, 1 - alpha / 2))
+            weights[f][i] = draw[f](rng)
+    diffs = np.column_stack([weighted_auc(a[f][0], a[f][1], weights[f]) - weighted_auc(b[f][0], b[f][1], weights[f])
+                             for f in folds]) if folds and n else np.full((n, 1), np.nan)
+    finite = np.isfinite(diffs).any(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        draws = np.nanmean(diffs[finite], axis=1)
+    low, high = percentile_ci(draws, alpha)
+    return float(gain), low, high

@@ -16,6 +16,7 @@ from preprocess.transforms import ORIENTATIONS
 from preprocess.tuples import eval_tuples, groups
 from stages.training.robustness import RUNS as ROBUST_RUNS, conditions
 from stages.training import measure
+from stages.training.protocol import FOLDER as PROTOCOL, protocol_config, write_protocol
 from stages.training.data import reads_features, split_frames
 from stages.training.inner import wanted
 from stages.training.record import run_config, stale, tuning_leak
@@ -23,7 +24,7 @@ from stages.training.schedule import job_count
 from stages.training.stage import TRAINING, stage_units, weights_missing
 from stages.training.train import validates
 from utils.env import resolve_device
-from utils.helpers import RunFiles, log, run_dir, split_path
+from utils.helpers import RunFiles, index_path, log, run_dir, split_path
 
 GB = 1e9
 ADAMW_COPIES = 3  # a running unit's last.pth holds the weights and AdamW's two moments
@@ -49,6 +50,7 @@ class Unit:
     val_passes: int = 0
     inner: int = 0
     spec: object = None
+    cfg: object = None
     seconds: float = 0.0
 
 
@@ -80,7 +82,7 @@ def unit_of(cfg, stage, spec, split):
     """The unit with its counts from the saved split: optimiser steps, images per step, tuples evaluated."""
     action, why = action_of(cfg, spec, split)
     run_cfg = run_config(cfg, spec, split)
-    unit = Unit(stage, spec.name, split, spec.model, action, why, spec=spec)
+    unit = Unit(stage, spec.name, split, spec.model, action, why, spec=spec, cfg=cfg)
     if not split_path(cfg, split).exists():
         return unit
     index, parts = split_frames(run_cfg, split)
@@ -102,23 +104,34 @@ def unit_of(cfg, stage, spec, split):
 
 def plan_units(cfg, stages):
     """Every unit of the command's training stages, in the order they would run (the list gpu_check counts)."""
-    return [unit_of(cfg, stage, spec, split) for stage in stages if stage in TRAINING
-            for spec, split in stage_units(cfg, stage)]
+    units = [unit_of(cfg, stage, spec, split) for stage in stages if stage in TRAINING
+             for spec, split in stage_units(cfg, stage)]
+    return units + protocol_units(cfg) if PROTOCOL in stages else units
 
 
-def shape_key(cfg, unit):
-    return unit.spec.model, tuple(sorted(unit.spec.flags.items(), key=str)), str(run_config(cfg, unit.spec,
+def protocol_units(cfg):
+    """The protocol stage's units: its image-level splits written first (as the stage does), then its cv and
+    baselines units under output/protocol/."""
+    pcfg = protocol_config(cfg)
+    if index_path(cfg).exists():
+        write_protocol(cfg, pcfg)
+    return [unit_of(pcfg, PROTOCOL, spec, split) for stage in ("cv", "baselines")
+            for spec, split in stage_units(pcfg, stage)]
+
+
+def shape_key(unit):
+    return unit.spec.model, tuple(sorted(unit.spec.flags.items(), key=str)), str(run_config(unit.cfg, unit.spec,
                                                                                             unit.split))
 
 
-def measured_shapes(cfg, units, index, device):
+def measured_shapes(units, index, device):
     """One measurement per distinct model shape among the units to train."""
     classes = len(subtype_classes(index))
     shapes = {}
     for unit in units:
-        key = shape_key(cfg, unit)
+        key = shape_key(unit)
         if unit.action == "train" and key not in shapes:
-            run_cfg = run_config(cfg, unit.spec, unit.split)
+            run_cfg = run_config(unit.cfg, unit.spec, unit.split)
             shapes[key] = measure.measure_shape(run_cfg, unit.spec, classes, field_of(run_cfg, index), device)
     return shapes
 
@@ -134,14 +147,14 @@ def unit_seconds(unit, shape, fixed_s):
     return shape.build_s + train + evaluate + fixed_s
 
 
-def fixed_seconds(cfg, units, shapes):
+def fixed_seconds(units, shapes):
     """A unit's cost beyond its model, steps and evaluated tuples (data, scoring, bootstrap, files): one real unit of
     the first model to train, one epoch of one tuple per patient, less what the shape measurement accounts for."""
     first = next((u for u in units if u.action == "train" and u.steps), None)
     if first is None:
         return 0.0
-    shape = shapes[shape_key(cfg, first)]
-    whole = measure.unit_overhead_s(run_config(cfg, first.spec, first.split), first.spec, first.split)
+    shape = shapes[shape_key(first)]
+    whole = measure.unit_overhead_s(run_config(first.cfg, first.spec, first.split), first.spec, first.split)
     return max(0.0, whole - shape.build_s - (first.eval_tuples + first.val_tuples) * shape.eval_tuple_s)
 
 
@@ -171,14 +184,14 @@ class Estimate:
     device: str
 
 
-def measured_costs(cfg, units, index, device, parallel):
+def measured_costs(units, index, device, parallel):
     """(shapes, a unit's fixed seconds), measured with the CPU threads each of `parallel` jobs gets. The fixed unit
     builds the image cache (and frozen features) the command would build first, so the command reuses them."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // parallel))
     try:
-        shapes = measured_shapes(cfg, units, index, device)
-        return shapes, fixed_seconds(cfg, units, shapes)
+        shapes = measured_shapes(units, index, device)
+        return shapes, fixed_seconds(units, shapes)
     finally:
         torch.set_num_threads(threads)
 
@@ -193,14 +206,14 @@ def estimate(cfg, stages, units, measured):
     busiest = max([sum(u.stage == s and u.action == "train" for u in units) for s in stages] + [1])
     parallel = min(jobs, busiest) if device.type == "cpu" else 1
     image, features = cache_bytes(cfg, index, units)
-    shapes, fixed_s = measured_costs(cfg, units, index, device, parallel)
+    shapes, fixed_s = measured_costs(units, index, device, parallel)
     start_s = measure.worker_start_s()
     seconds = dict(start=start_s, **measured)
     for stage in stages:
         mine = [u for u in units if u.stage == stage]
         for u in mine:
-            u.seconds = unit_seconds(u, shapes[shape_key(cfg, u)], fixed_s) if u.action == "train" else 0.0
-        if stage in TRAINING:
+            u.seconds = unit_seconds(u, shapes[shape_key(u)], fixed_s) if u.action == "train" else 0.0
+        if stage in TRAINING + (PROTOCOL,):
             pooled = min(jobs, sum(u.action == "train" for u in mine)) > 1
             seconds[stage] = sum(u.seconds for u in mine) / (parallel if pooled else 1) + start_s * pooled
             start_s = 0.0 if pooled else start_s
@@ -209,7 +222,7 @@ def estimate(cfg, stages, units, measured):
         elif stage in STAGE_S:
             per = dict(explain=cfg.explain_samples * 4, report=len(units))[stage]
             seconds[stage] = per * STAGE_S[stage]
-    weights = [shapes[shape_key(cfg, u)].weight_bytes for u in units if u.action == "train"]
+    weights = [shapes[shape_key(u)].weight_bytes for u in units if u.action == "train"]
     running = jobs * max(weights, default=0) * (1 + ADAMW_COPIES)
     checkpoints = sum(w * KEPT_COPIES + RUN_FILES_BYTES for w in weights) + running
     return Estimate(seconds, (image + features + checkpoints) / GB, free_bytes(cfg.output_dir) / GB,
@@ -218,9 +231,10 @@ def estimate(cfg, stages, units, measured):
 
 def robustness_seconds(cfg, units, shapes):
     """Every condition's pass over the test tuples of the CV folds the robustness stage scores."""
-    scored = [u for u in units if u.run in ROBUST_RUNS and u.split.startswith("fold_") and u.action == "train"]
+    scored = [u for u in units if u.stage in TRAINING and u.run in ROBUST_RUNS and u.split.startswith("fold_")
+              and u.action == "train"]
     n = len(conditions(cfg.magnifications))
-    return sum((u.eval_tuples - u.val_tuples) * n * shapes[shape_key(cfg, u)].eval_tuple_s for u in scored)
+    return sum((u.eval_tuples - u.val_tuples) * n * shapes[shape_key(u)].eval_tuple_s for u in scored)
 
 
 def describe(device, jobs):

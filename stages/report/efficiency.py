@@ -28,11 +28,23 @@ def tuples_per_patient(runs):
     return max(1, int(round(pd.concat(frames).groupby("patient_id").size().median())))
 
 
-def profile_run(name, checkpoint, device, per_patient):
+def architecture(ckpt):
+    """What a checkpoint's cost depends on: its model, model settings and field, never its weights."""
+    kwargs = {k: v for k, v in ckpt["model_kwargs"].items() if k not in ("pretrained", "pretrained_path")}
+    return ckpt["model_name"], repr(sorted(kwargs.items())), tuple(ckpt["field"]), tuple(ckpt["magnifications"])
+
+
+def profile_run(name, checkpoint, device, per_patient, measured=None):
+    """One checkpoint's cost; `measured` ({architecture: (stats, patient stats)}) profiles each architecture once,
+    so the fold models of a run and runs of the same model share one latency figure."""
     model, ckpt = load_model(checkpoint, device)
     n_mags, size = len(ckpt["magnifications"]), tuple(ckpt["field"])
-    stats = profile_model(model, n_mags, size, device)
-    patient = profile_model(model, n_mags, size, device, batch=per_patient)
+    measured = {} if measured is None else measured
+    key = architecture(ckpt)
+    if key not in measured:
+        measured[key] = (profile_model(model, n_mags, size, device),
+                         profile_model(model, n_mags, size, device, batch=per_patient))
+    stats, patient = measured[key]
     return dict(model=name, params=int(stats["params"]), params_m=stats["params"] / 1e6, macs=int(stats["macs"]),
                 flops=int(stats["flops"]), macs_g=stats["macs"] / 1e9,
                 flops_g=stats["flops"] / 1e9, ms_per_tuple=stats["ms_median"], ms_per_patient=patient["ms_median"],
@@ -41,9 +53,9 @@ def profile_run(name, checkpoint, device, per_patient):
                 checkpoint=str(checkpoint))
 
 
-def profile_members(name, paths, device, per_patient):
+def profile_members(name, paths, device, per_patient, measured=None):
     """An averaging run (fold ensemble, teacher): its members' costs added up, as they run one after another."""
-    rows = [profile_run(name, p, device, per_patient) for p in paths]
+    rows = [profile_run(name, p, device, per_patient, measured) for p in paths]
     total = {k: sum(r[k] for r in rows) for k in SUMMED}
     return dict(rows[0], **total, checkpoint=" + ".join(map(str, paths)))
 
@@ -59,17 +71,18 @@ def checkpoints_of(splits):
 
 
 def efficiency_table(cfg, runs, notes):
-    """Params, MACs (thop), FLOPs = 2 x MACs and median latency of each run's best checkpoint (or members) here."""
+    """Params, MACs (thop), FLOPs = 2 x MACs and median latency of each run's best checkpoint (or members) here,
+    each architecture timed once."""
     device = resolve_device(cfg.device)
     per_patient = tuples_per_patient(runs)
-    rows = []
+    rows, measured = [], {}
     for name, splits in runs.items():
         paths = checkpoints_of(splits)
         if not paths:
             notes.append(f"efficiency: {name} has no checkpoints/best.pth, skipped.")
             continue
         try:
-            rows.append(profile_members(name, paths, device, per_patient))
+            rows.append(profile_members(name, paths, device, per_patient, measured))
         except Exception as e:
             notes.append(f"efficiency: {name} could not be profiled from {paths[0]} ({type(e).__name__}: {e}).")
     return pd.DataFrame(rows, columns=EFFICIENCY)

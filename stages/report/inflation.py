@@ -9,7 +9,7 @@ import pandas as pd
 from stages.report.paper import PaperTable, assemble, with_ci
 from stages.training.protocol import FOLDER, RUNS
 from utils.helpers import mean_std, num
-from utils.metrics import rank_auc
+from utils.metrics import percentile_ci, rank_auc, weighted_auc
 from utils.scoring import LEVELS, cv_splits, load_run, real_patient, scored_frame
 from utils.stats import resampler
 
@@ -35,14 +35,18 @@ def fold_frames(splits, level, rule):
     return {s: f for s, f in frames.items() if len(f)}
 
 
-def fold_auc(frames, draw=None, rng=None):
-    """Mean AUC over the folds, each fold's units resampled by `draw` when given."""
-    aucs = []
-    for s, f in frames.items():
-        y, p = f["label"].to_numpy().astype(int), f["prob_malignant"].to_numpy(float)
-        pick = draw[s](rng) if draw else slice(None)
-        aucs.append(rank_auc(y[pick], p[pick]))
+def fold_auc(frames):
+    """Mean AUC over the folds."""
+    aucs = [rank_auc(f["label"].to_numpy().astype(int), f["prob_malignant"].to_numpy(float)) for f in frames.values()]
     return float(np.nanmean(aucs)) if np.isfinite(aucs).any() else np.nan
+
+
+def drawn_fold_aucs(frames, weights):
+    """Mean AUC over the folds of each resample (rows of each fold's unit weights)."""
+    aucs = np.column_stack([weighted_auc(f["label"].to_numpy().astype(int), f["prob_malignant"].to_numpy(float),
+                                         weights[s]) for s, f in frames.items()])
+    finite = np.isfinite(aucs).any(1)
+    return np.where(finite, np.nanmean(np.where(finite[:, None], aucs, 0), axis=1), np.nan)
 
 
 def inflation(image, patient, n_boot, seed):
@@ -51,15 +55,17 @@ def inflation(image, patient, n_boot, seed):
     gain = fold_auc(image) - fold_auc(patient)
     if not n_boot:
         return gain, np.nan, np.nan
-    groups = lambda frames: {s: resampler(len(f), f["patient_id"].map(real_patient).to_numpy())  # noqa: E731
-                             for s, f in frames.items()}
-    image_draw, patient_draw = groups(image), groups(patient)
+    frames = {("image", s): f for s, f in image.items()} | {("patient", s): f for s, f in patient.items()}
+    draw = {k: resampler(len(f), f["patient_id"].map(real_patient).to_numpy()) for k, f in frames.items()}
+    weights = {k: np.empty((n_boot, len(f))) for k, f in frames.items()}
     rng = np.random.default_rng(seed)
-    values = np.array([fold_auc(image, image_draw, rng) - fold_auc(patient, patient_draw, rng) for _ in range(n_boot)])
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return gain, np.nan, np.nan
-    return gain, float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
+    for i in range(n_boot):
+        for k in frames:
+            weights[k][i] = draw[k](rng)
+    side = lambda name: drawn_fold_aucs({s: f for (n, s), f in frames.items() if n == name},  # noqa: E731
+                                        {s: w for (n, s), w in weights.items() if n == name})
+    low, high = percentile_ci(side("image") - side("patient"))
+    return gain, low, high
 
 
 def side_row(name, protocol, level, splits, frames, rule):

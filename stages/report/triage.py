@@ -7,7 +7,7 @@ from sklearn.metrics import roc_curve
 from stages.report.paper import PaperTable, assemble, count, with_ci
 from utils import plottings as plots
 from utils.helpers import num, plots_dir
-from utils.metrics import bootstrap_ci
+from utils.metrics import bootstrap_ci, ratio
 from utils.scoring import cv_splits, level_frame
 
 TARGETS = (1.0, 0.98)
@@ -38,13 +38,14 @@ def flagged(frame):
 
 
 def share(name):
-    """One triage share of a frame with per-patient thresholds (`thr`); NaN where its denominator is empty."""
-    def score(frame):
+    """One triage share of a frame with per-patient thresholds (`thr`) for each row of patient weights; NaN where
+    its denominator is empty."""
+    def score(frame, weights):
         y, cleared = frame["label"].to_numpy().astype(int), ~flagged(frame)
         parts = {"sensitivity": (~cleared, y == 1), "cleared": (cleared, np.ones(len(y), bool)),
                  "benign_cleared": (cleared, y == 0), "npv": (y == 0, cleared)}
         hit, among = parts[name]
-        return float(hit[among].mean()) if among.any() else float("nan")
+        return ratio(weights @ (hit & among), weights @ among)
     return score
 
 
@@ -54,7 +55,7 @@ def outcome(frame, n_boot, seed):
     row = dict(n_patients=len(frame), n_malignant=int(y.sum()), n_benign=int((y == 0).sum()),
                missed_cancers=int((cleared & (y == 1)).sum()), n_cleared=int(cleared.sum()))
     for name in SHARES:
-        row[name] = share(name)(frame)
+        row[name] = float(share(name)(frame, np.ones((1, len(frame))))[0])
         low, high = bootstrap_ci(frame, share(name), n=n_boot, seed=seed) if n_boot else (np.nan, np.nan)
         row[f"{name}_ci_low"], row[f"{name}_ci_high"] = low, high
     return row

@@ -98,6 +98,13 @@ def run_bytes(model, rows=0):
     return weights * (1 + 3 + 3) + rows * ROW_BYTES
 
 
+def finish_bytes(folder, rows):
+    """About the disk a fitted run's last writes take: best.pth and last.pth rewritten beside the old ones, and the
+    predictions."""
+    files = RunFiles(folder)
+    return sum(f.stat().st_size for f in (files.best, files.last) if f.exists()) + rows * ROW_BYTES
+
+
 def slim_last(folder):
     """A finished run's last.pth drops the optimiser state (only --resume needs it), or links best.pth if equal."""
     files = RunFiles(folder)

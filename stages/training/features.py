@@ -17,6 +17,7 @@ from preprocess.cache import build_once, cache_folder, drop_dead_tmp
 from preprocess.transforms import ORIENTATIONS, normalize, orient, to_float
 from preprocess.tuples import Resident
 from stages.training.forward import autocast
+from utils.checks import need_space
 from utils.env import amp_dtype, fits_on_gpu
 from utils.helpers import PipelineError, log
 
@@ -90,6 +91,7 @@ def write_rows(target, embed, n, dtype):
     """Every chunk of `n` fields through `embed(start, end)` into a temp .npy, renamed into place."""
     first = embed(0, 1)
     tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.npy")
+    need_space("the frozen-backbone feature cache", target.parent, n * first[0].size * np.dtype(dtype).itemsize)
     store = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n,) + first.shape[1:])
     for start in range(0, n, CHUNK):
         store[start:start + CHUNK] = embed(start, min(n, start + CHUNK))

@@ -5,7 +5,7 @@ import time
 import numpy as np
 
 from backbones import MODELS, build_model
-from stages.training.checkpoint import read_checkpoint, run_bytes, save, slim_last
+from stages.training.checkpoint import finish_bytes, read_checkpoint, run_bytes, save, slim_last
 from stages.training.data import prepare_run
 from stages.training.evaluate import evaluate
 from stages.training.inner import oof_threshold, wanted
@@ -126,10 +126,11 @@ def train_and_score(cfg, spec, split_name, folder, callback=None, adapt=None, so
     fit = FITS[MODELS[spec.model].fit]
     predictions, metrics = fit(run_cfg, spec, run, device, sources, callback)
     metrics.update(extra)
-    finish_checkpoint(folder, metrics["threshold"]["patient"], run_cfg.threshold_rule, record)
-    write_csv(predictions, files.predictions, index=False)
-    write_json(files.metrics, metrics)
-    slim_last(folder)
+    with resource_errors(f"run {run.tag}", folder=folder, needs_bytes=finish_bytes(folder, len(predictions))):
+        finish_checkpoint(folder, metrics["threshold"]["patient"], run_cfg.threshold_rule, record)
+        write_csv(predictions, files.predictions, index=False)
+        write_json(files.metrics, metrics)
+        slim_last(folder)
     log(fold_line(run.tag, metrics, run_cfg.threshold_rule))
     return metrics
 

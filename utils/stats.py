@@ -73,17 +73,20 @@ def resampler(n, groups):
     return lambda rng: np.bincount(rng.integers(0, size, size), minlength=size)[codes]
 
 
+def drawn_weights(draw, n, seed):
+    """{key: n x units weights}: n resamples, each drawing every key's units in turn (`draw[key](rng)`, resampler)."""
+    rng = np.random.default_rng(seed)
+    rows = [[draw[k](rng) for k in draw] for _ in range(n)]
+    return {k: np.array([r[j] for r in rows], dtype=float) if n else np.empty((0, 0)) for j, k in enumerate(draw)}
+
+
 def paired_auc_gain(a, b, n=1000, seed=0, groups=None, alpha=0.05):
     """Fold-mean AUC of a minus b and its percentile CI; within each fold one resample of the test units (or of their
     groups) serves both models. a, b: {fold: (labels, probabilities)} on the same units in the same order."""
     folds = sorted(set(a) & set(b))
     gain = np.nanmean(fold_aucs({f: a[f] for f in folds})) - np.nanmean(fold_aucs({f: b[f] for f in folds}))
     draw = {f: resampler(len(a[f][0]), None if groups is None else groups[f]) for f in folds}
-    rng = np.random.default_rng(seed)
-    weights = {f: np.empty((n, len(a[f][0]))) for f in folds}
-    for i in range(n):
-        for f in folds:
-            weights[f][i] = draw[f](rng)
+    weights = drawn_weights(draw, n, seed)
     diffs = np.column_stack([weighted_auc(a[f][0], a[f][1], weights[f]) - weighted_auc(b[f][0], b[f][1], weights[f])
                              for f in folds]) if folds and n else np.full((n, 1), np.nan)
     finite = np.isfinite(diffs).any(1)

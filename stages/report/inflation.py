@@ -11,7 +11,7 @@ from stages.training.protocol import FOLDER, RUNS
 from utils.helpers import mean_std, num
 from utils.metrics import percentile_ci, rank_auc, weighted_auc
 from utils.scoring import LEVELS, cv_splits, load_run, real_patient, scored_frame
-from utils.stats import resampler
+from utils.stats import drawn_weights, resampler
 
 PROTOCOLS = ("image_level", "patient_wise")
 
@@ -57,11 +57,7 @@ def inflation(image, patient, n_boot, seed):
         return gain, np.nan, np.nan
     frames = {("image", s): f for s, f in image.items()} | {("patient", s): f for s, f in patient.items()}
     draw = {k: resampler(len(f), f["patient_id"].map(real_patient).to_numpy()) for k, f in frames.items()}
-    weights = {k: np.empty((n_boot, len(f))) for k, f in frames.items()}
-    rng = np.random.default_rng(seed)
-    for i in range(n_boot):
-        for k in frames:
-            weights[k][i] = draw[k](rng)
+    weights = drawn_weights(draw, n_boot, seed)
     side = lambda name: drawn_fold_aucs({s: f for (n, s), f in frames.items() if n == name},  # noqa: E731
                                         {s: w for (n, s), w in weights.items() if n == name})
     low, high = percentile_ci(side("image") - side("patient"))

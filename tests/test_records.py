@@ -14,6 +14,7 @@ from tests.test_pipeline import flags
 from utils.helpers import read_json, run_dir
 from utils.metrics import patient_level
 from utils.scoring import fitted_thresholds
+from utils.tables import Book
 
 
 def sensitivity(frame, threshold):
@@ -128,3 +129,17 @@ def test_the_report_names_a_setting_that_differs_between_rows(make_cfg, capsys):
     notes = (Path(cfg.output_dir) / "tables" / "report_notes.txt").read_text()
     assert "table 3: setting epochs" in notes and "simple_concat/fold_0" in notes
     assert "Settings differ between rows: epochs" in (Path(cfg.output_dir) / "tables" / "paper" / "table_3.md").read_text()
+
+
+def test_a_caption_names_the_backbone_of_a_model_built_on_another():
+    record = lambda backbone: {"record": {"settings": {"epochs": 4, "backbone": "mobilenetv3_small_050"},  # noqa: E731
+                                          "run_settings": {}, "model_kwargs": {"backbone": backbone}}}
+    runs = {"mmnet": {"fold_0": record("mobilenetv3_small_050")},
+            "resnet50_transfer_40X": {"fold_0": record("resnet10t")},
+            "single_40X": {"fold_0": record("mobilenetv3_small_050")}}
+    book = Book(runs=runs, reference="mmnet", listed={}, by_mag={})
+    book.differing("table 4", {name: ["fold_0"] for name in runs})
+    assert book.differs["table 4"] == ["backbone mobilenetv3_small_050 (mmnet/fold_0, single_40X/fold_0); "
+                                       "resnet10t (resnet50_transfer_40X/fold_0)"]
+    book.differing("table 3", {"mmnet": ["fold_0"], "single_40X": ["fold_0"]})
+    assert book.differs["table 3"] == []

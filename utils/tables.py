@@ -34,7 +34,8 @@ class Book:
 
     def differing(self, label, shown):
         """A note for each setting that differs between the runs behind one table's rows, `shown` {run: its splits
-        in the table} (the run-specific ones the table compares, such as the student's image size, aside)."""
+        in the table} (the run-specific ones the table compares, such as the student's image size, aside, but the
+        backbone each model was built on, e.g. the ResNet baseline's, named)."""
         values, studies = {}, set()
         for name, splits in shown.items():
             for split in splits:
@@ -42,9 +43,12 @@ class Book:
                 record = run["record"] or {}
                 studies |= {f"tuning study {s['study']}" for s in record.get("sources", []) if "study" in s}
                 own = set(record.get("run_settings") or {})
-                for key, value in (record.get("settings") or {}).items():
-                    if key not in own:
-                        values.setdefault(key, {}).setdefault(str(value), []).append(f"{name}/{split}")
+                settings = {k: v for k, v in (record.get("settings") or {}).items() if k not in own}
+                backbone = (record.get("model_kwargs") or {}).get("backbone")
+                if backbone:
+                    settings["backbone"] = backbone
+                for key, value in settings.items():
+                    values.setdefault(key, {}).setdefault(str(value), []).append(f"{name}/{split}")
         texts = [f"{key} " + "; ".join(f"{value} ({', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''})"
                                         for value, runs in seen.items())
                  for key, seen in values.items() if len(seen) > 1]

@@ -5,9 +5,8 @@ python tests/benchmarks/bench_selection.py [--seeds 0,1] [--work DIR] [--per-mag
     [--tuples-per-patient N] [--image-size S] [--jobs N] [--arms auc,smooth,loss,ema,swa,auc_val30]
     [--difficulty easy|default|hard] [-- main.py flags]
 
-Each seed draws its own tree (the `full` preset's 82 patients, --per-mag images per magnification, `hard` by default
-because at `default` MMNet reaches patient AUC 1.000 on every fold and no rule can differ) and trains with
-that seed; every rule sees the same trees, folds and seeds. Printed per rule: test patient AUC mean over seeds x
+Each seed draws its own tree (the `full` preset's 82 patients, --per-mag images per magnification, the calibrated
+`default` difficulty) and trains with that seed; every rule sees the same trees, folds and seeds. Printed per rule: test patient AUC mean over seeds x
 folds, the mean within-seed standard deviation over folds, the standard deviation of the seed means, the mean
 tuple-level AUC and the mean kept epoch. The last line reads `selection: best RULE A ± S, auc A0 ± S0` (mean ± std over seeds x folds).
 """
@@ -36,7 +35,7 @@ def parse_args():
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--arms", default=",".join(ARMS))
-    p.add_argument("--difficulty", default="hard", choices=["easy", "default", "hard"])
+    p.add_argument("--difficulty", default="default", choices=["easy", "default", "hard"])
     p.add_argument("extra", nargs="*", help="flags after -- go to main.py")
     return p.parse_args()
 

@@ -14,6 +14,15 @@ EFFICIENCY = ["model", "params", "params_m", "macs", "flops", "macs_g", "flops_g
               "tuples_per_patient", "image_size", "field", "device", "checkpoint"]
 
 
+def compared_settings(record):
+    """A run's settings that a table's rows are compared on: the command's, less the run's own (run_settings), with
+    the backbone its model was built on (the ResNet baseline's differs from the command's --backbone)."""
+    own = set(record.get("run_settings") or {})
+    settings = {k: v for k, v in (record.get("settings") or {}).items() if k not in own}
+    backbone = (record.get("model_kwargs") or {}).get("backbone")
+    return settings | ({"backbone": backbone} if backbone else {})
+
+
 @dataclass
 class Book:
     """What the tables read: the loaded runs, the reference run, which runs each table lists, CI settings, the
@@ -34,20 +43,15 @@ class Book:
 
     def differing(self, label, shown):
         """A note for each setting that differs between the runs behind one table's rows, `shown` {run: its splits
-        in the table} (the run-specific ones the table compares, such as the student's image size, aside, but the
-        backbone each model was built on, e.g. the ResNet baseline's, named)."""
+        in the table} (compared_settings: the run-specific ones the table compares, such as the student's image size,
+        aside)."""
         values, studies = {}, set()
         for name, splits in shown.items():
             for split in splits:
                 run = self.runs[name][split]
                 record = run["record"] or {}
                 studies |= {f"tuning study {s['study']}" for s in record.get("sources", []) if "study" in s}
-                own = set(record.get("run_settings") or {})
-                settings = {k: v for k, v in (record.get("settings") or {}).items() if k not in own}
-                backbone = (record.get("model_kwargs") or {}).get("backbone")
-                if backbone:
-                    settings["backbone"] = backbone
-                for key, value in settings.items():
+                for key, value in compared_settings(record).items():
                     values.setdefault(key, {}).setdefault(str(value), []).append(f"{name}/{split}")
         texts = [f"{key} " + "; ".join(f"{value} ({', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''})"
                                         for value, runs in seen.items())

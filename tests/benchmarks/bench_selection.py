@@ -6,9 +6,9 @@ python tests/benchmarks/bench_selection.py [--seeds 0,1] [--work DIR] [--per-mag
     [--difficulty easy|default|hard] [-- main.py flags]
 
 Each seed draws its own tree (the `full` preset's 82 patients, --per-mag images per magnification, the calibrated
-`default` difficulty) and trains with that seed; every rule sees the same trees, folds and seeds. Printed per rule: test patient AUC mean over seeds x
-folds, the mean within-seed standard deviation over folds, the standard deviation of the seed means, the mean
-tuple-level AUC and the mean kept epoch. The last line reads `selection: best RULE A ± S, auc A0 ± S0` (mean ± std over seeds x folds).
+`default` difficulty) and trains with that seed; every rule sees the same trees, folds and seeds. Printed per rule:
+test patient AUC mean over seeds x folds, the mean within-seed standard deviation over folds, the standard deviation
+of the seed means, the mean tuple-level AUC and the mean kept epoch. The last line reads `selection: best RULE A ± S, auc A0 ± S0` (mean ± std over seeds x folds).
 """
 import argparse
 import sys
